@@ -1,0 +1,1 @@
+"""What leaves the compiler: artifacts, remote runs, the board-side kit."""

@@ -1,0 +1,143 @@
+"""Annotate: write the quantization decisions into the IR as quantize/dequantize pairs.
+
+After this pass the float function computes exactly what the integer one will (up to the
+rounding inside the integer ops): every quantization point ``v`` is followed by
+``dequantize(quantize(v, s, z), s, z)``, every weight of conv2d/matmul becomes
+``dequantize(W_q, s_w, z_w, axis=out_channel)`` over an integer constant, and constant operands of
+other integer ops (not biases, not scalars) are quantized per tensor. This is the same
+"QDQ" form an ONNX QDQ model imports to, so :mod:`integerize` serves both.
+
+Activation ranges come from the calibration observers and the configured method; weight ranges
+from the weights themselves (``r = s * (q - z)``, per output channel when the spec says so).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from qcompiler.passes import qmath
+from qcompiler.passes.graph import (
+    CONV_OPS,
+    MATMUL_OPS,
+    QuantPlan,
+    const_value,
+    is_head,
+    is_scalar_const,
+    op_name,
+)
+from qcompiler.passes.observers import weight_range
+from qcompiler.passes.scheme import QuantConfig, QuantSpec
+
+
+def activation_qparams(observer, config: QuantConfig) -> tuple[float, int]:
+    """Scale and zero point of one activation from its calibration statistics."""
+    spec = config.scheme.activation
+    calib = config.calibration
+    lo, hi = observer.range(calib.method, spec, percentile=calib.percentile)
+    scale, zero_point = qmath.qparams_from_range(lo, hi, spec)
+    return float(scale), int(zero_point)
+
+
+def weight_axis(call) -> int:
+    """The output-channel axis of the weight (second operand) of a conv2d or matmul."""
+    if op_name(call) in CONV_OPS:
+        return str(call.attrs.kernel_layout).index("O")
+    return -1
+
+
+def quantize_constant(value: np.ndarray, spec: QuantSpec, axis: int | None):
+    """Integer codes, scales and zero points of a constant tensor."""
+    per_channel = spec.per_channel and axis is not None and value.ndim > 0
+    axis = axis % value.ndim if per_channel else None
+    lo, hi = weight_range(value, axis)
+    scale, zero_point = qmath.qparams_from_range(lo, hi, spec)
+    codes = qmath.quantize(value, scale, zero_point, spec, axis=axis)
+    return codes.astype(spec.dtype), scale, zero_point, axis
+
+
+def qdq(bb: relax.BlockBuilder, value, scale, zero_point, dtype: str, axis: int = -1, emit=None):
+    """Emit ``dequantize(quantize(value))`` with constant parameters; return the result."""
+    emit = emit or bb.emit
+    s = relax.const(np.asarray(scale, dtype="float32"), "float32")
+    z = relax.const(np.asarray(zero_point), "int32")
+    q = bb.emit(relax.op.quantize(value, s, z, axis=axis, out_dtype=dtype))
+    return emit(relax.op.dequantize(q, s, z, axis=axis, out_dtype="float32"))
+
+
+def dequantized_constant(codes, scale, zero_point, axis) -> relax.Expr:
+    """``dequantize(codes)`` over an integer constant (per-channel along ``axis``)."""
+    per_channel = axis is not None
+    return relax.op.dequantize(
+        relax.const(codes, str(codes.dtype)),
+        relax.const(np.asarray(scale, dtype="float32"), "float32"),
+        relax.const(np.asarray(zero_point), "int32"),
+        axis=axis if per_channel else -1,
+        out_dtype="float32",
+    )
+
+
+@mutator
+class _Annotator(PyExprMutator):
+    def __init__(self, mod, plan: QuantPlan, qparams: dict, config: QuantConfig):
+        super().__init__(mod)
+        self.plan = plan
+        self.points = set(plan.points)
+        self.qparams = qparams
+        self.config = config
+        self.params = set(mod["main"].params)
+        self.params_done = False
+
+    def visit_var_binding_(self, binding):
+        if not self.params_done:
+            self.params_done = True
+            for param in self.plan.points:
+                if param in self.params:
+                    self._insert_qdq(param, self.builder_.emit)
+        value = binding.value
+        if isinstance(value, relax.Call) and binding.var not in self.plan.biases and is_head(value):
+            value = self._quantize_constant_operands(value)
+        new_value = self.visit_expr(value)
+        var = binding.var
+        emit = self.builder_.emit if isinstance(var, relax.DataflowVar) else self.builder_.emit_output
+        if var in self.points:
+            new_var = self.builder_.emit(new_value, var.name)
+            self.set_var_remap(var, new_var)
+            self._insert_qdq(var, emit, new_var)
+        else:
+            self.set_var_remap(var, emit(new_value, var.name))
+
+    def _insert_qdq(self, var, emit, value=None):
+        scale, zero_point = self.qparams[var]
+        dtype = self.config.scheme.activation.dtype
+        out = qdq(self.builder_, value if value is not None else var, scale, zero_point, dtype,
+                  emit=lambda e: emit(e, var.name + "_dq"))
+        self.set_var_remap(var, out)
+
+    def _quantize_constant_operands(self, call):
+        name = op_name(call)
+        args = list(call.args)
+        scheme = self.config.scheme
+        if name in CONV_OPS | MATMUL_OPS:
+            weight = const_value(args[1])
+            if weight is not None:
+                codes, scale, zp, axis = quantize_constant(weight, scheme.weight, weight_axis(call))
+                args[1] = self.builder_.emit(dequantized_constant(codes, scale, zp, axis), "w_dq")
+        elif name != "relax.concat":
+            for i, arg in enumerate(args):
+                value = const_value(arg)
+                if value is not None and not is_scalar_const(arg):
+                    codes, scale, zp, _ = quantize_constant(value, scheme.activation, None)
+                    args[i] = self.builder_.emit(dequantized_constant(codes, scale, zp, None))
+        return relax.Call(call.op, args, call.attrs, call.ty_args)
+
+
+def annotate(mod: tvm.IRModule, plan: QuantPlan, observers: dict, config: QuantConfig):
+    """Insert the quantize/dequantize pairs of ``plan`` into ``mod["main"]``."""
+    qparams = {p: activation_qparams(observers[p], config) for p in plan.points}
+    annotator = _Annotator(mod, plan, qparams, config)
+    out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    out["main"] = annotator.visit_expr(mod["main"])
+    return out

@@ -1,0 +1,84 @@
+"""Calibration: run the float model over real data and feed an observer per quantization point.
+
+The float ``main`` is rewritten to also return every point (:func:`expose_points`), compiled once
+with TVM for the host, and run sample by sample. Each sample's tensors go straight into the
+observers (running min/max and a histogram), so peak memory is one sample's activations plus the
+fixed-size statistics, however many samples there are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from qcompiler.passes.errors import QCompilerError
+from qcompiler.passes.graph import QuantPlan
+from qcompiler.passes.observers import ActivationObserver
+
+
+def expose_points(func: relax.Function, points: list) -> relax.Function:
+    """``func`` returning ``(original result, *points)`` instead of its result."""
+    wanted = set(points)
+    exposed = {}
+    blocks = []
+    for block in func.body.blocks:
+        new_bindings = []
+        for binding in block.bindings:
+            var = binding.var
+            if var in wanted and isinstance(var, relax.DataflowVar):
+                # A dataflow var cannot leave its block: bind it again to a plain var.
+                out = relax.Var(var.name + "_obs", var.ty)
+                new_bindings.append(binding)
+                new_bindings.append(relax.VarBinding(out, var))
+                exposed[var] = out
+            else:
+                new_bindings.append(binding)
+        block_type = type(block)
+        blocks.append(block_type(new_bindings))
+    results = [exposed.get(p, p) for p in points]
+    fields = [func.body.body, *results]
+    body = relax.SeqExpr(blocks, relax.Tuple(fields))
+    ret_ty = relax.TupleType([f.ty for f in fields])
+    return relax.Function(func.params, body, ret_ty, attrs=func.attrs)
+
+
+def calibrate(
+    mod: tvm.IRModule,
+    plan: QuantPlan,
+    samples: Iterable[dict[str, np.ndarray]],
+    bins: int = 2048,
+    target: tvm.target.Target | None = None,
+) -> dict:
+    """Observe every point of ``plan`` over ``samples``.
+
+    Returns
+    -------
+    dict[relax.Var, ActivationObserver]
+        One observer per point, keyed by the point's var in ``mod["main"]``.
+    """
+    func = mod["main"]
+    observers = {p: ActivationObserver(p.name, bins=bins) for p in plan.points}
+    calib_mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    calib_mod["main"] = expose_points(func, plan.points)
+    target = target or tvm.target.Target({"kind": "llvm"})
+    executable = tvm.compile(calib_mod, target=target)
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    names = [p.name for p in func.params]
+    seen = 0
+    for sample in samples:
+        missing = [n for n in names if n not in sample]
+        if missing:
+            raise QCompilerError(
+                f"calibration sample {seen} lacks model input(s) {missing}; it has {sorted(sample)}"
+            )
+        args = [tvm.runtime.tensor(np.ascontiguousarray(sample[n])) for n in names]
+        results = vm["main"](*args)
+        for point, value in zip(plan.points, list(results)[1:]):
+            observers[point].update(value.numpy())
+        seen += 1
+    if seen == 0:
+        raise QCompilerError("the calibration set is empty: give at least one sample")
+    return observers

@@ -1,0 +1,267 @@
+"""What each Relax op means to the quantizer, and where a float graph gets quantized.
+
+Ops fall into four roles:
+
+* **heads** compute something new and get an integer lowering of their own (conv2d, matmul,
+  add, multiply, concat, mean, elementwise functions as lookup tables, ...);
+* **epilogues** fold into the head before them: a constant bias after conv2d/matmul, and clamps
+  (ReLU, ReLU6, clip), which become the saturation bounds of the requantization;
+* **pass-through** ops move integers without changing their meaning (reshape, transpose,
+  max-pool, slicing): their output shares the input's scale and zero point;
+* everything else stays float, between a dequantize and a quantize.
+
+:func:`plan_quantization` finds the *quantization points*: the tensors that get an observer during
+calibration and a quantize/dequantize pair during annotation. A head and its epilogues form a
+chain; only the chain's last tensor is a point, so the bias and the clamp are applied to the int32
+accumulator before it is rounded to 8 bits, as on real integer hardware.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+from tvm import relax
+from tvm.ir import Op
+from tvm.ir.expr import Constant, GenericConst
+
+CONV_OPS = {"relax.nn.conv2d"}
+MATMUL_OPS = {"relax.matmul"}
+BINARY_OPS = {"relax.add", "relax.subtract", "relax.multiply"}
+CLAMP_OPS = {"relax.nn.relu", "relax.nn.relu6", "relax.clip", "relax.maximum", "relax.minimum"}
+REDUCE_OPS = {"relax.mean", "relax.nn.avg_pool2d"}
+PASS_THROUGH_OPS = {
+    "relax.reshape",
+    "relax.permute_dims",
+    "relax.flatten",
+    "relax.squeeze",
+    "relax.expand_dims",
+    "relax.nn.max_pool2d",
+    "relax.strided_slice",
+}
+
+# Elementwise functions computed as a lookup table over the input codes. Binary ops count when
+# every operand but one is a scalar constant.
+UNARY_FUNCS = {
+    "relax.sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
+    "relax.tanh": np.tanh,
+    "relax.exp": np.exp,
+    "relax.sqrt": lambda x: np.sqrt(np.maximum(x, 0.0)),
+    "relax.abs": np.abs,
+    "relax.negative": np.negative,
+    "relax.nn.relu": lambda x: np.maximum(x, 0.0),
+    "relax.nn.relu6": lambda x: np.clip(x, 0.0, 6.0),
+    "relax.nn.silu": lambda x: x / (1.0 + np.exp(-x)),
+    "relax.nn.gelu": lambda x: 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0))),
+}
+SCALAR_FUNCS = {
+    "relax.add": np.add,
+    "relax.subtract": np.subtract,
+    "relax.multiply": np.multiply,
+    "relax.divide": np.divide,
+    "relax.maximum": np.maximum,
+    "relax.minimum": np.minimum,
+    "relax.power": np.power,
+}
+
+
+def op_name(expr) -> str | None:
+    """``"relax.nn.conv2d"`` for a call to a Relax operator, None for anything else."""
+    if isinstance(expr, relax.Call) and isinstance(expr.op, Op):
+        return expr.op.name
+    return None
+
+
+def const_value(expr) -> np.ndarray | None:
+    """The numpy value of a Relax constant, else None."""
+    if isinstance(expr, GenericConst):
+        return expr.value.numpy()
+    return None
+
+
+def is_scalar_const(expr) -> bool:
+    value = const_value(expr)
+    if value is not None:
+        return value.size == 1
+    return isinstance(expr, Constant)  # a scalar PrimValue (IntImm / FloatImm)
+
+
+def scalar_of(expr) -> float:
+    if not isinstance(expr, GenericConst):
+        return float(expr.value)
+    return float(const_value(expr).reshape(()))
+
+
+def clamp_interval(call) -> tuple[float, float] | None:
+    """The real interval a clamp op restricts its first operand to, or None if it is not one."""
+    name = op_name(call)
+    if name == "relax.nn.relu":
+        return 0.0, math.inf
+    if name == "relax.nn.relu6":
+        return 0.0, 6.0
+    if name == "relax.clip":
+        return scalar_of(call.args[1]), scalar_of(call.args[2])
+    if name in ("relax.maximum", "relax.minimum") and is_scalar_const(call.args[1]):
+        bound = scalar_of(call.args[1])
+        return (bound, math.inf) if name == "relax.maximum" else (-math.inf, bound)
+    return None
+
+
+def elementwise_func(call):
+    """A numpy function of the one non-constant operand, if ``call`` is elementwise with
+    scalar-constant other operands; else None."""
+    name = op_name(call)
+    if name in UNARY_FUNCS:
+        return UNARY_FUNCS[name]
+    if name == "relax.clip":
+        lo, hi = clamp_interval(call)
+        return lambda x: np.clip(x, lo, hi)
+    if name in SCALAR_FUNCS and len(call.args) == 2:
+        lhs, rhs = call.args
+        func = SCALAR_FUNCS[name]
+        if is_scalar_const(rhs) and not is_scalar_const(lhs):
+            c = scalar_of(rhs)
+            return lambda x: func(x, c)
+        if is_scalar_const(lhs) and not is_scalar_const(rhs):
+            c = scalar_of(lhs)
+            return lambda x: func(c, x)
+    return None
+
+
+def activation_operands(call) -> list:
+    """The operands of a call that carry data (tensors that are not constants)."""
+    args = call.args
+    if op_name(call) == "relax.concat":
+        args = args[0].fields
+    return [a for a in args if isinstance(a, relax.Var)]
+
+
+def is_head(call) -> bool:
+    """Can ``call`` be lowered to integers as the first op of a chain?"""
+    name = op_name(call)
+    if name in CONV_OPS or name in MATMUL_OPS or name in REDUCE_OPS or name == "relax.concat":
+        return True
+    if elementwise_func(call) is not None:
+        return True
+    return name in BINARY_OPS
+
+
+def bindings(func: relax.Function):
+    """The var bindings of a function body, in program order."""
+    for block in func.body.blocks:
+        yield from block.bindings
+
+
+@dataclass
+class Dataflow:
+    """Producers and consumers of every var in one function."""
+
+    producer: dict = field(default_factory=dict)
+    consumers: dict = field(default_factory=lambda: defaultdict(list))
+    outputs: set = field(default_factory=set)
+
+    @classmethod
+    def of(cls, func: relax.Function) -> "Dataflow":
+        flow = cls()
+        for binding in bindings(func):
+            flow.producer[binding.var] = binding.value
+            for var in relax.analysis.free_vars(binding.value):
+                flow.consumers[var].append(binding.var)
+        flow.outputs = set(relax.analysis.free_vars(func.body.body))
+        return flow
+
+    def sole_consumer(self, var):
+        """The one binding that uses ``var``, if it is used exactly once and is not an output."""
+        users = self.consumers.get(var, [])
+        if len(users) == 1 and var not in self.outputs:
+            return users[0]
+        return None
+
+
+@dataclass
+class QuantPlan:
+    """Where a float function is quantized.
+
+    Attributes
+    ----------
+    points : list[relax.Var]
+        Tensors to observe and quantize, in program order (function parameters first).
+    chains : dict[relax.Var, list[relax.Var]]
+        For each point ending a chain, the vars of the chain from head to end.
+    biases : set[relax.Var]
+        The bias additions folded into a conv2d/matmul chain (their constant stays float until
+        integerize turns it into an int32 bias).
+    """
+
+    points: list
+    chains: dict
+    biases: set = field(default_factory=set)
+
+
+def _chain_from(head, flow: Dataflow, biases: set) -> list:
+    chain = [head]
+    if op_name(flow.producer[head]) in CONV_OPS | MATMUL_OPS:
+        nxt = flow.sole_consumer(head)
+        if nxt is not None and _is_bias_add(flow.producer[nxt], head):
+            chain.append(nxt)
+            biases.add(nxt)
+    while True:
+        nxt = flow.sole_consumer(chain[-1])
+        if nxt is None or clamp_interval(flow.producer[nxt]) is None:
+            return chain
+        if not flow.producer[nxt].args[0].same_as(chain[-1]):
+            return chain
+        chain.append(nxt)
+
+
+def _is_bias_add(call, var) -> bool:
+    name = op_name(call)
+    return (
+        name in ("relax.add", "relax.subtract")
+        and call.args[0].same_as(var)
+        and isinstance(call.args[1], GenericConst)
+    )
+
+
+def plan_quantization(func: relax.Function) -> QuantPlan:
+    """Choose the quantization points of a float function (see the module docstring)."""
+    flow = Dataflow.of(func)
+    quantized_inputs = set()  # vars whose value an integer op may consume
+
+    def feeds_integer_ops(var) -> bool:
+        return any(
+            is_head(flow.producer[user]) or op_name(flow.producer[user]) in PASS_THROUGH_OPS
+            for user in flow.consumers.get(var, [])
+        )
+
+    points = [p for p in func.params if _is_float_tensor(p) and feeds_integer_ops(p)]
+    quantized_inputs.update(points)
+    chains = {}
+    biases = set()
+    absorbed = set()
+    for binding in bindings(func):
+        var, value = binding.var, binding.value
+        if var in absorbed or not _is_float_tensor(var):
+            continue
+        name = op_name(value)
+        if name in PASS_THROUGH_OPS and value.args[0] in quantized_inputs:
+            quantized_inputs.add(var)
+            continue
+        if value is not None and is_head(value):
+            chain = _chain_from(var, flow, biases)
+            absorbed.update(chain[:-1])
+            chains[chain[-1]] = chain
+            points.append(chain[-1])
+            quantized_inputs.add(chain[-1])
+            absorbed.add(chain[-1])
+        elif feeds_integer_ops(var):
+            points.append(var)
+            quantized_inputs.add(var)
+    return QuantPlan(points=points, chains=chains, biases=biases)
+
+
+def _is_float_tensor(var) -> bool:
+    ty = var.ty
+    return isinstance(ty, relax.TensorType) and str(ty.dtype).startswith("float")

@@ -1,0 +1,443 @@
+"""Integerize: lower a quantize/dequantize ("QDQ") function to integer-only arithmetic.
+
+Input: a function where quantized tensors appear as ``dequantize(q, s, z)`` and each quantized
+op's result goes through ``quantize(y, s_y, z_y)`` — what :mod:`annotate` writes, and what an ONNX
+QDQ or TFLite quantized model imports to. Output: the same function computing on integers from the
+first quantize to the last dequantize.
+
+Every ``quantize(y)`` is an anchor. The float chain that computes ``y`` from dequantized inputs
+(a head op, a folded bias, clamps) is replaced by integer ops that produce the codes directly:
+
+* conv2d / matmul (``s_x * s_w[c]`` per output channel, int8 x int8 -> int32)::
+
+      sum((q_x - z_x) * q_w) = sum(q_x * q_w) - z_x * sum(q_w)   # zero point folded into the bias
+      b_q[c] = round(b[c] / (s_x * s_w[c])) - z_x * sum_k q_w[c, k]
+      q_y = clamp(requant(acc + b_q, s_x * s_w[c] / s_y) + z_y)
+
+  Padding of a non-zero-point input is made explicit with value ``z_x`` (the code of 0.0), so
+  the fold stays exact at the borders.
+* add / subtract: ``q_y = clamp(round(sum_i (q_i - z_i) * s_i / s_y) + z_y)``, one rounding with a
+  shared shift; multiply: ``(q_a - z_a) * (q_b - z_b)`` rescaled by ``s_a * s_b / s_y``.
+* mean / global average pool: int32 sum, ``- n * z_x``, rescaled by ``s_x / (n * s_y)``.
+* concat: each input rescaled to the output's parameters.
+* elementwise functions (sigmoid, tanh, ..., ``x * c``): a lookup table over all input codes.
+* clamps (ReLU, ReLU6, clip): saturation bounds, ``clamp(quantize(x)) == quantize(clamp(x))``
+  because rounding is monotonic.
+
+``requant(acc, m)`` is the integer multiplier-and-shift of :mod:`qmath`: int64 multiply by
+``M0``, add ``2**(shift-1)``, arithmetic right shift (round half up). Pass-through ops (reshape,
+transpose, max-pool, slicing) are applied to the codes directly.
+
+Anchors whose chain has no integer lowering stay float, bracketed by dequantize/quantize; they
+are listed in a warning and in the function attribute ``qc.float_fallback`` (read by the
+verifier).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.ir.expr import GenericConst
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from qcompiler.passes import qmath
+from qcompiler.passes.graph import (
+    CONV_OPS,
+    MATMUL_OPS,
+    PASS_THROUGH_OPS,
+    Dataflow,
+    clamp_interval,
+    const_value,
+    elementwise_func,
+    op_name,
+)
+
+FALLBACK_ATTR = "qc.float_fallback"
+
+
+@dataclass(frozen=True)
+class QTensor:
+    """A float value known to equal ``dequantize(expr, scale, zero_point, axis)``."""
+
+    expr: relax.Expr
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None = None
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.scale.size == 1
+
+    @property
+    def dtype(self) -> str:
+        return str(self.expr.ty.dtype)
+
+    @property
+    def s(self) -> float:
+        return float(self.scale.reshape(-1)[0])
+
+    @property
+    def z(self) -> int:
+        return int(self.zero_point.reshape(-1)[0])
+
+
+@dataclass(frozen=True)
+class OutParams:
+    """Where a lowered chain must land: scale, zero point, dtype and saturation codes."""
+
+    scale: float
+    zero_point: int
+    dtype: str
+    qlo: int
+    qhi: int
+
+    def clamped(self, lo: float, hi: float) -> "OutParams":
+        """Saturation narrowed to the codes of the real interval [lo, hi]."""
+
+        def code(r, default):
+            if math.isinf(r):
+                return default
+            return int(np.clip(np.rint(r / self.scale) + self.zero_point, self.qlo, self.qhi))
+
+        return OutParams(
+            self.scale,
+            self.zero_point,
+            self.dtype,
+            max(self.qlo, code(lo, self.qlo)),
+            min(self.qhi, code(hi, self.qhi)),
+        )
+
+
+class _NoLowering(Exception):
+    """The chain has no integer lowering (the message says why)."""
+
+
+def _qdq_params(call) -> tuple[np.ndarray, np.ndarray, int] | None:
+    scale, zero_point = const_value(call.args[1]), const_value(call.args[2])
+    if scale is None or zero_point is None:
+        return None
+    return scale.astype(np.float64), zero_point.astype(np.int64), int(call.attrs.axis)
+
+
+def _const(value, dtype: str) -> GenericConst:
+    return relax.const(np.asarray(value).astype(dtype), dtype)
+
+
+def _channel_shape(ndim: int, axis: int) -> list[int]:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return shape
+
+
+@mutator
+class _Integerizer(PyExprMutator):
+    def __init__(self, mod, func):
+        super().__init__(mod)
+        self.flow = Dataflow.of(func)
+        self.params = set(func.params)
+        self.q: dict = {}
+        self.fallbacks: list[tuple[str, str, str]] = []
+        self.fallback_vars: list[str] = []
+
+    # -- walking -----------------------------------------------------------------------------
+    def visit_var_binding_(self, binding):
+        var, value = binding.var, binding.value
+        emit = self.builder_.emit if isinstance(var, relax.DataflowVar) else self.builder_.emit_output
+        name = op_name(value)
+        if name == "relax.quantize":
+            lowered = self._lower_anchor(var, value)
+            if lowered is not None:
+                self.set_var_remap(var, emit(lowered, var.name))
+                return
+        new_value = self.visit_expr(value)
+        if name == "relax.dequantize":
+            params = _qdq_params(value)
+            if params is not None:
+                scale, zero_point, axis = params
+                source = new_value.args[0]
+                ndim = len(source.ty.shape)
+                axis = axis % ndim if scale.size > 1 else None
+                self.q[var] = QTensor(source, scale, zero_point, axis)
+        elif name in PASS_THROUGH_OPS and value.args[0] in self.q and self.q[value.args[0]].per_tensor:
+            # op(dequantize(q)) == dequantize(op(q)): move the codes, keep their meaning. Float
+            # users (a fallback, the model's exit) get the dequantized result.
+            src = self.q[value.args[0]]
+            int_call = relax.Call(value.op, [src.expr, *new_value.args[1:]], value.attrs)
+            codes = self.builder_.emit(int_call)
+            self.q[var] = QTensor(codes, src.scale, src.zero_point)
+            new_value = relax.op.dequantize(codes, _const(src.scale, "float32"),
+                                            _const(src.zero_point, "int32"))
+        self.set_var_remap(var, emit(new_value, var.name))
+
+    def _lower_anchor(self, var, call):
+        params = _qdq_params(call)
+        if params is None or params[0].size != 1:
+            return None
+        scale, zero_point, _ = params
+        dtype = str(call.attrs.out_dtype)
+        info = np.iinfo(dtype)
+        out = OutParams(float(scale.reshape(())), int(zero_point.reshape(())), dtype,
+                        int(info.min), int(info.max))
+        y = call.args[0]
+        if y in self.params:
+            return None  # the model's entry: quantizing a float input is the job of quantize
+        chain = []
+        try:
+            return self._lower_chain(y, out, chain)
+        except _NoLowering as why:
+            head = self.flow.producer.get(chain[-1]) if chain else None
+            self.fallbacks.append((y.name, op_name(head) or "?", str(why)))
+            # Names of the re-emitted float bindings: what the verifier will see.
+            self.fallback_vars.extend(self.get_var_remap(v).name for v in chain)
+            return None
+
+    def _lower_chain(self, y, out: OutParams, chain: list):
+        """Integer expr for the codes of ``y`` in ``out``; ``chain`` collects the float vars."""
+        node, lo, hi = y, -math.inf, math.inf
+        while True:
+            if node in self.q:
+                return self._rescale([(self.q[node], 1.0)], out.clamped(lo, hi))
+            call = self.flow.producer.get(node)
+            if call is None:
+                raise _NoLowering(f"{node.name} is not computed from quantized values")
+            chain.append(node)
+            interval = clamp_interval(call)
+            if interval is None:
+                break
+            lo, hi = max(lo, interval[0]), min(hi, interval[1])
+            node = call.args[0]
+        out = out.clamped(lo, hi)
+        bias = None
+        name = op_name(call)
+        if name in ("relax.add", "relax.subtract") and const_value(call.args[1]) is not None:
+            producer = self.flow.producer.get(call.args[0])
+            if op_name(producer) in CONV_OPS | MATMUL_OPS:
+                bias = const_value(call.args[1]).astype(np.float64)
+                bias = -bias if name == "relax.subtract" else bias
+                chain.append(call.args[0])
+                call, name = producer, op_name(producer)
+        if name in CONV_OPS:
+            return self._conv2d(call, bias, out)
+        if name in MATMUL_OPS:
+            return self._matmul(call, bias, out)
+        func = elementwise_func(call)
+        if func is not None:
+            return self._lookup_table(call, func, out, lo, hi)
+        if name in ("relax.add", "relax.subtract"):
+            a, b = self._inputs(call, 2)
+            sign = -1.0 if name == "relax.subtract" else 1.0
+            return self._rescale([(a, a.s / out.scale), (b, sign * b.s / out.scale)], out)
+        if name == "relax.multiply":
+            a, b = self._inputs(call, 2)
+            product = self._emit(relax.op.multiply(self._centered(a, "int32"),
+                                                   self._centered(b, "int32")))
+            return self._requantize(product, np.float64(a.s * b.s / out.scale), out)
+        if name == "relax.concat":
+            parts = self._inputs(call, len(call.args[0].fields))
+            codes = [self._rescale([(p, p.s / out.scale)], out) for p in parts]
+            return relax.op.concat(relax.Tuple([self._emit(c) for c in codes]), call.attrs.axis)
+        if name in ("relax.mean", "relax.nn.avg_pool2d"):
+            return self._mean(call, out)
+        raise _NoLowering(f"no integer lowering for {name}")
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _emit(self, expr):
+        if isinstance(expr, relax.Var | GenericConst):
+            return expr
+        return self.builder_.emit(expr)
+
+    def _input(self, arg) -> QTensor:
+        if arg not in self.q:
+            raise _NoLowering(f"operand {getattr(arg, 'name', arg)} is not quantized")
+        if not self.q[arg].per_tensor:
+            raise _NoLowering(f"operand {arg.name} is quantized per channel")
+        return self.q[arg]
+
+    def _inputs(self, call, count) -> list[QTensor]:
+        args = call.args[0].fields if op_name(call) == "relax.concat" else call.args[:count]
+        return [self._input(arg) for arg in args]
+
+    def _centered(self, t: QTensor, dtype: str):
+        """``q - z`` widened to ``dtype``."""
+        wide = self._emit(relax.op.astype(t.expr, dtype))
+        if t.z == 0:
+            return wide
+        return self._emit(relax.op.add(wide, _const(-t.z, dtype)))
+
+    def _rescale(self, terms, out: OutParams):
+        """``clamp(round(sum_i (q_i - z_i) * ratio_i) + z_out)`` with one shared shift."""
+        if len(terms) == 1:
+            t, ratio = terms[0]
+            same_codes = t.dtype == out.dtype and t.z == out.zero_point
+            if same_codes and math.isclose(ratio, 1.0, rel_tol=1e-9):
+                info = np.iinfo(out.dtype)
+                if (out.qlo, out.qhi) == (info.min, info.max):
+                    return t.expr
+                return relax.op.clip(t.expr, relax.prim_value(out.qlo), relax.prim_value(out.qhi))
+            return self._requantize(self._centered(t, "int64"), np.float64(ratio), out)
+        ratios = np.array([abs(r) for _, r in terms])
+        multipliers, shift = qmath.common_multipliers(ratios)
+        total = None
+        for (t, ratio), m in zip(terms, multipliers):
+            m = int(m) if ratio > 0 else -int(m)
+            term = self._emit(relax.op.multiply(self._centered(t, "int64"), _const(m, "int64")))
+            total = term if total is None else self._emit(relax.op.add(total, term))
+        return self._round_shift(total, np.int64(shift), out)
+
+    def _requantize(self, acc, ratio, out: OutParams, axis: int | None = None):
+        """``clamp(requant(acc, ratio) + z_out)``; ``ratio`` per channel along ``axis``."""
+        multiplier, shift = qmath.decompose_multiplier(ratio)
+        if str(acc.ty.dtype) != "int64":
+            acc = self._emit(relax.op.astype(acc, "int64"))
+        if axis is not None:
+            shape = _channel_shape(len(acc.ty.shape), axis)
+            multiplier, shift = multiplier.reshape(shape), shift.reshape(shape)
+        scaled = self._emit(relax.op.multiply(acc, _const(multiplier, "int64")))
+        return self._round_shift(scaled, shift, out)
+
+    def _round_shift(self, x, shift, out: OutParams):
+        shift = np.asarray(shift, dtype=np.int64)
+        x = self._emit(relax.op.add(x, _const(np.left_shift(1, shift - 1), "int64")))
+        x = self._emit(relax.op.right_shift(x, _const(shift, "int64")))
+        if out.zero_point:
+            x = self._emit(relax.op.add(x, _const(out.zero_point, "int64")))
+        x = self._emit(relax.op.clip(x, relax.prim_value(out.qlo), relax.prim_value(out.qhi)))
+        return relax.op.astype(x, out.dtype)
+
+    def _weight(self, arg, out_axis: int) -> tuple[np.ndarray, np.ndarray]:
+        """Zero-point-free integer weights and their per-channel scales (along ``out_axis``)."""
+        w = self.q.get(arg)
+        if w is None or const_value(w.expr) is None:
+            raise _NoLowering("the weight is not a quantized constant")
+        codes = const_value(w.expr).astype(np.int64)
+        out_axis %= codes.ndim
+        channels = codes.shape[out_axis]
+        shape = _channel_shape(codes.ndim, out_axis)
+        zero_point = np.broadcast_to(w.zero_point.reshape(-1), (channels,)) if w.zero_point.size > 1 \
+            else np.full(channels, w.z)
+        scale = np.broadcast_to(w.scale.reshape(-1), (channels,)).astype(np.float64)
+        if w.axis is not None and w.axis != out_axis:
+            raise _NoLowering(f"weight quantized along axis {w.axis}, not the output channels")
+        centered = codes - zero_point.reshape(shape)
+        return centered, scale
+
+    def _bias_codes(self, bias, acc_scale, zero_sum, channels):
+        """``round(b / (s_x s_w)) - z_x * sum(q_w)`` per channel, as int32."""
+        b = np.zeros(channels) if bias is None else bias.reshape(-1)
+        if b.size not in (1, channels):
+            raise _NoLowering(f"bias of shape {bias.shape} is not per output channel")
+        codes = np.rint(np.broadcast_to(b, (channels,)) / acc_scale).astype(np.int64) - zero_sum
+        if np.any(np.abs(codes) >= 2**31):
+            raise _NoLowering("the folded bias does not fit int32")
+        return codes.astype(np.int32)
+
+    @staticmethod
+    def _weight_dtype(centered: np.ndarray) -> str:
+        return "int8" if centered.min() >= -128 and centered.max() <= 127 else "int16"
+
+    # -- lowerings ----------------------------------------------------------------------------
+    def _conv2d(self, call, bias, out: OutParams):
+        (x,) = self._inputs(call, 1)
+        attrs = call.attrs
+        kernel_layout, out_layout = str(attrs.kernel_layout), str(attrs.out_layout)
+        data_layout = str(attrs.data_layout)
+        w, w_scale = self._weight(call.args[1], kernel_layout.index("O"))
+        o_axis = kernel_layout.index("O")
+        zero_sum = x.z * w.sum(axis=tuple(a for a in range(w.ndim) if a != o_axis))
+        acc_scale = x.s * w_scale
+        data = x.expr
+        padding = [int(p) for p in attrs.padding]
+        if any(padding) and x.z != 0:
+            # Pad with the code of 0.0 so that the zero-point fold is exact at the borders.
+            top, left, bottom, right = padding
+            widths = {"N": (0, 0), "C": (0, 0), "H": (top, bottom), "W": (left, right)}
+            pad_width = [p for axis in data_layout for p in widths[axis]]
+            data = self._emit(relax.op.nn.pad(data, pad_width, pad_value=float(x.z)))
+            padding = [0, 0, 0, 0]
+        acc = self._emit(relax.op.nn.conv2d(
+            data, _const(w, self._weight_dtype(w)), strides=attrs.strides, padding=padding,
+            dilation=attrs.dilation, groups=attrs.groups, data_layout=data_layout,
+            kernel_layout=kernel_layout, out_layout=out_layout, out_dtype="int32"))
+        c_axis = out_layout.index("C")
+        bias_codes = self._bias_codes(bias, acc_scale, zero_sum, w.shape[o_axis])
+        acc = self._emit(relax.op.add(acc, _const(bias_codes.reshape(_channel_shape(4, c_axis)),
+                                                  "int32")))
+        return self._requantize(acc, acc_scale / out.scale, out, axis=c_axis)
+
+    def _matmul(self, call, bias, out: OutParams):
+        (x,) = self._inputs(call, 1)
+        rhs = call.args[1]
+        if rhs in self.q and const_value(self.q[rhs].expr) is not None:
+            w, w_scale = self._weight(rhs, -1)
+            if w.ndim != 2:
+                raise _NoLowering("only 2-D constant matmul weights are lowered")
+            zero_sum = x.z * w.sum(axis=0)
+            acc = self._emit(relax.op.matmul(x.expr, _const(w, self._weight_dtype(w)),
+                                             out_dtype="int32"))
+        else:
+            b = self._input(rhs)
+            w_scale = np.full(b.expr.ty.shape[-1].value, b.s)
+            zero_sum = 0
+            acc = self._emit(relax.op.matmul(self._centered(x, "int16"),
+                                             self._centered(b, "int16"), out_dtype="int32"))
+            x = QTensor(x.expr, x.scale, np.zeros(1, np.int64))
+        acc_scale = x.s * w_scale
+        bias_codes = self._bias_codes(bias, acc_scale, zero_sum, len(w_scale))
+        acc = self._emit(relax.op.add(acc, _const(bias_codes, "int32")))
+        return self._requantize(acc, acc_scale / out.scale, out, axis=len(acc.ty.shape) - 1)
+
+    def _lookup_table(self, call, func, out: OutParams, lo: float, hi: float):
+        (x,) = [self.q[a] for a in call.args if a in self.q][:1] or [None]
+        if x is None or not x.per_tensor:
+            raise _NoLowering("the input of the elementwise function is not quantized per tensor")
+        info = np.iinfo(x.dtype)
+        codes = np.arange(int(info.min), int(info.max) + 1)
+        with np.errstate(all="ignore"):
+            real = np.clip(func(qmath.dequantize(codes, x.s, x.z).astype(np.float64)), lo, hi)
+        real = np.nan_to_num(real, nan=0.0, posinf=np.finfo(np.float32).max,
+                             neginf=np.finfo(np.float32).min)
+        table = np.clip(np.rint(real / out.scale) + out.zero_point, out.qlo, out.qhi)
+        index = self._emit(relax.op.astype(x.expr, "int32"))
+        if info.min:
+            index = self._emit(relax.op.add(index, _const(-int(info.min), "int32")))
+        return relax.op.take(_const(table, out.dtype), index, axis=0)
+
+    def _mean(self, call, out: OutParams):
+        (x,) = self._inputs(call, 1)
+        shape = [int(d) for d in x.expr.ty.shape]
+        attrs = call.attrs
+        if op_name(call) == "relax.nn.avg_pool2d":
+            layout = str(attrs.layout)
+            axes = [layout.index("H"), layout.index("W")]
+            window = [shape[a] for a in axes]
+            if [int(p) for p in attrs.pool_size] != window or any(int(p) for p in attrs.padding) \
+                    or str(attrs.out_layout) != layout:
+                raise _NoLowering("only global average pooling is lowered to integers")
+            keepdims = True
+        else:
+            axes = list(range(len(shape))) if attrs.axis is None else [int(a) for a in attrs.axis]
+            keepdims = bool(attrs.keepdims)
+        count = int(np.prod([shape[a] for a in axes]))
+        total = self._emit(relax.op.sum(relax.op.astype(x.expr, "int32"), axes, keepdims))
+        centered = self._emit(relax.op.add(relax.op.astype(total, "int64"),
+                                           _const(-count * x.z, "int64")))
+        return self._requantize(centered, np.float64(x.s / (count * out.scale)), out)
+
+
+def integerize(mod: tvm.IRModule) -> tvm.IRModule:
+    """Lower every quantize/dequantize chain of ``mod["main"]`` to integer ops (see above)."""
+    func = mod["main"]
+    lowering = _Integerizer(mod, func)
+    new_func = lowering.visit_expr(func)
+    if lowering.fallbacks:
+        listed = "; ".join(f"{op} -> {name} ({why})" for name, op, why in lowering.fallbacks)
+        warnings.warn(f"{len(lowering.fallbacks)} op(s) stay float: {listed}", stacklevel=2)
+    new_func = new_func.with_attr(FALLBACK_ATTR, lowering.fallback_vars)
+    out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    out["main"] = new_func
+    return relax.transform.DeadCodeElimination(["main"])(out)

@@ -1,0 +1,104 @@
+"""The quantization pipeline: a float Relax module and calibration data in, integer module out.
+
+Phases, in order (each ``IRModule -> IRModule`` except calibration, which only measures):
+
+1. ``prepare``     inference-only ops, constants folded (weights become plain constants);
+2. ``plan``        choose the quantization points (:mod:`graph`);
+3. ``calibrate``   run the float model over the data, one observer per point (:mod:`calibrate`);
+4. ``annotate``    write quantize/dequantize pairs with the chosen parameters (:mod:`annotate`);
+5. ``integerize``  lower every QDQ chain to integer ops (:mod:`integerize`);
+6. ``verify``      fail if a float op sits inside an integer region (:mod:`verify`).
+
+Set ``dump_dir`` to write the IR after each phase (``01-prepare.py``, ...).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from qcompiler.passes.annotate import activation_qparams, annotate
+from qcompiler.passes.calibrate import calibrate
+from qcompiler.passes.graph import plan_quantization
+from qcompiler.passes.integerize import FALLBACK_ATTR, integerize
+from qcompiler.passes.scheme import QuantConfig
+from qcompiler.passes.verify import verify_integer_only
+
+
+def prepare(mod: tvm.IRModule) -> tvm.IRModule:
+    """Inference-only, constant-folded form of an imported float module."""
+    seq = tvm.transform.Sequential([
+        relax.transform.DecomposeOpsForInference(),  # batch norm and friends to elementwise
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.FoldConstant(),  # transposed/reshaped weights become plain constants
+    ])
+    return seq(mod)
+
+
+@dataclass
+class Calibration:
+    """A prepared float module with its quantization plan and calibration statistics.
+
+    One calibration serves every scheme and range method: ``quantize`` can be called with
+    several configs without touching the data again.
+    """
+
+    mod: tvm.IRModule
+    plan: object
+    observers: dict
+
+    def quantize(self, config: QuantConfig, dump_dir: str | None = None) -> tvm.IRModule:
+        annotated = annotate(self.mod, self.plan, self.observers, config)
+        _dump(dump_dir, "04-annotate", annotated)
+        integer = integerize(annotated)
+        _dump(dump_dir, "05-integerize", integer)
+        verify_integer_only(integer)
+        return integer
+
+    def activation_params(self, config: QuantConfig) -> dict[str, tuple[float, int]]:
+        """``{tensor name: (scale, zero point)}`` of every quantization point."""
+        return {p.name: activation_qparams(o, config) for p, o in self.observers.items()}
+
+
+def run_calibration(
+    mod: tvm.IRModule,
+    samples: Iterable[dict[str, np.ndarray]],
+    bins: int = 2048,
+    dump_dir: str | None = None,
+) -> Calibration:
+    """Phases 1-3: prepare, plan and calibrate."""
+    mod = prepare(mod)
+    _dump(dump_dir, "01-prepare", mod)
+    plan = plan_quantization(mod["main"])
+    observers = calibrate(mod, plan, samples, bins=bins)
+    return Calibration(mod, plan, observers)
+
+
+def quantize_module(
+    mod: tvm.IRModule,
+    samples: Iterable[dict[str, np.ndarray]],
+    config: QuantConfig | None = None,
+    dump_dir: str | None = None,
+) -> tvm.IRModule:
+    """The whole pipeline: float module + calibration samples -> integer-only module."""
+    config = config or QuantConfig()
+    calibration = run_calibration(mod, samples, bins=config.calibration.bins, dump_dir=dump_dir)
+    return calibration.quantize(config, dump_dir=dump_dir)
+
+
+def float_fallbacks(mod: tvm.IRModule) -> list[str]:
+    """Names of the tensors integerize left in float inside integer regions."""
+    attrs = mod["main"].attrs or {}
+    return [str(n) for n in attrs.get(FALLBACK_ATTR, [])]
+
+
+def _dump(dump_dir: str | None, name: str, mod: tvm.IRModule) -> None:
+    if dump_dir:
+        os.makedirs(dump_dir, exist_ok=True)
+        with open(os.path.join(dump_dir, f"{name}.py"), "w") as f:
+            f.write(mod.script(show_meta=False))

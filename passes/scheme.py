@@ -1,0 +1,161 @@
+"""Quantization specs, schemes and presets: the vocabulary every other part of qcompiler speaks.
+
+A real value ``r`` is represented by an integer ``q`` as ``r = s * (q - z)`` (scale ``s > 0``, zero
+point ``z``). A :class:`QuantSpec` says which integers ``q`` may take and how ``s``/``z`` are chosen;
+a :class:`QuantScheme` pairs a spec for weights with one for activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qcompiler.passes.errors import QCompilerError
+
+CALIBRATION_METHODS = ("minmax", "percentile", "kl", "mse")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one kind of tensor is quantized.
+
+    Parameters
+    ----------
+    bits : int
+        Width of the integer, 2..16.
+    signed : bool
+        Signed (two's complement) or unsigned integers.
+    symmetric : bool
+        Zero point fixed at 0 (``r = s * q``), range centred on zero.
+    per_channel : bool
+        One scale (and zero point) per output channel instead of one per tensor.
+    narrow_range : bool
+        Drop the most negative code of a signed type (int8: [-127, 127]) so that ``-q`` never
+        overflows and the range is exactly symmetric.
+    """
+
+    bits: int = 8
+    signed: bool = True
+    symmetric: bool = True
+    per_channel: bool = False
+    narrow_range: bool = False
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 16:
+            raise QCompilerError(f"QuantSpec.bits must be in [2, 16], got {self.bits}")
+        if self.symmetric and not self.signed:
+            raise QCompilerError(
+                "QuantSpec(symmetric=True, signed=False) cannot represent negative values with zero "
+                "point 0; use signed=True for symmetric quantization"
+            )
+        if self.narrow_range and not self.signed:
+            raise QCompilerError("QuantSpec.narrow_range only applies to signed integers")
+
+    @property
+    def qmin(self) -> int:
+        if not self.signed:
+            return 0
+        return -(1 << (self.bits - 1)) + (1 if self.narrow_range else 0)
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+    @property
+    def dtype(self) -> str:
+        """The narrowest storage dtype holding the codes (int4 is stored widened until packed)."""
+        width = 8 if self.bits <= 8 else 16
+        return f"{'int' if self.signed else 'uint'}{width}"
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """A named pair of specs: one for weights, one for activations."""
+
+    name: str
+    weight: QuantSpec
+    activation: QuantSpec
+
+    def __post_init__(self):
+        if self.activation.per_channel:
+            raise QCompilerError(
+                f"scheme {self.name!r}: activations are quantized per tensor; per_channel=True is "
+                "only supported for weights"
+            )
+
+
+PRESETS: dict[str, QuantScheme] = {
+    # Weights symmetric per output channel, activations asymmetric uint8: the default. The zero
+    # point of the activation folds into the bias, so it costs nothing at run time.
+    "hybrid": QuantScheme(
+        "hybrid",
+        weight=QuantSpec(8, signed=True, symmetric=True, per_channel=True, narrow_range=True),
+        activation=QuantSpec(8, signed=False, symmetric=False),
+    ),
+    # Everything symmetric: zero points are 0, activations int8.
+    "symmetric": QuantScheme(
+        "symmetric",
+        weight=QuantSpec(8, signed=True, symmetric=True, per_channel=True, narrow_range=True),
+        activation=QuantSpec(8, signed=True, symmetric=True),
+    ),
+    # Everything asymmetric: weights uint8 with a zero point per output channel as well.
+    "asymmetric": QuantScheme(
+        "asymmetric",
+        weight=QuantSpec(8, signed=False, symmetric=False, per_channel=True),
+        activation=QuantSpec(8, signed=False, symmetric=False),
+    ),
+}
+
+
+def get_scheme(name_or_scheme: str | QuantScheme) -> QuantScheme:
+    """Look a preset up by name (or pass a scheme through)."""
+    if isinstance(name_or_scheme, QuantScheme):
+        return name_or_scheme
+    if name_or_scheme not in PRESETS:
+        raise QCompilerError(
+            f"unknown quantization scheme {name_or_scheme!r}, candidates are {sorted(PRESETS)}"
+        )
+    return PRESETS[name_or_scheme]
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """How activation ranges are chosen from calibration statistics.
+
+    Parameters
+    ----------
+    method : str
+        ``minmax``, ``percentile``, ``kl`` (TensorRT-style entropy) or ``mse``.
+    percentile : float
+        For ``percentile``: the share of values (in percent) kept inside the range, e.g. 99.99.
+    bins : int
+        Histogram resolution used by the histogram-based methods.
+    """
+
+    method: str = "minmax"
+    percentile: float = 99.99
+    bins: int = 2048
+
+    def __post_init__(self):
+        if self.method not in CALIBRATION_METHODS:
+            raise QCompilerError(
+                f"unknown calibration method {self.method!r}, candidates are "
+                f"{list(CALIBRATION_METHODS)}"
+            )
+        if not 50.0 < self.percentile <= 100.0:
+            raise QCompilerError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.bins < 128:
+            raise QCompilerError(f"bins must be >= 128, got {self.bins}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything the quantizer needs to know besides the model and the data."""
+
+    scheme: QuantScheme = field(default_factory=lambda: PRESETS["hybrid"])
+    calibration: CalibConfig = field(default_factory=CalibConfig)
+
+    def __post_init__(self):
+        if isinstance(self.scheme, str):
+            object.__setattr__(self, "scheme", get_scheme(self.scheme))
+        if isinstance(self.calibration, str):
+            object.__setattr__(self, "calibration", CalibConfig(self.calibration))

@@ -1,0 +1,1 @@
+"""Boards, RPC, tuning and bit-width search."""

@@ -251,11 +251,12 @@ def plan_quantization(func: relax.Function) -> QuantPlan:
             continue
         if value is not None and is_head(value):
             chain = _chain_from(var, flow, biases)
-            absorbed.update(chain[:-1])
+            absorbed.update(chain)
             chains[chain[-1]] = chain
+            if name in CONV_OPS | MATMUL_OPS and not feeds_integer_ops(chain[-1]):
+                continue  # an exit: the int32 accumulator is dequantized directly
             points.append(chain[-1])
             quantized_inputs.add(chain[-1])
-            absorbed.add(chain[-1])
         elif feeds_integer_ops(var):
             points.append(var)
             quantized_inputs.add(var)

@@ -154,6 +154,10 @@ class _Integerizer(PyExprMutator):
             if lowered is not None:
                 self.set_var_remap(var, emit(lowered, var.name))
                 return
+        exit_value = self._lower_exit(var, value)
+        if exit_value is not None:
+            self.set_var_remap(var, emit(exit_value, var.name))
+            return
         new_value = self.visit_expr(value)
         if name == "relax.dequantize":
             params = _qdq_params(value)
@@ -173,6 +177,37 @@ class _Integerizer(PyExprMutator):
             new_value = relax.op.dequantize(codes, _const(src.scale, "float32"),
                                             _const(src.zero_point, "int32"))
         self.set_var_remap(var, emit(new_value, var.name))
+
+    def _lower_exit(self, var, call):
+        """A conv2d/matmul (+ bias) whose result leaves the integers unquantized: dequantize its
+        int32 accumulator directly, so the model's float outputs (logits, boxes) keep the
+        accumulator's precision instead of 8 bits."""
+        name = op_name(call)
+        bias = None
+        if name in ("relax.add", "relax.subtract") and const_value(call.args[1]) is not None:
+            head = self.flow.producer.get(call.args[0])
+            if op_name(head) not in CONV_OPS | MATMUL_OPS:
+                return None
+            bias = const_value(call.args[1]).astype(np.float64)
+            bias = -bias if name == "relax.subtract" else bias
+            call = head
+        elif name in CONV_OPS | MATMUL_OPS:
+            nxt = self.flow.sole_consumer(var)
+            if nxt is not None and op_name(self.flow.producer[nxt]) in ("relax.add",
+                                                                        "relax.subtract"):
+                return None  # the bias add below takes the chain
+        else:
+            return None
+        users = self.flow.consumers.get(var, [])
+        if any(op_name(self.flow.producer[u]) == "relax.quantize" for u in users):
+            return None
+        try:
+            acc, acc_scale, axis = self._accumulate(call, bias)
+        except _NoLowering:
+            return None
+        shape = _channel_shape(len(acc.ty.shape), axis)
+        real = self._emit(relax.op.astype(acc, "float32"))
+        return relax.op.multiply(real, _const(acc_scale.reshape(shape), "float32"))
 
     def _lower_anchor(self, var, call):
         params = _qdq_params(call)
@@ -221,10 +256,9 @@ class _Integerizer(PyExprMutator):
                 bias = -bias if name == "relax.subtract" else bias
                 chain.append(call.args[0])
                 call, name = producer, op_name(producer)
-        if name in CONV_OPS:
-            return self._conv2d(call, bias, out)
-        if name in MATMUL_OPS:
-            return self._matmul(call, bias, out)
+        if name in CONV_OPS | MATMUL_OPS:
+            acc, acc_scale, axis = self._accumulate(call, bias)
+            return self._requantize(acc, acc_scale / out.scale, out, axis=axis)
         func = elementwise_func(call)
         if func is not None:
             return self._lookup_table(call, func, out, lo, hi)
@@ -341,7 +375,13 @@ class _Integerizer(PyExprMutator):
         return "int8" if centered.min() >= -128 and centered.max() <= 127 else "int16"
 
     # -- lowerings ----------------------------------------------------------------------------
-    def _conv2d(self, call, bias, out: OutParams):
+    def _accumulate(self, call, bias):
+        """int32 accumulator (bias folded in), its per-channel scale and its channel axis."""
+        if op_name(call) in CONV_OPS:
+            return self._conv2d(call, bias)
+        return self._matmul(call, bias)
+
+    def _conv2d(self, call, bias):
         (x,) = self._inputs(call, 1)
         attrs = call.attrs
         kernel_layout, out_layout = str(attrs.kernel_layout), str(attrs.out_layout)
@@ -367,9 +407,9 @@ class _Integerizer(PyExprMutator):
         bias_codes = self._bias_codes(bias, acc_scale, zero_sum, w.shape[o_axis])
         acc = self._emit(relax.op.add(acc, _const(bias_codes.reshape(_channel_shape(4, c_axis)),
                                                   "int32")))
-        return self._requantize(acc, acc_scale / out.scale, out, axis=c_axis)
+        return acc, acc_scale, c_axis
 
-    def _matmul(self, call, bias, out: OutParams):
+    def _matmul(self, call, bias):
         (x,) = self._inputs(call, 1)
         rhs = call.args[1]
         if rhs in self.q and const_value(self.q[rhs].expr) is not None:
@@ -389,7 +429,7 @@ class _Integerizer(PyExprMutator):
         acc_scale = x.s * w_scale
         bias_codes = self._bias_codes(bias, acc_scale, zero_sum, len(w_scale))
         acc = self._emit(relax.op.add(acc, _const(bias_codes, "int32")))
-        return self._requantize(acc, acc_scale / out.scale, out, axis=len(acc.ty.shape) - 1)
+        return acc, acc_scale, len(acc.ty.shape) - 1
 
     def _lookup_table(self, call, func, out: OutParams, lo: float, hi: float):
         (x,) = [self.q[a] for a in call.args if a in self.q][:1] or [None]

@@ -4,3 +4,23 @@ A float ONNX/TFLite model and a little calibration data in; an integer-only libr
 """
 
 __version__ = "0.1.0"
+
+from qcompiler.api import (  # noqa: E402
+    Artifact,
+    CalibConfig,
+    QuantConfig,
+    QuantizedModel,
+    QuantScheme,
+    QuantSpec,
+    calibrate,
+    compile,
+    compile_float,
+    load,
+    quantize,
+)
+from qcompiler.passes.errors import QCompilerError  # noqa: E402
+
+__all__ = [
+    "Artifact", "CalibConfig", "QCompilerError", "QuantConfig", "QuantScheme", "QuantSpec",
+    "QuantizedModel", "calibrate", "compile", "compile_float", "load", "quantize",
+]

@@ -1,0 +1,165 @@
+"""The Python API: ``quantize`` a float model with calibration data, ``compile`` it to a library.
+
+>>> import qcompiler
+>>> art = qcompiler.compile("model.onnx", calib="calib.npz", target="x86")
+>>> outputs = art.run({"input": x})
+>>> art.export("out/")
+
+The compiled ``main`` takes the float inputs of the original model and returns float outputs:
+quantize once at the entry, dequantize once at the exit, integers in between.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from qcompiler import __version__
+from qcompiler.data import CalibrationSet, InputSpec, Preprocess, load_calibration
+from qcompiler.deploy.artifact import Artifact, load_artifact
+from qcompiler.frontend import ImportedModel, load_model
+from qcompiler.passes.graph import CONV_OPS, MATMUL_OPS, bindings, const_value, op_name
+from qcompiler.passes.pipeline import Calibration, float_fallbacks, prepare, run_calibration
+from qcompiler.passes.scheme import CalibConfig, QuantConfig, QuantScheme, QuantSpec
+from qcompiler.targets.host import resolve_target
+
+__all__ = [
+    "Artifact", "CalibConfig", "InputSpec", "QuantConfig", "QuantScheme", "QuantSpec",
+    "QuantizedModel", "calibrate", "compile", "compile_float", "load", "quantize", "top1",
+]
+
+
+@dataclass
+class QuantizedModel:
+    """An integer-only Relax module with the model it came from."""
+
+    mod: tvm.IRModule
+    model: ImportedModel
+    config: QuantConfig
+    activation_params: dict
+
+    @property
+    def float_fallbacks(self) -> list[str]:
+        return float_fallbacks(self.mod)
+
+    def build(self, target="x86") -> Artifact:
+        return _build(self.mod, self.model, target, self._quant_manifest())
+
+    def _quant_manifest(self) -> dict:
+        return {
+            "scheme": asdict(self.config.scheme),
+            "calibration": asdict(self.config.calibration),
+            "float_fallbacks": self.float_fallbacks,
+            "activations": {k: {"scale": s, "zero_point": z}
+                            for k, (s, z) in self.activation_params.items()},
+        }
+
+
+def _as_config(config, scheme=None, method=None) -> QuantConfig:
+    config = config or QuantConfig()
+    if isinstance(config, dict):
+        config = QuantConfig(**config)
+    if scheme is not None or method is not None:
+        calib = config.calibration if method is None else CalibConfig(
+            method, config.calibration.percentile, config.calibration.bins)
+        config = QuantConfig(scheme or config.scheme, calib)
+    return config
+
+
+def _samples(model: ImportedModel, calib, preprocess, limit, offset) -> CalibrationSet:
+    if isinstance(preprocess, str):
+        preprocess = Preprocess.parse(preprocess)
+    return load_calibration(calib, model.inputs, preprocess=preprocess, limit=limit, offset=offset)
+
+
+def _by_param(model: ImportedModel, samples):
+    """Calibration samples keyed by the Relax parameter names (the importer may rename)."""
+    params = [p.name for p in model.mod["main"].params]
+    for sample in samples:
+        yield {p: sample[i.name] for p, i in zip(params, model.inputs)}
+
+
+def calibrate(model, calib, preprocess=None, limit=None, offset=0, bins=2048) -> tuple:
+    """Import ``model`` and collect calibration statistics once; see :meth:`Calibration.quantize`.
+
+    Returns ``(ImportedModel, Calibration)``; one calibration serves every scheme and method.
+    """
+    model = model if isinstance(model, ImportedModel) else load_model(model)
+    samples = _samples(model, calib, preprocess, limit, offset)
+    return model, run_calibration(model.mod, _by_param(model, samples), bins=bins)
+
+
+def quantize(model, calib, config=None, *, preprocess=None, limit=None, offset=0,
+             calibration: Calibration | None = None) -> QuantizedModel:
+    """Quantize a float model (path, ``onnx.ModelProto`` or TFLite bytes) to integers."""
+    config = _as_config(config)
+    if calibration is None:
+        model, calibration = calibrate(model, calib, preprocess, limit, offset,
+                                       bins=config.calibration.bins)
+    mod = calibration.quantize(config)
+    return QuantizedModel(mod, model, config, calibration.activation_params(config))
+
+
+def compile(model, calib=None, target="x86", config=None, *, preprocess=None, limit=None,
+            offset=0) -> Artifact:
+    """Quantize and build: the one-call path from a float model to a runnable library."""
+    if calib is None:
+        raise ValueError("compile() needs calibration data (calib=...) for a float model")
+    return quantize(model, calib, config, preprocess=preprocess, limit=limit,
+                    offset=offset).build(target)
+
+
+def compile_float(model, target="x86") -> Artifact:
+    """Build the float model unchanged: the baseline the quantized model is judged against."""
+    model = model if isinstance(model, ImportedModel) else load_model(model)
+    return _build(prepare(model.mod), model, target, None)
+
+
+def load(path) -> Artifact:
+    """Load an artifact written by :meth:`Artifact.export`."""
+    return load_artifact(path)
+
+
+def weight_bytes(mod: tvm.IRModule) -> int:
+    """Bytes of the stored conv/matmul weights and biases of ``mod["main"]``."""
+    total = 0
+    for binding in bindings(mod["main"]):
+        value = binding.value
+        if op_name(value) in CONV_OPS | MATMUL_OPS:
+            weight = const_value(value.args[1])
+            total += 0 if weight is None else weight.nbytes
+    return total
+
+
+def _build(mod, model: ImportedModel, target, quantization) -> Artifact:
+    target_obj = resolve_target(target)
+    executable = tvm.compile(mod, target=target_obj)
+    params = [p.name for p in mod["main"].params]
+    ret = mod["main"].ret_ty
+    fields = ret.fields if isinstance(ret, relax.TupleType) else [ret]
+    manifest = {
+        "model": {"name": model.name, "format": model.format, "sha256": model.sha256},
+        "target": {"name": target if isinstance(target, str) else str(target),
+                   "tvm": str(target_obj.export())},
+        "inputs": [dict(name=i.name, shape=list(i.shape), dtype=i.dtype, param=p)
+                   for i, p in zip(model.inputs, params)],
+        "outputs": [dict(name=o.name, shape=[int(d) for d in f.shape], dtype=str(f.dtype))
+                    for o, f in zip(model.outputs, fields)],
+        "quantization": quantization,
+        "weight_bytes": weight_bytes(mod),
+        "versions": {"qcompiler": __version__, "tvm": tvm.__version__},
+    }
+    return Artifact(executable, manifest)
+
+
+def top1(artifact: Artifact, samples) -> float:
+    """Share of samples whose first output's argmax equals the label; samples: (inputs, label)."""
+    hits = total = 0
+    for inputs, label in samples:
+        out = next(iter(artifact.run(inputs).values()))
+        hits += int(np.argmax(out.reshape(-1)) == label)
+        total += 1
+    return hits / max(total, 1)

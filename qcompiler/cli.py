@@ -1,0 +1,153 @@
+"""``qc``: the command line, in tvmc's style. It only parses arguments and calls the API.
+
+    qc compile MODEL --calib DATA [--preprocess SPEC] --target x86 -o OUT_DIR
+    qc run OUT_DIR --inputs X.npz --output Y.npz
+    qc eval MODEL --calib DATA --data DATA --metric top1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+import numpy as np
+
+from qcompiler import api
+from qcompiler.data import Preprocess, labelled_images, load_calibration, save_npz_stream
+from qcompiler.passes.errors import QCompilerError
+from qcompiler.passes.scheme import CALIBRATION_METHODS, PRESETS, CalibConfig, QuantConfig
+
+
+def _config(args) -> QuantConfig:
+    return QuantConfig(args.scheme, CalibConfig(args.calib_method, args.percentile))
+
+
+def _preprocess(args):
+    return Preprocess.parse(args.preprocess) if args.preprocess else None
+
+
+def cmd_compile(args) -> int:
+    art = api.compile(args.model, calib=args.calib, target=args.target, config=_config(args),
+                      preprocess=_preprocess(args), limit=args.limit)
+    path = art.export(args.output)
+    fallbacks = art.manifest["quantization"]["float_fallbacks"]
+    print(f"wrote {path} ({art.manifest['weight_bytes']} weight bytes, "
+          f"{len(fallbacks)} float fallback op(s))")
+    return 0
+
+
+def cmd_run(args) -> int:
+    art = api.load(args.artifact)
+    inputs = [api.InputSpec(i["name"], tuple(i["shape"]), i["dtype"])
+              for i in art.manifest["inputs"]]
+    samples = load_calibration(args.inputs, inputs)
+    times, outputs = [], []
+    for sample in samples:
+        start = time.perf_counter()
+        outputs.append(art.run(sample))
+        times.append(time.perf_counter() - start)
+    if args.output:
+        save_npz_stream(args.output, outputs)
+        print(f"wrote {args.output} ({len(outputs)} sample(s))")
+    else:
+        for name, value in outputs[-1].items():
+            print(f"{name}: shape {value.shape}, first values {value.reshape(-1)[:8]}")
+    ms = np.array(times) * 1e3
+    print(f"latency over {len(ms)} run(s): median {np.median(ms):.3f} ms, min {ms.min():.3f} ms")
+    return 0
+
+
+def _labelled(args, model):
+    """(inputs, label) pairs from an image folder (ImageNet naming) or an npz with labels."""
+    spec = model.inputs[0]
+    if args.data.endswith(".npz"):
+        with np.load(args.data) as data:
+            images, labels = data["images"], data["labels"]
+        window = slice(args.offset, args.offset + args.count if args.count else None)
+        pre = _preprocess(args)
+        for image, label in zip(images[window], labels[window]):
+            x = image.astype(np.float32)
+            if pre is not None:
+                x = (x - np.asarray(pre.mean, np.float32)[: x.shape[-1] if x.ndim == 3 else 1]) \
+                    / np.asarray(pre.std, np.float32)[: x.shape[-1] if x.ndim == 3 else 1]
+            yield {spec.name: x.reshape(spec.shape)}, int(label)
+        return
+    pairs = labelled_images(args.data, args.labels)
+    pairs = pairs[args.offset: args.offset + args.count if args.count else None]
+    from qcompiler.data import image_sample
+
+    for path, label in pairs:
+        yield {spec.name: image_sample(path, spec, _preprocess(args))}, label + args.label_offset
+
+
+def cmd_eval(args) -> int:
+    if args.metric != "top1":
+        raise QCompilerError(f"unknown metric {args.metric!r}, candidates are ['top1']")
+    model, calibration = api.calibrate(args.model, args.calib, preprocess=_preprocess(args),
+                                       limit=args.limit)
+    float_art = api.compile_float(model, args.target)
+    quant = api.quantize(model, None, _config(args), calibration=calibration)
+    int_art = quant.build(args.target)
+    fp32 = api.top1(float_art, _labelled(args, model))
+    int8 = api.top1(int_art, _labelled(args, model))
+    print(f"{'model':<28}{'fp32 top1':>10}{'int8 top1':>10}{'delta':>8}")
+    print(f"{model.name:<28}{fp32:>10.4f}{int8:>10.4f}{(int8 - fp32) * 100:>+8.2f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qc", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def quant_options(p):
+        p.add_argument("model", help="float model: .onnx or .tflite")
+        p.add_argument("--calib", required=True,
+                       help=".npz/.npy (one array per input, sample axis first) or image folder")
+        p.add_argument("--preprocess", help="for image folders, e.g. "
+                       "'resize=256,size=224x224,mean=127,std=128,layout=NCHW,channels=RGB'")
+        p.add_argument("--limit", type=int, help="use at most this many calibration samples")
+        p.add_argument("--scheme", default="hybrid", choices=sorted(PRESETS))
+        p.add_argument("--calib-method", default="minmax", choices=CALIBRATION_METHODS)
+        p.add_argument("--percentile", type=float, default=99.99)
+        p.add_argument("--target", default="x86")
+
+    p = sub.add_parser("compile", help="quantize and build a model into an artifact directory")
+    quant_options(p)
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="run an artifact on inputs from an .npz")
+    p.add_argument("artifact")
+    p.add_argument("--inputs", required=True, help=".npz keyed by input name, sample axis first")
+    p.add_argument("--output", help=".npz to write the outputs to, stacked over samples")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help="fp32 vs quantized accuracy side by side")
+    quant_options(p)
+    p.add_argument("--data", required=True, help="labelled images folder, or .npz with "
+                   "'images' and 'labels'")
+    p.add_argument("--labels", help="synset list for an image folder (class = line number)")
+    p.add_argument("--label-offset", type=int, default=0,
+                   help="added to folder labels (1 for 1001-class models)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many evaluation samples")
+    p.add_argument("--count", type=int, help="evaluate at most this many samples")
+    p.add_argument("--metric", default="top1")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            return args.func(args)
+    except QCompilerError as err:
+        print(f"qc: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

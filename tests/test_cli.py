@@ -1,0 +1,68 @@
+"""The script contract of `qc compile` / `qc run` (other tools call it), and artifact safety."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import qcompiler
+from qcompiler import QCompilerError
+
+
+@pytest.fixture(scope="module")
+def compiled(shared, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    data = np.load(shared / "data" / "mnist_test.npz")
+    images = data["images"].astype(np.float32)[:, None]
+    np.savez(tmp / "calib.npz", Input3=images[:50])
+    np.savez(tmp / "x.npz", Input3=images[100:106])
+    model = shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"
+    out = tmp / "art"
+    cmd = [sys.executable, "-m", "qcompiler.cli", "compile", str(model), "--calib",
+           str(tmp / "calib.npz"), "--target", "x86", "-o", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return tmp, out, images[100:106], data["labels"][100:106]
+
+
+def test_compile_writes_manifest(compiled):
+    _, out, _, _ = compiled
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (out / manifest["library"]).is_file()
+    assert manifest["inputs"] == [{"name": "Input3", "shape": [1, 1, 28, 28],
+                                   "dtype": "float32", "param": "Input3"}]
+    assert manifest["outputs"][0]["shape"] == [1, 10]
+    assert manifest["quantization"]["scheme"]["name"] == "hybrid"
+    assert manifest["weight_bytes"] > 0
+
+
+def test_run_stacks_float_outputs(compiled):
+    tmp, out, images, labels = compiled
+    cmd = [sys.executable, "-m", "qcompiler.cli", "run", str(out), "--inputs",
+           str(tmp / "x.npz"), "--output", str(tmp / "y.npz")]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    y = np.load(tmp / "y.npz")["output"]
+    assert y.shape == (6, 1, 10) and y.dtype == np.float32
+    assert (y.reshape(6, 10).argmax(axis=1) == labels).mean() >= 5 / 6
+
+
+def test_tampered_library_is_refused(compiled, tmp_path):
+    import shutil
+
+    _, out, _, _ = compiled
+    copy = tmp_path / "art"
+    shutil.copytree(out, copy)
+    with open(copy / "model.so", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(QCompilerError, match="checksum mismatch"):
+        qcompiler.load(copy)
+
+
+def test_cli_reports_errors_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "qcompiler.cli", "compile", str(tmp_path / "none.onnx"),
+         "--calib", str(tmp_path / "c.npz"), "-o", str(tmp_path / "o")],
+        capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "none.onnx" in result.stderr and "Traceback" not in result.stderr

@@ -58,6 +58,8 @@ from qcompiler.passes.graph import (
 )
 
 FALLBACK_ATTR = "qc.float_fallback"
+# Largest folded bias magnitude: half of int32, so the accumulation around it cannot overflow.
+BIAS_LIMIT = float(1 << 30)
 
 
 @dataclass(frozen=True)
@@ -360,12 +362,33 @@ class _Integerizer(PyExprMutator):
         centered = codes - zero_point.reshape(shape)
         return centered, scale
 
-    def _bias_codes(self, bias, acc_scale, zero_sum, channels):
-        """``round(b / (s_x s_w)) - z_x * sum(q_w)`` per channel, as int32."""
+    @staticmethod
+    def _per_channel_bias(bias, channels) -> np.ndarray:
         b = np.zeros(channels) if bias is None else bias.reshape(-1)
         if b.size not in (1, channels):
             raise _NoLowering(f"bias of shape {bias.shape} is not per output channel")
-        codes = np.rint(np.broadcast_to(b, (channels,)) / acc_scale).astype(np.int64) - zero_sum
+        return np.broadcast_to(b, (channels,))
+
+    @staticmethod
+    def _fit_bias(w, w_scale, bias, x_scale, axis):
+        """Coarsen the weight scale of channels whose bias would overflow int32.
+
+        Depthwise layers with batch norm folded in have channels with near-zero weights and an
+        ordinary bias: ``b / (s_x * s_w)`` then passes 2**31. Such a channel's weights are
+        negligible next to its bias, so its scale is raised until the bias fits (2**30, leaving
+        room for the accumulation) and its codes are rounded to the new scale.
+        """
+        need = np.abs(bias) / (x_scale * BIAS_LIMIT)
+        grow = need > w_scale
+        if not grow.any():
+            return w, w_scale
+        new_scale = np.where(grow, need, w_scale)
+        factor = (w_scale / new_scale).reshape(_channel_shape(w.ndim, axis))
+        return np.rint(w * factor).astype(np.int64), new_scale
+
+    def _bias_codes(self, b, acc_scale, zero_sum):
+        """``round(b / (s_x s_w)) - z_x * sum(q_w)`` per channel, as int32."""
+        codes = np.rint(b / acc_scale).astype(np.int64) - zero_sum
         if np.any(np.abs(codes) >= 2**31):
             raise _NoLowering("the folded bias does not fit int32")
         return codes.astype(np.int32)
@@ -386,8 +409,10 @@ class _Integerizer(PyExprMutator):
         attrs = call.attrs
         kernel_layout, out_layout = str(attrs.kernel_layout), str(attrs.out_layout)
         data_layout = str(attrs.data_layout)
-        w, w_scale = self._weight(call.args[1], kernel_layout.index("O"))
         o_axis = kernel_layout.index("O")
+        w, w_scale = self._weight(call.args[1], o_axis)
+        bias = self._per_channel_bias(bias, w.shape[o_axis])
+        w, w_scale = self._fit_bias(w, w_scale, bias, x.s, o_axis)
         zero_sum = x.z * w.sum(axis=tuple(a for a in range(w.ndim) if a != o_axis))
         acc_scale = x.s * w_scale
         data = x.expr
@@ -404,7 +429,7 @@ class _Integerizer(PyExprMutator):
             dilation=attrs.dilation, groups=attrs.groups, data_layout=data_layout,
             kernel_layout=kernel_layout, out_layout=out_layout, out_dtype="int32"))
         c_axis = out_layout.index("C")
-        bias_codes = self._bias_codes(bias, acc_scale, zero_sum, w.shape[o_axis])
+        bias_codes = self._bias_codes(bias, acc_scale, zero_sum)
         acc = self._emit(relax.op.add(acc, _const(bias_codes.reshape(_channel_shape(4, c_axis)),
                                                   "int32")))
         return acc, acc_scale, c_axis
@@ -416,18 +441,21 @@ class _Integerizer(PyExprMutator):
             w, w_scale = self._weight(rhs, -1)
             if w.ndim != 2:
                 raise _NoLowering("only 2-D constant matmul weights are lowered")
+            bias = self._per_channel_bias(bias, w.shape[-1])
+            w, w_scale = self._fit_bias(w, w_scale, bias, x.s, 1)
             zero_sum = x.z * w.sum(axis=0)
             acc = self._emit(relax.op.matmul(x.expr, _const(w, self._weight_dtype(w)),
                                              out_dtype="int32"))
         else:
             b = self._input(rhs)
-            w_scale = np.full(b.expr.ty.shape[-1].value, b.s)
+            w_scale = np.full(int(b.expr.ty.shape[-1]), b.s)
+            bias = self._per_channel_bias(bias, len(w_scale))
             zero_sum = 0
             acc = self._emit(relax.op.matmul(self._centered(x, "int16"),
                                              self._centered(b, "int16"), out_dtype="int32"))
             x = QTensor(x.expr, x.scale, np.zeros(1, np.int64))
         acc_scale = x.s * w_scale
-        bias_codes = self._bias_codes(bias, acc_scale, zero_sum, len(w_scale))
+        bias_codes = self._bias_codes(bias, acc_scale, zero_sum)
         acc = self._emit(relax.op.add(acc, _const(bias_codes, "int32")))
         return acc, acc_scale, len(acc.ty.shape) - 1
 

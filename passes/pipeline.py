@@ -24,6 +24,7 @@ from tvm import relax
 
 from qcompiler.passes.annotate import activation_qparams, annotate
 from qcompiler.passes.calibrate import calibrate
+from qcompiler.passes.canonicalize import canonicalize
 from qcompiler.passes.graph import plan_quantization
 from qcompiler.passes.integerize import FALLBACK_ATTR, integerize
 from qcompiler.passes.scheme import QuantConfig
@@ -36,6 +37,7 @@ def prepare(mod: tvm.IRModule) -> tvm.IRModule:
         relax.transform.DecomposeOpsForInference(),  # batch norm and friends to elementwise
         relax.transform.CanonicalizeBindings(),
         relax.transform.FoldConstant(),  # transposed/reshaped weights become plain constants
+        canonicalize,  # importer-emitted TIR clamps back to Relax ops (needs folded bounds)
     ])
     return seq(mod)
 

@@ -1,9 +1,7 @@
 """Model import: ONNX and TFLite files (or in-memory models) to a float Relax module.
 
-Before TVM's importer sees an ONNX graph, two rewrites keep the graph in a form the quantizer can
-read: ``auto_pad=SAME_*`` convolutions get explicit ``pads`` (TVM otherwise emits an opaque TIR
-pad), and ``Clip`` with constant bounds becomes ``Max``/``Min`` (TVM otherwise emits TIR
-maximum/minimum), which the quantizer folds into saturation bounds.
+Before TVM's importer sees an ONNX graph, ``auto_pad=SAME_*`` convolutions get explicit ``pads``
+(TVM otherwise emits an opaque TIR pad the quantizer cannot see through).
 
 Every problem with the file (missing, unreadable, corrupt, unsupported op) is a
 :class:`QCompilerError` naming the file and the problem.
@@ -96,30 +94,19 @@ def _onnx_inputs(model) -> list[InputSpec]:
 
 
 def _normalize_onnx(model):
-    """Explicit conv padding and Clip as Max/Min (see the module docstring)."""
+    """Explicit conv padding (see the module docstring)."""
     import onnx
-    from onnx import numpy_helper, shape_inference
+    from onnx import shape_inference
 
     model = shape_inference.infer_shapes(model)
     shapes = {}
     for value in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
         dims = value.type.tensor_type.shape.dim
         shapes[value.name] = [d.dim_value for d in dims]
-    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    consts[node.output[0]] = numpy_helper.to_array(attr.t)
     nodes = []
     for node in model.graph.node:
         if node.op_type == "Conv":
             _explicit_pads(node, shapes.get(node.input[0]))
-        if node.op_type == "Clip" and len(node.input) > 1:
-            bounds = [consts.get(n) if n else None for n in list(node.input[1:3])]
-            if all(b is not None or not n for b, n in zip(bounds, list(node.input[1:3]))):
-                nodes.extend(_clip_as_max_min(node, bounds, model))
-                continue
         nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
@@ -148,24 +135,6 @@ def _explicit_pads(node, in_shape) -> None:
     del node.attribute[:]
     node.attribute.extend(kept)
     node.attribute.append(helper.make_attribute("pads", begin + end))
-
-
-def _clip_as_max_min(node, bounds, model):
-    from onnx import helper, numpy_helper
-
-    out = []
-    current = node.input[0]
-    for op, bound, suffix in (("Max", bounds[0], "_min"), ("Min", bounds[1], "_max")):
-        if bound is None:
-            continue
-        const_name = node.output[0] + suffix + "_bound"
-        model.graph.initializer.append(numpy_helper.from_array(np.asarray(bound), const_name))
-        target = node.output[0] if op == "Min" or bounds[1] is None else node.output[0] + suffix
-        out.append(helper.make_node(op, [current, const_name], [target], name=node.name + suffix))
-        current = target
-    if not out:
-        out.append(helper.make_node("Identity", [current], [node.output[0]], name=node.name))
-    return out
 
 
 def _import_onnx(model, name: str, where: str, data: bytes) -> ImportedModel:

@@ -143,6 +143,7 @@ class _Integerizer(PyExprMutator):
         self.flow = Dataflow.of(func)
         self.params = set(func.params)
         self.q: dict = {}
+        self.from_int: dict = {}
         self.fallbacks: list[tuple[str, str, str]] = []
         self.fallback_vars: list[str] = []
 
@@ -221,8 +222,8 @@ class _Integerizer(PyExprMutator):
         out = OutParams(float(scale.reshape(())), int(zero_point.reshape(())), dtype,
                         int(info.min), int(info.max))
         y = call.args[0]
-        if y in self.params:
-            return None  # the model's entry: quantizing a float input is the job of quantize
+        if not self._from_integers(y):
+            return None  # the model's entry: quantizing float inputs is quantize's job
         chain = []
         try:
             return self._lower_chain(y, out, chain)
@@ -233,12 +234,24 @@ class _Integerizer(PyExprMutator):
             self.fallback_vars.extend(self.get_var_remap(v).name for v in chain)
             return None
 
+    def _from_integers(self, var) -> bool:
+        """Does ``var`` (old graph) depend on a dequantized value?"""
+        if var not in self.from_int:
+            call = self.flow.producer.get(var)
+            self.from_int[var] = call is not None and (
+                var in self.q or any(self._from_integers(v)
+                                     for v in relax.analysis.free_vars(call)))
+        return self.from_int[var]
+
     def _lower_chain(self, y, out: OutParams, chain: list):
         """Integer expr for the codes of ``y`` in ``out``; ``chain`` collects the float vars."""
         node, lo, hi = y, -math.inf, math.inf
         while True:
             if node in self.q:
-                return self._rescale([(self.q[node], 1.0)], out.clamped(lo, hi))
+                src = self.q[node]
+                if not src.per_tensor:
+                    raise _NoLowering(f"{node.name} is quantized per channel")
+                return self._rescale([(src, src.s / out.scale)], out.clamped(lo, hi))
             call = self.flow.producer.get(node)
             if call is None:
                 raise _NoLowering(f"{node.name} is not computed from quantized values")
@@ -270,8 +283,8 @@ class _Integerizer(PyExprMutator):
             return self._rescale([(a, a.s / out.scale), (b, sign * b.s / out.scale)], out)
         if name == "relax.multiply":
             a, b = self._inputs(call, 2)
-            product = self._emit(relax.op.multiply(self._centered(a, "int32"),
-                                                   self._centered(b, "int32")))
+            product = self._emit(relax.op.multiply(self._centered(a, "int64"),
+                                                   self._centered(b, "int64")))
             return self._requantize(product, np.float64(a.s * b.s / out.scale), out)
         if name == "relax.concat":
             parts = self._inputs(call, len(call.args[0].fields))
@@ -363,11 +376,15 @@ class _Integerizer(PyExprMutator):
         return centered, scale
 
     @staticmethod
-    def _per_channel_bias(bias, channels) -> np.ndarray:
-        b = np.zeros(channels) if bias is None else bias.reshape(-1)
-        if b.size not in (1, channels):
-            raise _NoLowering(f"bias of shape {bias.shape} is not per output channel")
-        return np.broadcast_to(b, (channels,))
+    def _per_channel_bias(bias, channels, ndim: int, axis: int) -> np.ndarray:
+        """The bias as one value per output channel, if it broadcasts along ``axis`` only."""
+        if bias is None:
+            return np.zeros(channels)
+        shape = (1,) * (ndim - bias.ndim) + tuple(bias.shape)
+        others = [d for i, d in enumerate(shape) if i != axis % ndim]
+        if len(shape) != ndim or any(d != 1 for d in others) or shape[axis] not in (1, channels):
+            raise _NoLowering(f"a constant of shape {bias.shape} is not a per-channel bias")
+        return np.broadcast_to(bias.reshape(-1), (channels,))
 
     @staticmethod
     def _fit_bias(w, w_scale, bias, x_scale, axis):
@@ -411,7 +428,8 @@ class _Integerizer(PyExprMutator):
         data_layout = str(attrs.data_layout)
         o_axis = kernel_layout.index("O")
         w, w_scale = self._weight(call.args[1], o_axis)
-        bias = self._per_channel_bias(bias, w.shape[o_axis])
+        c_axis = out_layout.index("C")
+        bias = self._per_channel_bias(bias, w.shape[o_axis], len(call.ty.shape), c_axis)
         w, w_scale = self._fit_bias(w, w_scale, bias, x.s, o_axis)
         zero_sum = x.z * w.sum(axis=tuple(a for a in range(w.ndim) if a != o_axis))
         acc_scale = x.s * w_scale
@@ -428,7 +446,6 @@ class _Integerizer(PyExprMutator):
             data, _const(w, self._weight_dtype(w)), strides=attrs.strides, padding=padding,
             dilation=attrs.dilation, groups=attrs.groups, data_layout=data_layout,
             kernel_layout=kernel_layout, out_layout=out_layout, out_dtype="int32"))
-        c_axis = out_layout.index("C")
         bias_codes = self._bias_codes(bias, acc_scale, zero_sum)
         acc = self._emit(relax.op.add(acc, _const(bias_codes.reshape(_channel_shape(4, c_axis)),
                                                   "int32")))
@@ -441,7 +458,7 @@ class _Integerizer(PyExprMutator):
             w, w_scale = self._weight(rhs, -1)
             if w.ndim != 2:
                 raise _NoLowering("only 2-D constant matmul weights are lowered")
-            bias = self._per_channel_bias(bias, w.shape[-1])
+            bias = self._per_channel_bias(bias, w.shape[-1], len(call.ty.shape), -1)
             w, w_scale = self._fit_bias(w, w_scale, bias, x.s, 1)
             zero_sum = x.z * w.sum(axis=0)
             acc = self._emit(relax.op.matmul(x.expr, _const(w, self._weight_dtype(w)),
@@ -449,7 +466,7 @@ class _Integerizer(PyExprMutator):
         else:
             b = self._input(rhs)
             w_scale = np.full(int(b.expr.ty.shape[-1]), b.s)
-            bias = self._per_channel_bias(bias, len(w_scale))
+            bias = self._per_channel_bias(bias, len(w_scale), len(call.ty.shape), -1)
             zero_sum = 0
             acc = self._emit(relax.op.matmul(self._centered(x, "int16"),
                                              self._centered(b, "int16"), out_dtype="int32"))

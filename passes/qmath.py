@@ -21,8 +21,8 @@ from qcompiler.passes.scheme import QuantSpec
 
 # Largest right shift we emit: acc * M0 < 2**62, so shifts up to 62 keep the nudge in range.
 MAX_SHIFT = 62
-# Ratios at or above this would need M0 >= 2**31 with shift <= 0.
-MAX_MULTIPLIER = float(1 << 30)
+# Ratios at or above this would leave a right shift below 1 (after rounding M0 up).
+MAX_MULTIPLIER = float(1 << 29)
 
 
 def qparams_from_range(lo, hi, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -86,7 +86,7 @@ def decompose_multiplier(m) -> tuple[np.ndarray, np.ndarray]:
         raise QCompilerError(f"requantization ratio must be finite and > 0, got {m}")
     if np.any(m >= MAX_MULTIPLIER):
         raise QCompilerError(
-            f"requantization ratio {np.max(m):g} is >= 2**30: the output scale is far too small "
+            f"requantization ratio {np.max(m):g} is >= 2**29: the output scale is far too small "
             "for the input scale"
         )
     mantissa, exponent = np.frexp(m)  # m = mantissa * 2**exponent, mantissa in [0.5, 1)

@@ -1,4 +1,4 @@
-"""Tests for qcompiler.passes.qmath: the integer arithmetic every compiled kernel is checked against.
+"""Tests for qcompiler.passes.qmath, the integer arithmetic compiled kernels are checked against.
 
 References are independent of the code under test: exact rationals (``fractions.Fraction``),
 Python integers and float64 numpy.
@@ -39,7 +39,7 @@ def _exact_requantize(acc: int, multiplier: int, shift: int, zero_point: int, qm
     return min(max(math.floor(value) + zero_point, qmin), qmax)
 
 
-# -- decompose_multiplier ----------------------------------------------------------------------
+# -- decompose_multiplier ------------------------------------------------------------------------
 
 
 @given(ratios)
@@ -81,7 +81,7 @@ def test_decompose_multiplier_rejects(bad):
         qmath.decompose_multiplier(bad)
 
 
-# -- requantize / rounding_shift ---------------------------------------------------------------
+# -- requantize / rounding_shift -----------------------------------------------------------------
 
 # Rounding truth table (round to nearest, ties towards +inf, i.e. floor(acc * m + 1/2)):
 #
@@ -188,7 +188,7 @@ def test_rounding_shift_is_floor_half_up(x, shift):
     assert int(qmath.rounding_shift(x, shift)) == expected
 
 
-# -- qparams_from_range / quantize / dequantize ------------------------------------------------
+# -- qparams_from_range / quantize / dequantize --------------------------------------------------
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
 

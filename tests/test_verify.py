@@ -1,0 +1,146 @@
+"""Tests for qcompiler.passes.verify: no float op may sit between a dequantize and a quantize."""
+
+import pytest
+import tvm
+from tvm.script import ir as I
+from tvm.script import relax as R
+
+from qcompiler.passes.errors import QCompilerError
+from qcompiler.passes.integerize import FALLBACK_ATTR
+from qcompiler.passes.verify import float_ops_in_integer_regions, verify_integer_only
+
+# fmt: off
+
+
+@I.ir_module
+class EntryAndExitFloat:
+    """Float preprocessing before the first quantize, float postprocessing after the last
+    dequantize, integer ops in between: all allowed."""
+
+    @R.function
+    def main(x: R.Tensor((1, 8), "float32")) -> R.Tensor((8,), "float32"):
+        with R.dataflow():
+            scaled = R.multiply(x, R.const(2.0, "float32"))
+            shifted = R.exp(scaled)
+            q = R.quantize(shifted, R.const(0.1, "float32"), R.const(3, "int32"), axis=-1,
+                           out_dtype="uint8")
+            r = R.reshape(q, R.shape([8]))
+            d = R.dequantize(r, R.const(0.1, "float32"), R.const(3, "int32"), axis=-1,
+                             out_dtype="float32")
+            probs = R.nn.softmax(d)
+            gv = R.exp(probs)
+            R.output(gv)
+        return gv
+
+
+@I.ir_module
+class FloatExpInside:
+    @R.function
+    def main(x: R.Tensor((1, 8), "float32")) -> R.Tensor((1, 8), "float32"):
+        with R.dataflow():
+            q = R.quantize(x, R.const(0.1, "float32"), R.const(3, "int32"), axis=-1,
+                           out_dtype="uint8")
+            d = R.dequantize(q, R.const(0.1, "float32"), R.const(3, "int32"), axis=-1,
+                             out_dtype="float32")
+            e = R.exp(d)
+            q2 = R.quantize(e, R.const(0.5, "float32"), R.const(0, "int32"), axis=-1,
+                            out_dtype="uint8")
+            gv = R.dequantize(q2, R.const(0.5, "float32"), R.const(0, "int32"), axis=-1,
+                              out_dtype="float32")
+            R.output(gv)
+        return gv
+
+
+@I.ir_module
+class TwoFloatOpsInside:
+    """exp then add: both on the way from a dequantize to a quantize; a side branch that only
+    reaches the output is not."""
+
+    @R.function
+    def main(x: R.Tensor((1, 8), "uint8")) -> R.Tuple(R.Tensor((1, 8), "uint8"),
+                                                        R.Tensor((1, 8), "float32")):
+        with R.dataflow():
+            d = R.dequantize(x, R.const(0.1, "float32"), R.const(3, "int32"), axis=-1,
+                             out_dtype="float32")
+            e = R.exp(d)
+            s = R.add(e, R.const(1.0, "float32"))
+            side = R.sigmoid(d)
+            q = R.quantize(s, R.const(0.5, "float32"), R.const(0, "int32"), axis=-1,
+                           out_dtype="uint8")
+            gv = (q, side)
+            R.output(gv)
+        return gv
+
+
+@I.ir_module
+class EntryMeetsDequantized:
+    """An add of a float input and a dequantized tensor that is quantized again: inside."""
+
+    @R.function
+    def main(x: R.Tensor((1, 8), "float32"), y: R.Tensor((1, 8), "uint8")) -> R.Tensor(
+            (1, 8), "uint8"):
+        with R.dataflow():
+            d = R.dequantize(y, R.const(0.1, "float32"), R.const(3, "int32"), axis=-1,
+                             out_dtype="float32")
+            mixed = R.add(x, d)
+            gv = R.quantize(mixed, R.const(0.5, "float32"), R.const(0, "int32"), axis=-1,
+                            out_dtype="uint8")
+            R.output(gv)
+        return gv
+
+
+@I.ir_module
+class DequantizeThenQuantize:
+    """A dequantize straight into a quantize has no float op in between."""
+
+    @R.function
+    def main(x: R.Tensor((1, 8), "uint8")) -> R.Tensor((1, 8), "int8"):
+        with R.dataflow():
+            d = R.dequantize(x, R.const(0.1, "float32"), R.const(3, "int32"), axis=-1,
+                             out_dtype="float32")
+            gv = R.quantize(d, R.const(0.2, "float32"), R.const(0, "int32"), axis=-1,
+                            out_dtype="int8")
+            R.output(gv)
+        return gv
+
+
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    "mod", [EntryAndExitFloat, DequantizeThenQuantize], ids=["entry_exit", "dq_q"]
+)
+def test_float_outside_integer_regions_is_allowed(mod):
+    assert float_ops_in_integer_regions(mod["main"]) == []
+    verify_integer_only(mod)
+
+
+def test_float_exp_between_dequantize_and_quantize_raises():
+    with pytest.raises(QCompilerError, match=r"relax\.exp -> e\b"):
+        verify_integer_only(FloatExpInside)
+
+
+def test_every_float_op_on_the_path_is_named():
+    assert float_ops_in_integer_regions(TwoFloatOpsInside["main"]) == [
+        ("e", "relax.exp"),
+        ("s", "relax.add"),
+    ]
+    with pytest.raises(QCompilerError, match=r"relax\.exp -> e.*relax\.add -> s"):
+        verify_integer_only(TwoFloatOpsInside)
+
+
+def test_entry_value_mixed_with_dequantized_value_is_inside():
+    with pytest.raises(QCompilerError, match=r"relax\.add -> mixed"):
+        verify_integer_only(EntryMeetsDequantized)
+
+
+def test_declared_fallback_is_allowed_and_only_it():
+    func = TwoFloatOpsInside["main"]
+    declared = tvm.IRModule({"main": func.with_attr(FALLBACK_ATTR, ["e"])})
+    assert float_ops_in_integer_regions(declared["main"]) == [("s", "relax.add")]
+    with pytest.raises(QCompilerError, match=r"relax\.add -> s") as info:
+        verify_integer_only(declared)
+    assert "relax.exp" not in str(info.value)
+
+    both = tvm.IRModule({"main": func.with_attr(FALLBACK_ATTR, ["e", "s"])})
+    verify_integer_only(both)

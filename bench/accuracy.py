@@ -18,8 +18,8 @@ For each model, on labelled samples that calibration never saw:
 Each row gives the number of samples it used, top-1, the delta against ``fp32 (TVM)`` in points
 on those same samples, the share of samples whose top-1 class equals fp32's, the number of ops
 the integer model leaves in float, build time and time per sample (untuned TVM: plain loops, so
-latency here says nothing about tuned speed). Each model ends with its wall time and the peak RSS
-of the process so far.
+latency here says nothing about tuned speed). Above each table: the data split, the reference
+used and the float-fallback ops of hybrid/minmax; below it: wall time and peak RSS.
 
 Models and data come from the shared folder: ``../shared`` beside the repository, or
 ``$QC_SHARED``.
@@ -32,7 +32,7 @@ resnet8_cifar10           cifar10_test_half.npz, first 200   the other 4800
 mnist_cnn                 mnist_test.npz, first 200          the next 1000
 ========================  =================================  ==================================
 
-Under untuned TVM efficientnet_lite0 takes about a second per image on 2 cores, so only
+Under untuned TVM efficientnet_lite0 takes 0.5-0.7 s per image on 2 cores, so only
 ``fp32``, ``hybrid/minmax`` and the reference columns use all its evaluation images; the other
 eleven int8 columns use the first 100 of them unless ``--full`` is given. The table says how many
 samples each row used.
@@ -42,7 +42,7 @@ Run
 From the repository root::
 
     python bench/accuracy.py --quick            # mnist_cnn and resnet8_cifar10, 300 samples each
-    python bench/accuracy.py                    # all three models (efficientnet: about an hour)
+    python bench/accuracy.py                    # all three: about 45 min on 2 cores
     python bench/accuracy.py --models efficientnet_lite0 --eval 20 --markdown accuracy.md
 
 ``--eval N`` caps the evaluation samples of every model and column; ``--markdown PATH`` also writes
@@ -340,6 +340,9 @@ def run_case(case: Case, args, shared: Path) -> Report:
             n = n_all if (scheme, method) == DEFAULT_VARIANT else n_variant
             rows.append(measure(f"int8 {scheme}/{method}", build, data.inputs[:n]))
             gc.collect()  # each built module holds its weights; drop it before the next
+    # Before the reference columns: onnxruntime's histogram calibration keeps every activation of
+    # every calibration sample (GBs for efficientnet), which would hide qcompiler's own peak.
+    rss_tvm = _peak_rss_mib()
 
     percentile = CalibConfig().percentile
     if is_tflite:
@@ -377,9 +380,9 @@ def run_case(case: Case, args, shared: Path) -> Report:
         f"hybrid/minmax float-fallback ops: {fallbacks}",
     ]
     wall = time.perf_counter() - start
-    # ru_maxrss is KiB on Linux; it is the process peak so far, not this model's alone.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    footer = [f"wall time {wall:.1f} s, peak RSS {rss:.0f} MiB (process, so far)"]
+    footer = [(f"wall time {wall:.1f} s, peak RSS {_peak_rss_mib():.0f} MiB "
+               f"({rss_tvm:.0f} MiB before the reference columns; process peak so far, not "
+               "this model's alone)")]
     return Report(case, header, rows, data.labels, footer)
 
 
@@ -440,6 +443,11 @@ def render_markdown(report: Report) -> str:
     out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
     out += [""] + [f"- error: {note}" for note in notes] + [f"- {f}" for f in report.footer]
     return "\n".join(out) + "\n"
+
+
+def _peak_rss_mib() -> float:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _version(package: str) -> str:

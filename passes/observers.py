@@ -74,6 +74,9 @@ class Histogram:
         ``int64[bins]``; sums to :attr:`total` at all times.
     total : int
         Number of values seen.
+    zeros : int
+        How many of them were exactly 0.0 (ReLU's floor, padding): zero is always representable,
+        so range searches that weigh rounding loss (KL) can leave them out.
     min, max : float or None
         Exact observed extremes (``None`` before any value).
     """
@@ -84,6 +87,7 @@ class Histogram:
         self.bins = int(bins)
         self.counts = np.zeros(self.bins, dtype=np.int64)
         self.total = 0
+        self.zeros = 0
         self.min: float | None = None
         self.max: float | None = None
         self._lo = 0.0
@@ -128,6 +132,7 @@ class Histogram:
         index = np.clip(index, 0, self.bins - 1).astype(np.int64)
         self.counts += np.bincount(index, minlength=self.bins)
         self.total += x.size
+        self.zeros += x.size - int(np.count_nonzero(x))
 
     def _grow(self, need_lo: float, need_hi: float) -> None:
         """Merge bins by ``2**m`` (smallest ``m`` that fits) so the grid covers the needed range.
@@ -161,16 +166,21 @@ class Histogram:
         self._width = new_width
 
 
-def _support(hist: Histogram) -> tuple[np.ndarray, np.ndarray]:
+def _support(hist: Histogram, drop_zeros: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Piecewise-linear CDF of the histogram: values ``xp`` and cumulative counts ``fp``.
 
     Only the occupied bins are kept and the outer ones are cut to the exact ``[min, max]``, so
-    interpolation never puts mass where no value was seen.
+    interpolation never puts mass where no value was seen. ``drop_zeros`` leaves the exact zeros
+    out (the caller makes sure some nonzero value exists).
     """
-    occupied = np.flatnonzero(hist.counts)
+    counts = hist.counts
+    if drop_zeros and hist.zeros:
+        counts = counts.copy()
+        counts[min(int(np.floor(-hist._lo / hist._width)), hist.bins - 1)] -= hist.zeros
+    occupied = np.flatnonzero(counts)
     first, last = occupied[0], occupied[-1]
     xp = hist.edges[first : last + 2].copy()
-    fp = np.concatenate(([0], np.cumsum(hist.counts[first : last + 1]))).astype(np.float64)
+    fp = np.concatenate(([0], np.cumsum(counts[first : last + 1]))).astype(np.float64)
     xp[0] = min(max(xp[0], hist.min), xp[1])
     xp[-1] = max(min(xp[-1], hist.max), xp[-2])
     return xp, fp
@@ -259,11 +269,16 @@ def kl_range(hist: Histogram, spec: QuantSpec) -> tuple[float, float]:
     ``qmax - qmin + 1``) and keeps ``lo = min``. A signed one searches a symmetric threshold ``t``
     on the histogram of ``|x|`` with ``(qmax - qmin + 1) // 2`` codes per side and returns
     ``(max(min, -t), min(max, t))``.
+
+    Exact zeros are left out of the search. Zero is always a code (the zero point), so they lose
+    nothing at any threshold, but inside the first bucket they make ``Q`` (which spreads a
+    bucket's mass evenly) differ from ``P`` by a cost that shrinks with the bucket: a ReLU output
+    that is 60 % zeros would otherwise be clipped to a quarter of its range.
     """
     _check_data(hist)
     if hist.min == hist.max:
         return float(hist.min), float(hist.max)
-    xp, fp = _support(hist)
+    xp, fp = _support(hist, drop_zeros=True)
     amax = max(-hist.min, hist.max)
     grid = np.linspace(0.0, amax, hist.bins + 1)
     # Folding around zero: count(|x| <= t) = F(t) - F(-t); for non-negative data F(-t) = 0 and

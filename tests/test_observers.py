@@ -189,6 +189,29 @@ def test_kl_clips_moderate_outliers_near_the_gaussian_tail():
     assert lo == -hi or lo == data.min()
 
 
+@pytest.mark.parametrize("zero_share", [0.3, 0.6, 0.9])
+@pytest.mark.parametrize("signed", [False, True])
+def test_kl_ignores_exact_zeros(zero_share, signed):
+    # A ReLU output is mostly exact zeros. Zero is always representable (it is the zero point),
+    # so those values lose nothing to any threshold and must not pull it down: the threshold
+    # of the nonzero values alone is the reference.
+    rng = np.random.default_rng(11)
+    values = rng.standard_normal(100_000)
+    if not signed:
+        values = np.abs(values)
+    spec = INT8_SYM if signed else UINT8_ASYM
+    reference = Histogram()
+    reference.update(values)
+    ref_lo, ref_hi = kl_range(reference, spec)
+    zeros = np.zeros(int(values.size * zero_share / (1.0 - zero_share)))
+    with_zeros = Histogram()
+    for chunk in np.array_split(rng.permutation(np.concatenate([values, zeros])), 7):
+        with_zeros.update(chunk)
+    lo, hi = kl_range(with_zeros, spec)
+    assert abs(hi - ref_hi) <= 2 * with_zeros.width + 0.02 * ref_hi
+    assert abs(lo - ref_lo) <= 2 * with_zeros.width + 0.02 * abs(ref_lo)
+
+
 def test_kl_keeps_uniform_range():
     rng = np.random.default_rng(9)
     signed = Histogram()

@@ -108,9 +108,11 @@ def _imagenet(shared: Path, spec: InputSpec, count: int | None) -> Data:
         calib=[{spec.name: image_sample(path, spec, pre)} for path, _ in calib],
         inputs=[{spec.name: image_sample(path, spec, pre)} for path, _ in rest],
         labels=np.array([label for _, label in rest]),
-        description=(f"{folder.name}/ sorted by name: calibration 0-99 (100), evaluation "
-                     f"100-{99 + len(rest)} ({len(rest)}); shorter side to 256, centre crop "
-                     "224x224, (x - 127) / 128, NCHW RGB"),
+        description=(
+            f"{folder.name}/ sorted by name: calibration 0-99 (100), evaluation "
+            f"100-{99 + len(rest)} ({len(rest)}); shorter side to 256, centre crop "
+            "224x224, (x - 127) / 128, NCHW RGB"
+        ),
     )
 
 
@@ -129,8 +131,10 @@ def _npz_split(file: str, calib_count: int) -> Callable[[Path, InputSpec, int | 
             calib=[sample(image) for image in images[:calib_count]],
             inputs=[sample(image) for image in images[calib_count:stop]],
             labels=labels[calib_count:stop],
-            description=(f"{file}: calibration 0-{calib_count - 1} ({calib_count}), evaluation "
-                         f"{calib_count}-{stop - 1} ({stop - calib_count}); raw 0..255 float"),
+            description=(
+                f"{file}: calibration 0-{calib_count - 1} ({calib_count}), evaluation "
+                f"{calib_count}-{stop - 1} ({stop - calib_count}); raw 0..255 float"
+            ),
         )
 
     return load
@@ -154,16 +158,29 @@ class Case:
 CASES = {
     case.name: case
     for case in (
-        Case("efficientnet_lite0", "efficientnet_lite0/efficientnet_lite0_fp32.onnx",
-             InputSpec("input", (1, 3, 224, 224), "float32"), _imagenet,
-             default_eval=400, variant_eval=100),
-        Case("resnet8_cifar10", "resnet8_cifar10/pretrainedResnet.tflite",
-             InputSpec("input_1", (1, 32, 32, 3), "float32"),
-             _npz_split("cifar10_test_half.npz", 200), default_eval=None,
-             shipped_int8="resnet8_cifar10/pretrainedResnet_quant.tflite"),
-        Case("mnist_cnn", "mnist_cnn/mnist_cnn.onnx",
-             InputSpec("Input3", (1, 1, 28, 28), "float32"),
-             _npz_split("mnist_test.npz", 200), default_eval=1000),
+        Case(
+            "efficientnet_lite0",
+            "efficientnet_lite0/efficientnet_lite0_fp32.onnx",
+            InputSpec("input", (1, 3, 224, 224), "float32"),
+            _imagenet,
+            default_eval=400,
+            variant_eval=100,
+        ),
+        Case(
+            "resnet8_cifar10",
+            "resnet8_cifar10/pretrainedResnet.tflite",
+            InputSpec("input_1", (1, 32, 32, 3), "float32"),
+            _npz_split("cifar10_test_half.npz", 200),
+            default_eval=None,
+            shipped_int8="resnet8_cifar10/pretrainedResnet_quant.tflite",
+        ),
+        Case(
+            "mnist_cnn",
+            "mnist_cnn/mnist_cnn.onnx",
+            InputSpec("Input3", (1, 1, 28, 28), "float32"),
+            _npz_split("mnist_test.npz", 200),
+            default_eval=1000,
+        ),
     )
 }
 
@@ -179,8 +196,9 @@ class Row:
     error: str | None = None
 
 
-def measure(label: str, build: Callable[[], tuple[Predict, list[str] | None]],
-            inputs: list[Sample]) -> Row:
+def measure(
+    label: str, build: Callable[[], tuple[Predict, list[str] | None]], inputs: list[Sample]
+) -> Row:
     """Build a column (``build() -> (predict, float fallbacks)``) and predict every input."""
     row = Row(label)
     start = time.perf_counter()
@@ -249,8 +267,9 @@ def litert_predict(path: Path, spec: InputSpec) -> Predict:
     return predict
 
 
-def ort_quantized(path: Path, calib: list[Sample], method: str, percentile: float,
-                  workdir: Path) -> Path:
+def ort_quantized(
+    path: Path, calib: list[Sample], method: str, percentile: float, workdir: Path
+) -> Path:
     """onnxruntime ``quantize_static`` (QDQ, per-channel S8 weights, U8 activations) of ``path``."""
     import onnx
     from onnx import version_converter
@@ -289,11 +308,17 @@ def ort_quantized(path: Path, calib: list[Sample], method: str, percentile: floa
     # quantize_static prints its progress; keep the tables readable.
     with contextlib.redirect_stdout(io.StringIO()):
         quantize_static(
-            str(float_path), str(out), Reader(),
-            quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method={"minmax": CalibrationMethod.MinMax,
-                              "percentile": CalibrationMethod.Percentile}[method],
+            str(float_path),
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method={
+                "minmax": CalibrationMethod.MinMax,
+                "percentile": CalibrationMethod.Percentile,
+            }[method],
             extra_options=extra,
         )
     return out
@@ -326,15 +351,22 @@ def run_case(case: Case, args, shared: Path) -> Report:
     n_all = len(data.inputs)
     n_variant = n_all if args.full or case.variant_eval is None else min(case.variant_eval, n_all)
 
-    rows = [measure("fp32 (TVM)", lambda: (tvm_predict(qcompiler.compile_float(
-        model, args.target)), None), data.inputs)]
+    rows = [
+        measure(
+            "fp32 (TVM)",
+            lambda: (tvm_predict(qcompiler.compile_float(model, args.target)), None),
+            data.inputs,
+        )
+    ]
     for scheme in SCHEMES:
         for method in METHODS:
+
             def build(scheme=scheme, method=method):
                 if failure is not None:
                     raise failure
-                quant = qcompiler.quantize(model, None, QuantConfig(scheme, CalibConfig(method)),
-                                           calibration=calibration)
+                quant = qcompiler.quantize(
+                    model, None, QuantConfig(scheme, CalibConfig(method)), calibration=calibration
+                )
                 return tvm_predict(quant.build(args.target)), quant.float_fallbacks
 
             n = n_all if (scheme, method) == DEFAULT_VARIANT else n_variant
@@ -346,49 +378,92 @@ def run_case(case: Case, args, shared: Path) -> Report:
 
     percentile = CalibConfig().percentile
     if is_tflite:
-        rows.append(measure("fp32 LiteRT (reference runtime)",
-                            lambda: (litert_predict(path, case.spec), None), data.inputs))
+        rows.append(
+            measure(
+                "fp32 LiteRT (reference runtime)",
+                lambda: (litert_predict(path, case.spec), None),
+                data.inputs,
+            )
+        )
         shipped = shared / "models" / case.shipped_int8
-        rows.append(measure("int8 LiteRT: shipped TFLite int8 model",
-                            lambda: (litert_predict(shipped, case.spec), None), data.inputs))
-        reference = (f"LiteRT {_version('ai-edge-litert')}; no ONNX file, so the int8 competitor "
-                     f"is the int8 model shipped beside it ({case.shipped_int8}), not onnxruntime")
+        rows.append(
+            measure(
+                "int8 LiteRT: shipped TFLite int8 model",
+                lambda: (litert_predict(shipped, case.spec), None),
+                data.inputs,
+            )
+        )
+        reference = (
+            f"LiteRT {_version('ai-edge-litert')}; no ONNX file, so the int8 competitor "
+            f"is the int8 model shipped beside it ({case.shipped_int8}), not onnxruntime"
+        )
     else:
-        rows.append(measure("fp32 onnxruntime (reference runtime)",
-                            lambda: (ort_predict(path), None), data.inputs))
+        rows.append(
+            measure(
+                "fp32 onnxruntime (reference runtime)",
+                lambda: (ort_predict(path), None),
+                data.inputs,
+            )
+        )
         with tempfile.TemporaryDirectory(prefix="qc-accuracy-") as workdir:
             for method in ("minmax", "percentile"):
-                rows.append(measure(
-                    f"int8 onnxruntime quantize_static {method}",
-                    lambda method=method: (ort_predict(ort_quantized(
-                        path, data.calib, method, percentile, Path(workdir))), None),
-                    data.inputs))
-        reference = (f"onnxruntime {_version('onnxruntime')} quantize_static: QDQ, per-channel "
-                     f"QInt8 weights, QUInt8 activations, on the same {len(data.calib)} "
-                     f"calibration samples, percentile {percentile} (as qcompiler's); model "
-                     "converted to opset 13 first when older")
+                rows.append(
+                    measure(
+                        f"int8 onnxruntime quantize_static {method}",
+                        lambda method=method: (
+                            ort_predict(
+                                ort_quantized(path, data.calib, method, percentile, Path(workdir))
+                            ),
+                            None,
+                        ),
+                        data.inputs,
+                    )
+                )
+        reference = (
+            f"onnxruntime {_version('onnxruntime')} quantize_static: QDQ, per-channel "
+            f"QInt8 weights, QUInt8 activations, on the same {len(data.calib)} "
+            f"calibration samples, percentile {percentile} (as qcompiler's); model "
+            "converted to opset 13 first when older"
+        )
 
     hybrid = next(r for r in rows if r.label == "int8 hybrid/minmax")
-    fallbacks = ("n/a (quantization failed)" if hybrid.fallbacks is None else
-                 f"{len(hybrid.fallbacks)}" + (f": {', '.join(hybrid.fallbacks)}"
-                                               if hybrid.fallbacks else ""))
+    fallbacks = (
+        "n/a (quantization failed)"
+        if hybrid.fallbacks is None
+        else f"{len(hybrid.fallbacks)}"
+        + (f": {', '.join(hybrid.fallbacks)}" if hybrid.fallbacks else "")
+    )
     header = [
-        (f"model: models/{case.model} (input {case.spec.name} {list(case.spec.shape)} "
-         f"{case.spec.dtype})"),
+        (
+            f"model: models/{case.model} (input {case.spec.name} {list(case.spec.shape)} "
+            f"{case.spec.dtype})"
+        ),
         f"data: {data.description}",
         f"reference: {reference}",
         f"hybrid/minmax float-fallback ops: {fallbacks}",
     ]
     wall = time.perf_counter() - start
-    footer = [(f"wall time {wall:.1f} s, peak RSS {_peak_rss_mib():.0f} MiB "
-               f"({rss_tvm:.0f} MiB before the reference columns; process peak so far, not "
-               "this model's alone)")]
+    footer = [
+        (
+            f"wall time {wall:.1f} s, peak RSS {_peak_rss_mib():.0f} MiB "
+            f"({rss_tvm:.0f} MiB before the reference columns; process peak so far, not "
+            "this model's alone)"
+        )
+    ]
     return Report(case, header, rows, data.labels, footer)
 
 
 # -- tables -----------------------------------------------------------------------------------
-COLUMNS = ("column", "samples", "top-1", "Δ vs fp32 (pts)", "agree w/ fp32", "float ops",
-           "build s", "ms/sample")
+COLUMNS = (
+    "column",
+    "samples",
+    "top-1",
+    "Δ vs fp32 (pts)",
+    "agree w/ fp32",
+    "float ops",
+    "build s",
+    "ms/sample",
+)
 ERROR_CHARS = 400
 
 
@@ -408,16 +483,34 @@ def table_rows(report: Report) -> tuple[list[tuple[str, ...]], list[str]]:
         else:
             # Against fp32 on the very same samples: columns may use fewer than fp32 did.
             same = base[:n]
-            delta = "" if row is report.rows[0] else \
-                f"{(hits.mean() - (same == report.labels[:n]).mean()) * 100:+.2f}"
+            delta = (
+                ""
+                if row is report.rows[0]
+                else f"{(hits.mean() - (same == report.labels[:n]).mean()) * 100:+.2f}"
+            )
             agree = f"{(row.preds == same).mean() * 100:.1f}%"
         fallbacks = "" if row.fallbacks is None else str(len(row.fallbacks))
-        cells.append((row.label, str(n), f"{hits.mean():.4f}", delta, agree, fallbacks,
-                      f"{row.build_s:.1f}", f"{row.run_s / n * 1e3:.1f}"))
-    notes = [f"{', '.join(labels)}: "
-             + (error if len(error) <= ERROR_CHARS else f"{error[:ERROR_CHARS]}... "
-                f"({len(error)} characters)")
-             for error, labels in errors.items()]
+        cells.append(
+            (
+                row.label,
+                str(n),
+                f"{hits.mean():.4f}",
+                delta,
+                agree,
+                fallbacks,
+                f"{row.build_s:.1f}",
+                f"{row.run_s / n * 1e3:.1f}",
+            )
+        )
+    notes = [
+        f"{', '.join(labels)}: "
+        + (
+            error
+            if len(error) <= ERROR_CHARS
+            else f"{error[:ERROR_CHARS]}... ({len(error)} characters)"
+        )
+        for error, labels in errors.items()
+    ]
     return cells, notes
 
 
@@ -426,20 +519,32 @@ def render_text(report: Report) -> str:
     widths = [max(len(c[i]) for c in [COLUMNS, *cells]) for i in range(len(COLUMNS))]
 
     def line(row):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
 
-    out = [f"== {report.case.name} ==", *report.header, line(COLUMNS),
-           line(tuple("-" * w for w in widths)), *map(line, cells)]
+    out = [
+        f"== {report.case.name} ==",
+        *report.header,
+        line(COLUMNS),
+        line(tuple("-" * w for w in widths)),
+        *map(line, cells),
+    ]
     out += [f"error: {note}" for note in notes] + report.footer
     return "\n".join(out)
 
 
 def render_markdown(report: Report) -> str:
     cells, notes = table_rows(report)
-    out = [f"### {report.case.name}", "", *[f"- {h}" for h in report.header], "",
-           "| " + " | ".join(COLUMNS) + " |",
-           "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"]
+    out = [
+        f"### {report.case.name}",
+        "",
+        *[f"- {h}" for h in report.header],
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|",
+    ]
     out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
     out += [""] + [f"- error: {note}" for note in notes] + [f"- {f}" for f in report.footer]
     return "\n".join(out) + "\n"
@@ -459,34 +564,48 @@ def _version(package: str) -> str:
 
 def preamble(shared: Path) -> list[str]:
     # sys.orig_argv is the command as typed, interpreter included.
-    versions = ", ".join(f"{p} {_version(p)}" for p in (
-        "qcompiler", "apache-tvm", "onnxruntime", "ai-edge-litert", "onnx", "numpy"))
+    versions = ", ".join(
+        f"{p} {_version(p)}"
+        for p in ("qcompiler", "apache-tvm", "onnxruntime", "ai-edge-litert", "onnx", "numpy")
+    )
     return [
         f"command: {shlex.join(sys.orig_argv)}",
         f"date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
         f"host: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         f"versions: {versions}",
         f"shared: {shared}",
-        ("Δ: top-1 minus fp32 (TVM) top-1 on the same samples, in points; agree: share of "
-         "samples with the same top-1 class as fp32 (TVM)"),
+        (
+            "Δ: top-1 minus fp32 (TVM) top-1 on the same samples, in points; agree: share of "
+            "samples with the same top-1 class as fp32 (TVM)"
+        ),
     ]
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", help=f"comma-separated, from {', '.join(CASES)} "
-                        f"(default: all; with --quick: {', '.join(QUICK_MODELS)})")
-    parser.add_argument("--eval", type=int, metavar="N",
-                        help="evaluate at most N samples per model and column")
-    parser.add_argument("--full", action="store_true", help="every int8 column on all "
-                        "evaluation samples (efficientnet_lite0 otherwise uses 100 for 11 of them)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{' and '.join(QUICK_MODELS)} only, --eval {QUICK_EVAL}")
+    parser.add_argument(
+        "--models",
+        help=f"comma-separated, from {', '.join(CASES)} "
+        f"(default: all; with --quick: {', '.join(QUICK_MODELS)})",
+    )
+    parser.add_argument(
+        "--eval", type=int, metavar="N", help="evaluate at most N samples per model and column"
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="every int8 column on all "
+        "evaluation samples (efficientnet_lite0 otherwise uses 100 for 11 of them)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{' and '.join(QUICK_MODELS)} only, --eval {QUICK_EVAL}",
+    )
     parser.add_argument("--markdown", metavar="PATH", help="also write the tables here")
     parser.add_argument("--target", default="x86", help="qcompiler target (default x86)")
     args = parser.parse_args(argv)
-    names = args.models.split(",") if args.models else list(
-        QUICK_MODELS if args.quick else CASES)
+    names = args.models.split(",") if args.models else list(QUICK_MODELS if args.quick else CASES)
     unknown = [n for n in names if n not in CASES]
     if unknown:
         parser.error(f"unknown model(s) {unknown}, candidates are {list(CASES)}")

@@ -68,9 +68,7 @@ class Artifact:
         args = []
         for spec in self.manifest["inputs"]:
             if spec["name"] not in inputs:
-                raise QCompilerError(
-                    f"missing input {spec['name']!r}; got {sorted(inputs)}"
-                )
+                raise QCompilerError(f"missing input {spec['name']!r}; got {sorted(inputs)}")
             value = np.asarray(inputs[spec["name"]], dtype=spec["dtype"])
             if tuple(value.shape) != tuple(spec["shape"]):
                 raise QCompilerError(
@@ -88,8 +86,12 @@ class Artifact:
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
             self.executable.export_library(str(staging / LIBRARY))
-            manifest = dict(self.manifest, format=FORMAT, library=LIBRARY,
-                            checksums={LIBRARY: sha256_file(staging / LIBRARY)})
+            manifest = dict(
+                self.manifest,
+                format=FORMAT,
+                library=LIBRARY,
+                checksums={LIBRARY: sha256_file(staging / LIBRARY)},
+            )
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             _replace_dir(staging, path)
         except BaseException:

@@ -101,7 +101,9 @@ class _Annotator(PyExprMutator):
             value = self._quantize_constant_operands(value)
         new_value = self.visit_expr(value)
         var = binding.var
-        emit = self.builder_.emit if isinstance(var, relax.DataflowVar) else self.builder_.emit_output
+        emit = (
+            self.builder_.emit if isinstance(var, relax.DataflowVar) else self.builder_.emit_output
+        )
         if var in self.points:
             new_var = self.builder_.emit(new_value, var.name)
             self.set_var_remap(var, new_var)
@@ -112,8 +114,14 @@ class _Annotator(PyExprMutator):
     def _insert_qdq(self, var, emit, value=None):
         scale, zero_point = self.qparams[var]
         dtype = self.config.scheme.activation.dtype
-        out = qdq(self.builder_, value if value is not None else var, scale, zero_point, dtype,
-                  emit=lambda e: emit(e, var.name + "_dq"))
+        out = qdq(
+            self.builder_,
+            value if value is not None else var,
+            scale,
+            zero_point,
+            dtype,
+            emit=lambda e: emit(e, var.name + "_dq"),
+        )
         self.set_var_remap(var, out)
 
     def _quantize_constant_operands(self, call):

@@ -163,7 +163,7 @@ class Dataflow:
     outputs: set = field(default_factory=set)
 
     @classmethod
-    def of(cls, func: relax.Function) -> "Dataflow":
+    def of(cls, func: relax.Function) -> Dataflow:
         flow = cls()
         for binding in bindings(func):
             flow.producer[binding.var] = binding.value

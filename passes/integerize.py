@@ -98,7 +98,7 @@ class OutParams:
     qlo: int
     qhi: int
 
-    def clamped(self, lo: float, hi: float) -> "OutParams":
+    def clamped(self, lo: float, hi: float) -> OutParams:
         """Saturation narrowed to the codes of the real interval [lo, hi]."""
 
         def code(r, default):
@@ -150,7 +150,9 @@ class _Integerizer(PyExprMutator):
     # -- walking -----------------------------------------------------------------------------
     def visit_var_binding_(self, binding):
         var, value = binding.var, binding.value
-        emit = self.builder_.emit if isinstance(var, relax.DataflowVar) else self.builder_.emit_output
+        emit = (
+            self.builder_.emit if isinstance(var, relax.DataflowVar) else self.builder_.emit_output
+        )
         name = op_name(value)
         if name == "relax.quantize":
             lowered = self._lower_anchor(var, value)
@@ -170,15 +172,20 @@ class _Integerizer(PyExprMutator):
                 ndim = len(source.ty.shape)
                 axis = axis % ndim if scale.size > 1 else None
                 self.q[var] = QTensor(source, scale, zero_point, axis)
-        elif name in PASS_THROUGH_OPS and value.args[0] in self.q and self.q[value.args[0]].per_tensor:
+        elif (
+            name in PASS_THROUGH_OPS
+            and value.args[0] in self.q
+            and self.q[value.args[0]].per_tensor
+        ):
             # op(dequantize(q)) == dequantize(op(q)): move the codes, keep their meaning. Float
             # users (a fallback, the model's exit) get the dequantized result.
             src = self.q[value.args[0]]
             int_call = relax.Call(value.op, [src.expr, *new_value.args[1:]], value.attrs)
             codes = self.builder_.emit(int_call)
             self.q[var] = QTensor(codes, src.scale, src.zero_point)
-            new_value = relax.op.dequantize(codes, _const(src.scale, "float32"),
-                                            _const(src.zero_point, "int32"))
+            new_value = relax.op.dequantize(
+                codes, _const(src.scale, "float32"), _const(src.zero_point, "int32")
+            )
         self.set_var_remap(var, emit(new_value, var.name))
 
     def _lower_exit(self, var, call):
@@ -196,8 +203,10 @@ class _Integerizer(PyExprMutator):
             call = head
         elif name in CONV_OPS | MATMUL_OPS:
             nxt = self.flow.sole_consumer(var)
-            if nxt is not None and op_name(self.flow.producer[nxt]) in ("relax.add",
-                                                                        "relax.subtract"):
+            if nxt is not None and op_name(self.flow.producer[nxt]) in (
+                "relax.add",
+                "relax.subtract",
+            ):
                 return None  # the bias add below takes the chain
         else:
             return None
@@ -219,8 +228,13 @@ class _Integerizer(PyExprMutator):
         scale, zero_point, _ = params
         dtype = str(call.attrs.out_dtype)
         info = np.iinfo(dtype)
-        out = OutParams(float(scale.reshape(())), int(zero_point.reshape(())), dtype,
-                        int(info.min), int(info.max))
+        out = OutParams(
+            float(scale.reshape(())),
+            int(zero_point.reshape(())),
+            dtype,
+            int(info.min),
+            int(info.max),
+        )
         y = call.args[0]
         if not self._from_integers(y):
             return None  # the model's entry: quantizing float inputs is quantize's job
@@ -239,8 +253,8 @@ class _Integerizer(PyExprMutator):
         if var not in self.from_int:
             call = self.flow.producer.get(var)
             self.from_int[var] = call is not None and (
-                var in self.q or any(self._from_integers(v)
-                                     for v in relax.analysis.free_vars(call)))
+                var in self.q or any(self._from_integers(v) for v in relax.analysis.free_vars(call))
+            )
         return self.from_int[var]
 
     def _lower_chain(self, y, out: OutParams, chain: list):
@@ -283,8 +297,9 @@ class _Integerizer(PyExprMutator):
             return self._rescale([(a, a.s / out.scale), (b, sign * b.s / out.scale)], out)
         if name == "relax.multiply":
             a, b = self._inputs(call, 2)
-            product = self._emit(relax.op.multiply(self._centered(a, "int64"),
-                                                   self._centered(b, "int64")))
+            product = self._emit(
+                relax.op.multiply(self._centered(a, "int64"), self._centered(b, "int64"))
+            )
             return self._requantize(product, np.float64(a.s * b.s / out.scale), out)
         if name == "relax.concat":
             parts = self._inputs(call, len(call.args[0].fields))
@@ -367,8 +382,11 @@ class _Integerizer(PyExprMutator):
         out_axis %= codes.ndim
         channels = codes.shape[out_axis]
         shape = _channel_shape(codes.ndim, out_axis)
-        zero_point = np.broadcast_to(w.zero_point.reshape(-1), (channels,)) if w.zero_point.size > 1 \
+        zero_point = (
+            np.broadcast_to(w.zero_point.reshape(-1), (channels,))
+            if w.zero_point.size > 1
             else np.full(channels, w.z)
+        )
         scale = np.broadcast_to(w.scale.reshape(-1), (channels,)).astype(np.float64)
         if w.axis is not None and w.axis != out_axis:
             raise _NoLowering(f"weight quantized along axis {w.axis}, not the output channels")
@@ -442,13 +460,24 @@ class _Integerizer(PyExprMutator):
             pad_width = [p for axis in data_layout for p in widths[axis]]
             data = self._emit(relax.op.nn.pad(data, pad_width, pad_value=float(x.z)))
             padding = [0, 0, 0, 0]
-        acc = self._emit(relax.op.nn.conv2d(
-            data, _const(w, self._weight_dtype(w)), strides=attrs.strides, padding=padding,
-            dilation=attrs.dilation, groups=attrs.groups, data_layout=data_layout,
-            kernel_layout=kernel_layout, out_layout=out_layout, out_dtype="int32"))
+        acc = self._emit(
+            relax.op.nn.conv2d(
+                data,
+                _const(w, self._weight_dtype(w)),
+                strides=attrs.strides,
+                padding=padding,
+                dilation=attrs.dilation,
+                groups=attrs.groups,
+                data_layout=data_layout,
+                kernel_layout=kernel_layout,
+                out_layout=out_layout,
+                out_dtype="int32",
+            )
+        )
         bias_codes = self._bias_codes(bias, acc_scale, zero_sum)
-        acc = self._emit(relax.op.add(acc, _const(bias_codes.reshape(_channel_shape(4, c_axis)),
-                                                  "int32")))
+        acc = self._emit(
+            relax.op.add(acc, _const(bias_codes.reshape(_channel_shape(4, c_axis)), "int32"))
+        )
         return acc, acc_scale, c_axis
 
     def _matmul(self, call, bias):
@@ -461,15 +490,19 @@ class _Integerizer(PyExprMutator):
             bias = self._per_channel_bias(bias, w.shape[-1], len(call.ty.shape), -1)
             w, w_scale = self._fit_bias(w, w_scale, bias, x.s, 1)
             zero_sum = x.z * w.sum(axis=0)
-            acc = self._emit(relax.op.matmul(x.expr, _const(w, self._weight_dtype(w)),
-                                             out_dtype="int32"))
+            acc = self._emit(
+                relax.op.matmul(x.expr, _const(w, self._weight_dtype(w)), out_dtype="int32")
+            )
         else:
             b = self._input(rhs)
             w_scale = np.full(int(b.expr.ty.shape[-1]), b.s)
             bias = self._per_channel_bias(bias, len(w_scale), len(call.ty.shape), -1)
             zero_sum = 0
-            acc = self._emit(relax.op.matmul(self._centered(x, "int16"),
-                                             self._centered(b, "int16"), out_dtype="int32"))
+            acc = self._emit(
+                relax.op.matmul(
+                    self._centered(x, "int16"), self._centered(b, "int16"), out_dtype="int32"
+                )
+            )
             x = QTensor(x.expr, x.scale, np.zeros(1, np.int64))
         acc_scale = x.s * w_scale
         bias_codes = self._bias_codes(bias, acc_scale, zero_sum)
@@ -484,8 +517,9 @@ class _Integerizer(PyExprMutator):
         codes = np.arange(int(info.min), int(info.max) + 1)
         with np.errstate(all="ignore"):
             real = np.clip(func(qmath.dequantize(codes, x.s, x.z).astype(np.float64)), lo, hi)
-        real = np.nan_to_num(real, nan=0.0, posinf=np.finfo(np.float32).max,
-                             neginf=np.finfo(np.float32).min)
+        real = np.nan_to_num(
+            real, nan=0.0, posinf=np.finfo(np.float32).max, neginf=np.finfo(np.float32).min
+        )
         table = np.clip(np.rint(real / out.scale) + out.zero_point, out.qlo, out.qhi)
         index = self._emit(relax.op.astype(x.expr, "int32"))
         if info.min:
@@ -500,8 +534,11 @@ class _Integerizer(PyExprMutator):
             layout = str(attrs.layout)
             axes = [layout.index("H"), layout.index("W")]
             window = [shape[a] for a in axes]
-            if [int(p) for p in attrs.pool_size] != window or any(int(p) for p in attrs.padding) \
-                    or str(attrs.out_layout) != layout:
+            if (
+                [int(p) for p in attrs.pool_size] != window
+                or any(int(p) for p in attrs.padding)
+                or str(attrs.out_layout) != layout
+            ):
                 raise _NoLowering("only global average pooling is lowered to integers")
             keepdims = True
         else:
@@ -509,8 +546,9 @@ class _Integerizer(PyExprMutator):
             keepdims = bool(attrs.keepdims)
         count = int(np.prod([shape[a] for a in axes]))
         total = self._emit(relax.op.sum(relax.op.astype(x.expr, "int32"), axes, keepdims))
-        centered = self._emit(relax.op.add(relax.op.astype(total, "int64"),
-                                           _const(-count * x.z, "int64")))
+        centered = self._emit(
+            relax.op.add(relax.op.astype(total, "int64"), _const(-count * x.z, "int64"))
+        )
         return self._requantize(centered, np.float64(x.s / (count * out.scale)), out)
 
 

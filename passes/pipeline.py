@@ -33,12 +33,14 @@ from qcompiler.passes.verify import verify_integer_only
 
 def prepare(mod: tvm.IRModule) -> tvm.IRModule:
     """Inference-only, constant-folded form of an imported float module."""
-    seq = tvm.transform.Sequential([
-        relax.transform.DecomposeOpsForInference(),  # batch norm and friends to elementwise
-        relax.transform.CanonicalizeBindings(),
-        relax.transform.FoldConstant(),  # transposed/reshaped weights become plain constants
-        canonicalize,  # importer-emitted TIR clamps back to Relax ops (needs folded bounds)
-    ])
+    seq = tvm.transform.Sequential(
+        [
+            relax.transform.DecomposeOpsForInference(),  # batch norm and friends to elementwise
+            relax.transform.CanonicalizeBindings(),
+            relax.transform.FoldConstant(),  # transposed/reshaped weights become plain constants
+            canonicalize,  # importer-emitted TIR clamps back to Relax ops (needs folded bounds)
+        ]
+    )
     return seq(mod)
 
 

@@ -1,8 +1,8 @@
 """Quantization specs, schemes and presets: the vocabulary every other part of qcompiler speaks.
 
-A real value ``r`` is represented by an integer ``q`` as ``r = s * (q - z)`` (scale ``s > 0``, zero
-point ``z``). A :class:`QuantSpec` says which integers ``q`` may take and how ``s``/``z`` are chosen;
-a :class:`QuantScheme` pairs a spec for weights with one for activations.
+A real value ``r`` is represented by an integer ``q`` as ``r = s * (q - z)`` (scale ``s > 0``,
+zero point ``z``). A :class:`QuantSpec` says which integers ``q`` may take and how ``s``/``z`` are
+chosen; a :class:`QuantScheme` pairs a spec for weights with one for activations.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ class QuantSpec:
             raise QCompilerError(f"QuantSpec.bits must be in [2, 16], got {self.bits}")
         if self.symmetric and not self.signed:
             raise QCompilerError(
-                "QuantSpec(symmetric=True, signed=False) cannot represent negative values with zero "
-                "point 0; use signed=True for symmetric quantization"
+                "QuantSpec(symmetric=True, signed=False) cannot represent negative values with "
+                "zero point 0; use signed=True for symmetric quantization"
             )
         if self.narrow_range and not self.signed:
             raise QCompilerError("QuantSpec.narrow_range only applies to signed integers")

@@ -31,9 +31,9 @@ def float_ops_in_integer_regions(func: relax.Function) -> list[tuple[str, str]]:
         value = flow.producer[var]
         if not _is_float(var):
             continue
-        if op_name(value) == "relax.dequantize":
-            from_int.add(var)
-        elif any(v in from_int for v in relax.analysis.free_vars(value)):
+        if op_name(value) == "relax.dequantize" or any(
+            v in from_int for v in relax.analysis.free_vars(value)
+        ):
             from_int.add(var)
     to_int = set()
     for var in reversed(order):
@@ -43,11 +43,13 @@ def float_ops_in_integer_regions(func: relax.Function) -> list[tuple[str, str]]:
             if op_name(flow.producer[user]) == "relax.quantize" or user in to_int:
                 to_int.add(var)
                 break
-    allowed = set(str(n) for n in (func.attrs or {}).get(FALLBACK_ATTR, []))
+    allowed = {str(n) for n in (func.attrs or {}).get(FALLBACK_ATTR, [])}
     return [
         (var.name, op_name(flow.producer[var]) or type(flow.producer[var]).__name__)
         for var in order
-        if var in from_int and var in to_int and op_name(flow.producer[var]) != "relax.dequantize"
+        if var in from_int
+        and var in to_int
+        and op_name(flow.producer[var]) != "relax.dequantize"
         and var.name not in allowed
     ]
 

@@ -21,6 +21,16 @@ from qcompiler.api import (  # noqa: E402
 from qcompiler.passes.errors import QCompilerError  # noqa: E402
 
 __all__ = [
-    "Artifact", "CalibConfig", "QCompilerError", "QuantConfig", "QuantScheme", "QuantSpec",
-    "QuantizedModel", "calibrate", "compile", "compile_float", "load", "quantize",
+    "Artifact",
+    "CalibConfig",
+    "QCompilerError",
+    "QuantConfig",
+    "QuantScheme",
+    "QuantSpec",
+    "QuantizedModel",
+    "calibrate",
+    "compile",
+    "compile_float",
+    "load",
+    "quantize",
 ]

@@ -27,8 +27,19 @@ from qcompiler.passes.scheme import CalibConfig, QuantConfig, QuantScheme, Quant
 from qcompiler.targets.host import resolve_target
 
 __all__ = [
-    "Artifact", "CalibConfig", "InputSpec", "QuantConfig", "QuantScheme", "QuantSpec",
-    "QuantizedModel", "calibrate", "compile", "compile_float", "load", "quantize", "top1",
+    "Artifact",
+    "CalibConfig",
+    "InputSpec",
+    "QuantConfig",
+    "QuantScheme",
+    "QuantSpec",
+    "QuantizedModel",
+    "calibrate",
+    "compile",
+    "compile_float",
+    "load",
+    "quantize",
+    "top1",
 ]
 
 
@@ -53,8 +64,9 @@ class QuantizedModel:
             "scheme": asdict(self.config.scheme),
             "calibration": asdict(self.config.calibration),
             "float_fallbacks": self.float_fallbacks,
-            "activations": {k: {"scale": s, "zero_point": z}
-                            for k, (s, z) in self.activation_params.items()},
+            "activations": {
+                k: {"scale": s, "zero_point": z} for k, (s, z) in self.activation_params.items()
+            },
         }
 
 
@@ -63,8 +75,11 @@ def _as_config(config, scheme=None, method=None) -> QuantConfig:
     if isinstance(config, dict):
         config = QuantConfig(**config)
     if scheme is not None or method is not None:
-        calib = config.calibration if method is None else CalibConfig(
-            method, config.calibration.percentile, config.calibration.bins)
+        calib = (
+            config.calibration
+            if method is None
+            else CalibConfig(method, config.calibration.percentile, config.calibration.bins)
+        )
         config = QuantConfig(scheme or config.scheme, calib)
     return config
 
@@ -92,24 +107,35 @@ def calibrate(model, calib, preprocess=None, limit=None, offset=0, bins=2048) ->
     return model, run_calibration(model.mod, _by_param(model, samples), bins=bins)
 
 
-def quantize(model, calib, config=None, *, preprocess=None, limit=None, offset=0,
-             calibration: Calibration | None = None) -> QuantizedModel:
+def quantize(
+    model,
+    calib,
+    config=None,
+    *,
+    preprocess=None,
+    limit=None,
+    offset=0,
+    calibration: Calibration | None = None,
+) -> QuantizedModel:
     """Quantize a float model (path, ``onnx.ModelProto`` or TFLite bytes) to integers."""
     config = _as_config(config)
     if calibration is None:
-        model, calibration = calibrate(model, calib, preprocess, limit, offset,
-                                       bins=config.calibration.bins)
+        model, calibration = calibrate(
+            model, calib, preprocess, limit, offset, bins=config.calibration.bins
+        )
     mod = calibration.quantize(config)
     return QuantizedModel(mod, model, config, calibration.activation_params(config))
 
 
-def compile(model, calib=None, target="x86", config=None, *, preprocess=None, limit=None,
-            offset=0) -> Artifact:
+def compile(
+    model, calib=None, target="x86", config=None, *, preprocess=None, limit=None, offset=0
+) -> Artifact:
     """Quantize and build: the one-call path from a float model to a runnable library."""
     if calib is None:
         raise ValueError("compile() needs calibration data (calib=...) for a float model")
-    return quantize(model, calib, config, preprocess=preprocess, limit=limit,
-                    offset=offset).build(target)
+    return quantize(model, calib, config, preprocess=preprocess, limit=limit, offset=offset).build(
+        target
+    )
 
 
 def compile_float(model, target="x86") -> Artifact:
@@ -142,12 +168,18 @@ def _build(mod, model: ImportedModel, target, quantization) -> Artifact:
     fields = ret.fields if isinstance(ret, relax.TupleType) else [ret]
     manifest = {
         "model": {"name": model.name, "format": model.format, "sha256": model.sha256},
-        "target": {"name": target if isinstance(target, str) else str(target),
-                   "tvm": str(target_obj.export())},
-        "inputs": [dict(name=i.name, shape=list(i.shape), dtype=i.dtype, param=p)
-                   for i, p in zip(model.inputs, params)],
-        "outputs": [dict(name=o.name, shape=[int(d) for d in f.shape], dtype=str(f.dtype))
-                    for o, f in zip(model.outputs, fields)],
+        "target": {
+            "name": target if isinstance(target, str) else str(target),
+            "tvm": str(target_obj.export()),
+        },
+        "inputs": [
+            dict(name=i.name, shape=list(i.shape), dtype=i.dtype, param=p)
+            for i, p in zip(model.inputs, params)
+        ],
+        "outputs": [
+            dict(name=o.name, shape=[int(d) for d in f.shape], dtype=str(f.dtype))
+            for o, f in zip(model.outputs, fields)
+        ],
         "quantization": quantization,
         "weight_bytes": weight_bytes(mod),
         "versions": {"qcompiler": __version__, "tvm": tvm.__version__},

@@ -1,8 +1,8 @@
 """``qc``: the command line, in tvmc's style. It only parses arguments and calls the API.
 
-    qc compile MODEL --calib DATA [--preprocess SPEC] --target x86 -o OUT_DIR
-    qc run OUT_DIR --inputs X.npz --output Y.npz
-    qc eval MODEL --calib DATA --data DATA --metric top1
+qc compile MODEL --calib DATA [--preprocess SPEC] --target x86 -o OUT_DIR
+qc run OUT_DIR --inputs X.npz --output Y.npz
+qc eval MODEL --calib DATA --data DATA --metric top1
 """
 
 from __future__ import annotations
@@ -29,19 +29,28 @@ def _preprocess(args):
 
 
 def cmd_compile(args) -> int:
-    art = api.compile(args.model, calib=args.calib, target=args.target, config=_config(args),
-                      preprocess=_preprocess(args), limit=args.limit)
+    art = api.compile(
+        args.model,
+        calib=args.calib,
+        target=args.target,
+        config=_config(args),
+        preprocess=_preprocess(args),
+        limit=args.limit,
+    )
     path = art.export(args.output)
     fallbacks = art.manifest["quantization"]["float_fallbacks"]
-    print(f"wrote {path} ({art.manifest['weight_bytes']} weight bytes, "
-          f"{len(fallbacks)} float fallback op(s))")
+    print(
+        f"wrote {path} ({art.manifest['weight_bytes']} weight bytes, "
+        f"{len(fallbacks)} float fallback op(s))"
+    )
     return 0
 
 
 def cmd_run(args) -> int:
     art = api.load(args.artifact)
-    inputs = [api.InputSpec(i["name"], tuple(i["shape"]), i["dtype"])
-              for i in art.manifest["inputs"]]
+    inputs = [
+        api.InputSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in art.manifest["inputs"]
+    ]
     samples = load_calibration(args.inputs, inputs)
     times, outputs = [], []
     for sample in samples:
@@ -70,12 +79,13 @@ def _labelled(args, model):
         for image, label in zip(images[window], labels[window]):
             x = image.astype(np.float32)
             if pre is not None:
-                x = (x - np.asarray(pre.mean, np.float32)[: x.shape[-1] if x.ndim == 3 else 1]) \
-                    / np.asarray(pre.std, np.float32)[: x.shape[-1] if x.ndim == 3 else 1]
+                x = (
+                    x - np.asarray(pre.mean, np.float32)[: x.shape[-1] if x.ndim == 3 else 1]
+                ) / np.asarray(pre.std, np.float32)[: x.shape[-1] if x.ndim == 3 else 1]
             yield {spec.name: x.reshape(spec.shape)}, int(label)
         return
     pairs = labelled_images(args.data, args.labels)
-    pairs = pairs[args.offset: args.offset + args.count if args.count else None]
+    pairs = pairs[args.offset : args.offset + args.count if args.count else None]
     from qcompiler.data import image_sample
 
     for path, label in pairs:
@@ -85,8 +95,9 @@ def _labelled(args, model):
 def cmd_eval(args) -> int:
     if args.metric != "top1":
         raise QCompilerError(f"unknown metric {args.metric!r}, candidates are ['top1']")
-    model, calibration = api.calibrate(args.model, args.calib, preprocess=_preprocess(args),
-                                       limit=args.limit)
+    model, calibration = api.calibrate(
+        args.model, args.calib, preprocess=_preprocess(args), limit=args.limit
+    )
     float_art = api.compile_float(model, args.target)
     quant = api.quantize(model, None, _config(args), calibration=calibration)
     int_art = quant.build(args.target)
@@ -103,10 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     def quant_options(p):
         p.add_argument("model", help="float model: .onnx or .tflite")
-        p.add_argument("--calib", required=True,
-                       help=".npz/.npy (one array per input, sample axis first) or image folder")
-        p.add_argument("--preprocess", help="for image folders, e.g. "
-                       "'resize=256,size=224x224,mean=127,std=128,layout=NCHW,channels=RGB'")
+        p.add_argument(
+            "--calib",
+            required=True,
+            help=".npz/.npy (one array per input, sample axis first) or image folder",
+        )
+        p.add_argument(
+            "--preprocess",
+            help="for image folders, e.g. "
+            "'resize=256,size=224x224,mean=127,std=128,layout=NCHW,channels=RGB'",
+        )
         p.add_argument("--limit", type=int, help="use at most this many calibration samples")
         p.add_argument("--scheme", default="hybrid", choices=sorted(PRESETS))
         p.add_argument("--calib-method", default="minmax", choices=CALIBRATION_METHODS)
@@ -126,11 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="fp32 vs quantized accuracy side by side")
     quant_options(p)
-    p.add_argument("--data", required=True, help="labelled images folder, or .npz with "
-                   "'images' and 'labels'")
+    p.add_argument(
+        "--data", required=True, help="labelled images folder, or .npz with 'images' and 'labels'"
+    )
     p.add_argument("--labels", help="synset list for an image folder (class = line number)")
-    p.add_argument("--label-offset", type=int, default=0,
-                   help="added to folder labels (1 for 1001-class models)")
+    p.add_argument(
+        "--label-offset",
+        type=int,
+        default=0,
+        help="added to folder labels (1 for 1001-class models)",
+    )
     p.add_argument("--offset", type=int, default=0, help="skip this many evaluation samples")
     p.add_argument("--count", type=int, help="evaluate at most this many samples")
     p.add_argument("--metric", default="top1")

@@ -498,10 +498,13 @@ class _ArrayReader:
                     dtype, shape = self._layouts[name]
                     stream.seek(start * dtype.itemsize * prod(shape), os.SEEK_CUR)
                 for index in range(start, stop):
-                    yield index, {
-                        name: self._sample(stream, *self._layouts[name])
-                        for name, stream in streams.items()
-                    }
+                    yield (
+                        index,
+                        {
+                            name: self._sample(stream, *self._layouts[name])
+                            for name, stream in streams.items()
+                        },
+                    )
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
             raise QCompilerError(f"cannot read calibration file {self._path}: {err}") from err
 

@@ -148,14 +148,16 @@ def _import_onnx(model, name: str, where: str, data: bytes) -> ImportedModel:
     inputs = _onnx_inputs(model)
     try:
         model = _normalize_onnx(model)
-        mod = from_onnx(model, shape_dict={i.name: list(i.shape) for i in inputs},
-                        keep_params_in_input=False)
+        mod = from_onnx(
+            model, shape_dict={i.name: list(i.shape) for i in inputs}, keep_params_in_input=False
+        )
     except QCompilerError:
         raise
     except Exception as err:
         raise QCompilerError(f"{where}: TVM could not import the ONNX model: {err}") from None
-    return ImportedModel(mod, name, "onnx", inputs, _relax_outputs(mod),
-                         hashlib.sha256(data).hexdigest())
+    return ImportedModel(
+        mod, name, "onnx", inputs, _relax_outputs(mod), hashlib.sha256(data).hexdigest()
+    )
 
 
 # -- TFLite -----------------------------------------------------------------------------------
@@ -176,24 +178,38 @@ def _import_tflite(data: bytes, name: str, where: str) -> ImportedModel:
     except Exception as err:
         raise QCompilerError(f"{where}: corrupt TFLite model: {err}") from None
     try:
-        mod = from_tflite(model, shape_dict={i.name: i.shape for i in inputs},
-                          dtype_dict={i.name: i.dtype for i in inputs})
+        mod = from_tflite(
+            model,
+            shape_dict={i.name: i.shape for i in inputs},
+            dtype_dict={i.name: i.dtype for i in inputs},
+        )
     except Exception as err:
         raise QCompilerError(f"{where}: TVM could not import the TFLite model: {err}") from None
     mod = mod[0] if isinstance(mod, tuple) else mod
-    return ImportedModel(mod, name, "tflite", inputs, _relax_outputs(mod),
-                         hashlib.sha256(data).hexdigest())
+    return ImportedModel(
+        mod, name, "tflite", inputs, _relax_outputs(mod), hashlib.sha256(data).hexdigest()
+    )
 
 
-_TFLITE_DTYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 9: "int8",
-                  7: "int16"}
+_TFLITE_DTYPES = {
+    0: "float32",
+    1: "float16",
+    2: "int32",
+    3: "uint8",
+    4: "int64",
+    9: "int8",
+    7: "int16",
+}
 
 
 def _relax_outputs(mod) -> list[InputSpec]:
     ty = mod["main"].ret_ty
     fields = ty.fields if isinstance(ty, relax.TupleType) else [ty]
     return [
-        InputSpec(f"output_{i}" if len(fields) > 1 else "output",
-                  tuple(int(d) for d in f.shape), str(f.dtype))
+        InputSpec(
+            f"output_{i}" if len(fields) > 1 else "output",
+            tuple(int(d) for d in f.shape),
+            str(f.dtype),
+        )
         for i, f in enumerate(fields)
     ]

@@ -20,8 +20,19 @@ def compiled(shared, tmp_path_factory):
     np.savez(tmp / "x.npz", Input3=images[100:106])
     model = shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"
     out = tmp / "art"
-    cmd = [sys.executable, "-m", "qcompiler.cli", "compile", str(model), "--calib",
-           str(tmp / "calib.npz"), "--target", "x86", "-o", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qcompiler.cli",
+        "compile",
+        str(model),
+        "--calib",
+        str(tmp / "calib.npz"),
+        "--target",
+        "x86",
+        "-o",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return tmp, out, images[100:106], data["labels"][100:106]
 
@@ -30,8 +41,9 @@ def test_compile_writes_manifest(compiled):
     _, out, _, _ = compiled
     manifest = json.loads((out / "manifest.json").read_text())
     assert (out / manifest["library"]).is_file()
-    assert manifest["inputs"] == [{"name": "Input3", "shape": [1, 1, 28, 28],
-                                   "dtype": "float32", "param": "Input3"}]
+    assert manifest["inputs"] == [
+        {"name": "Input3", "shape": [1, 1, 28, 28], "dtype": "float32", "param": "Input3"}
+    ]
     assert manifest["outputs"][0]["shape"] == [1, 10]
     assert manifest["quantization"]["scheme"]["name"] == "hybrid"
     assert manifest["weight_bytes"] > 0
@@ -39,8 +51,17 @@ def test_compile_writes_manifest(compiled):
 
 def test_run_stacks_float_outputs(compiled):
     tmp, out, images, labels = compiled
-    cmd = [sys.executable, "-m", "qcompiler.cli", "run", str(out), "--inputs",
-           str(tmp / "x.npz"), "--output", str(tmp / "y.npz")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qcompiler.cli",
+        "run",
+        str(out),
+        "--inputs",
+        str(tmp / "x.npz"),
+        "--output",
+        str(tmp / "y.npz"),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     y = np.load(tmp / "y.npz")["output"]
     assert y.shape == (6, 1, 10) and y.dtype == np.float32
@@ -61,8 +82,19 @@ def test_tampered_library_is_refused(compiled, tmp_path):
 
 def test_cli_reports_errors_without_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "qcompiler.cli", "compile", str(tmp_path / "none.onnx"),
-         "--calib", str(tmp_path / "c.npz"), "-o", str(tmp_path / "o")],
-        capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "qcompiler.cli",
+            "compile",
+            str(tmp_path / "none.onnx"),
+            "--calib",
+            str(tmp_path / "c.npz"),
+            "-o",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert "none.onnx" in result.stderr and "Traceback" not in result.stderr

@@ -209,7 +209,8 @@ def test_npz_input_errors(tmp_path):
         load_calibration(_npz(tmp_path / "xl.npz", x=x, labels=y), [X])
     with pytest.raises(
         QCompilerError,
-        match=re.escape("'x' (in ") + r".*expected shape \[N, 1, 3, 4, 5\] or \[N, 3, 4, 5\].*"
+        match=re.escape("'x' (in ")
+        + r".*expected shape \[N, 1, 3, 4, 5\] or \[N, 3, 4, 5\].*"
         + re.escape("got [6, 3, 5, 4]"),
     ):
         load_calibration(_npz(tmp_path / "t.npz", x=x.transpose(0, 1, 3, 2)), [X])

@@ -44,8 +44,7 @@ def test_mnist_float_matches_onnxruntime(mnist):
     for image in images[:5]:
         x = image.astype(np.float32).reshape(1, 1, 28, 28)
         expected = session.run(None, {"Input3": x})[0]
-        np.testing.assert_allclose(art.run({"Input3": x})["output"], expected, rtol=1e-4,
-                                   atol=1e-3)
+        np.testing.assert_allclose(art.run({"Input3": x})["output"], expected, rtol=1e-4, atol=1e-3)
 
 
 def test_mnist_int8_within_one_point(mnist):
@@ -73,8 +72,9 @@ def test_resnet8_tflite_float_matches_litert(cifar):
         x = image.astype(np.float32)[None]
         interp.set_tensor(inp["index"], x)
         interp.invoke()
-        np.testing.assert_allclose(art.run({"input_1": x})["output"], interp.get_tensor(out["index"]),
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            art.run({"input_1": x})["output"], interp.get_tensor(out["index"]), rtol=1e-4, atol=1e-5
+        )
 
 
 def test_resnet8_tflite_int8_within_one_point(cifar):

@@ -12,10 +12,14 @@ from qcompiler import QCompilerError
 def tiny_onnx(op="Relu", extra_nodes=()):
     """x[1,2,4,4] -> Conv(1x1) -> op -> y, with deterministic weights."""
     w = helper.make_tensor("w", TensorProto.FLOAT, [2, 2, 1, 1], [1.0, 0.5, -0.5, 1.0])
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node(op, ["c"], ["y"]),
-             *extra_nodes]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node(op, ["c"], ["y"]),
+        *extra_nodes,
+    ]
     graph = helper.make_graph(
-        nodes, "tiny",
+        nodes,
+        "tiny",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
         [w],

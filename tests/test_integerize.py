@@ -143,12 +143,12 @@ def _conv_ref(xc, w, strides, padding, groups):
     og = o // groups
     out = np.zeros((n, o, oh, ow), np.int64)
     for g in range(groups):
-        xs = xp[:, g * cg:(g + 1) * cg]
-        ws = w[g * og:(g + 1) * og].astype(np.int64)
+        xs = xp[:, g * cg : (g + 1) * cg]
+        ws = w[g * og : (g + 1) * og].astype(np.int64)
         for i in range(kh):
             for j in range(kw):
-                patch = xs[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
-                out[:, g * og:(g + 1) * og] += np.einsum("nchw,oc->nohw", patch, ws[:, :, i, j])
+                patch = xs[:, :, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
+                out[:, g * og : (g + 1) * og] += np.einsum("nchw,oc->nohw", patch, ws[:, :, i, j])
     return out
 
 
@@ -165,8 +165,12 @@ CONV_CASES = {
 
 
 # The real interval each clamp keeps.
-CLAMP_BOUNDS = {None: (-np.inf, np.inf), "relu": (0.0, np.inf), "relu6": (0.0, 6.0),
-                "clip": (0.0, 6.0)}
+CLAMP_BOUNDS = {
+    None: (-np.inf, np.inf),
+    "relu": (0.0, np.inf),
+    "relu6": (0.0, 6.0),
+    "clip": (0.0, 6.0),
+}
 
 
 def _clamp(bb, y, clamp):
@@ -199,11 +203,22 @@ def test_conv2d_bias_clamp_matches_integer_reference(case):
         bias_shape = (1, 1, 1, c_out)
 
     def body(bb, x_dq):
-        w_dq = bb.emit(relax.op.dequantize(
-            _c(w_codes, "int8"), _c(s_w, "float32"), _c(np.zeros(c_out), "int32"), axis=w_axis))
-        y = bb.emit(relax.op.nn.conv2d(
-            x_dq, w_dq, strides=stride, padding=padding, groups=groups, data_layout=layout,
-            kernel_layout=kernel_layout))
+        w_dq = bb.emit(
+            relax.op.dequantize(
+                _c(w_codes, "int8"), _c(s_w, "float32"), _c(np.zeros(c_out), "int32"), axis=w_axis
+            )
+        )
+        y = bb.emit(
+            relax.op.nn.conv2d(
+                x_dq,
+                w_dq,
+                strides=stride,
+                padding=padding,
+                groups=groups,
+                data_layout=layout,
+                kernel_layout=kernel_layout,
+            )
+        )
         y = bb.emit(relax.op.add(y, _c(bias.reshape(bias_shape), "float32")))
         y = _clamp(bb, y, clamp)
         return _quantize(y, s_y, z_y, out_dtype)
@@ -240,8 +255,13 @@ def test_conv2d_folded_zero_point_equals_explicit_fold():
     q_x = rng.integers(0, 256, size=(1, 3, 5, 5))
     w = rng.integers(-127, 128, size=(2, 3, 3, 3))
     z_x = 77
-    raw = _conv_ref(np.pad(q_x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=z_x),
-                    w, (1, 1), [0, 0, 0, 0], 1)
+    raw = _conv_ref(
+        np.pad(q_x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=z_x),
+        w,
+        (1, 1),
+        [0, 0, 0, 0],
+        1,
+    )
     folded = raw - z_x * w.sum(axis=(1, 2, 3)).reshape(1, -1, 1, 1)
     np.testing.assert_array_equal(folded, _conv_ref(q_x - z_x, w, (1, 1), [1, 1, 1, 1], 1))
 
@@ -264,8 +284,9 @@ def test_matmul_per_channel_bias_matches_integer_reference(weights):
     bias = rng.normal(size=n).astype(F32)
 
     def body(bb, x_dq):
-        w_dq = bb.emit(relax.op.dequantize(
-            _c(w, str(w.dtype)), _c(s_w, "float32"), _c(z_w, "int32"), axis=1))
+        w_dq = bb.emit(
+            relax.op.dequantize(_c(w, str(w.dtype)), _c(s_w, "float32"), _c(z_w, "int32"), axis=1)
+        )
         y = bb.emit(relax.op.matmul(x_dq, w_dq))
         y = bb.emit(relax.op.add(y, _c(bias, "float32")))
         return _quantize(y, s_y, z_y)
@@ -312,8 +333,9 @@ def test_conv2d_add_broadcast_along_width_is_not_a_channel_bias():
     s_x, z_x, s_y, z_y = F32(0.05), 128, F32(0.1), 128
 
     def body(bb, x_dq):
-        w_dq = bb.emit(relax.op.dequantize(
-            _c(w, "int8"), _c(s_w, "float32"), _c(np.zeros(c), "int32"), axis=0))
+        w_dq = bb.emit(
+            relax.op.dequantize(_c(w, "int8"), _c(s_w, "float32"), _c(np.zeros(c), "int32"), axis=0)
+        )
         y = bb.emit(relax.op.nn.conv2d(x_dq, w_dq, padding=[1, 1, 1, 1]))
         y = bb.emit(relax.op.add(y, _c(width_bias, "float32")))
         return _quantize(y, s_y, z_y)
@@ -559,8 +581,11 @@ def test_unquantized_output_dequantizes_the_accumulator(head):
     bias = rng.normal(size=bias_shape).astype(F32)
 
     def body(bb, x_dq):
-        w_dq = bb.emit(relax.op.dequantize(
-            _c(w, "int8"), _c(s_w, "float32"), _c(np.zeros(c), "int32"), axis=w_axis))
+        w_dq = bb.emit(
+            relax.op.dequantize(
+                _c(w, "int8"), _c(s_w, "float32"), _c(np.zeros(c), "int32"), axis=w_axis
+            )
+        )
         if head == "conv2d":
             y = bb.emit(relax.op.nn.conv2d(x_dq, w_dq, padding=[1, 1, 1, 1]))
         else:

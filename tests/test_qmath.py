@@ -176,9 +176,7 @@ def test_requantize_per_axis():
     assert got.shape == acc.shape
     for idx in np.ndindex(acc.shape):
         c = idx[1]
-        expected = _exact_requantize(
-            int(acc[idx]), int(multiplier[c]), int(shift[c]), 5, -128, 127
-        )
+        expected = _exact_requantize(int(acc[idx]), int(multiplier[c]), int(shift[c]), 5, -128, 127)
         assert int(got[idx]) == expected
 
 

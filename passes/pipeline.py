@@ -39,6 +39,11 @@ def prepare(mod: tvm.IRModule) -> tvm.IRModule:
             relax.transform.CanonicalizeBindings(),
             relax.transform.FoldConstant(),  # transposed/reshaped weights become plain constants
             canonicalize,  # importer-emitted TIR clamps back to Relax ops (needs folded bounds)
+            # Channels last: the int8 dot-product instructions (x86 VNNI, ARM SDOT) reduce four
+            # neighbouring input channels at once, so channels must be the innermost axis. Layout
+            # transforms are left only at the model's edges.
+            relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
+            relax.transform.FoldConstant(),  # the transposed weights become constants again
         ]
     )
     return seq(mod)

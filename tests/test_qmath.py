@@ -208,7 +208,9 @@ def test_qparams_symmetric(lo, hi, spec):
     scale, zero_point = qmath.qparams_from_range(lo, hi, spec)
     assert int(zero_point) == 0
     amax = max(-min(lo, 0.0), max(hi, 0.0))
-    if amax > 0:
+    # A range so narrow that amax / qmax underflows to 0.0 is a zero range (scale 1.0, tested
+    # apart).
+    if amax / spec.qmax > 0:
         # amax / qmax, rounded to float32 (and never below float32's smallest normal).
         expected = max(np.float32(amax / spec.qmax), np.finfo(np.float32).tiny)
         assert scale == expected

@@ -40,6 +40,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def set_threads(threads: int) -> None:
+    """Run compiled models on ``threads`` threads of TVM's pool (0: one per physical core)."""
+    if threads < 0:
+        raise QCompilerError(f"the thread count must be >= 0, got {threads}")
+    tvm.get_global_func("runtime.config_threadpool")(0, int(threads))
+
+
 @dataclass
 class Artifact:
     """A compiled model that runs here (and is exported for a board)."""

@@ -24,7 +24,10 @@ from qcompiler.frontend import ImportedModel, load_model
 from qcompiler.passes.graph import CONV_OPS, MATMUL_OPS, bindings, const_value, op_name
 from qcompiler.passes.pipeline import Calibration, float_fallbacks, prepare, run_calibration
 from qcompiler.passes.scheme import CalibConfig, QuantConfig, QuantScheme, QuantSpec
+from qcompiler.targets.build import build as build_executable
 from qcompiler.targets.host import resolve_target
+from qcompiler.targets.tuning import LocalRPC, RPCEndpoint, TuneReport, load_database
+from qcompiler.targets.tuning import tune as tune_kernels
 
 __all__ = [
     "Artifact",
@@ -40,6 +43,7 @@ __all__ = [
     "load",
     "quantize",
     "top1",
+    "tune",
 ]
 
 
@@ -56,8 +60,9 @@ class QuantizedModel:
     def float_fallbacks(self) -> list[str]:
         return float_fallbacks(self.mod)
 
-    def build(self, target="x86") -> Artifact:
-        return _build(self.mod, self.model, target, self._quant_manifest())
+    def build(self, target="x86", tuning_records=None) -> Artifact:
+        """Compile for ``target``; ``tuning_records``: a directory written by :func:`tune`."""
+        return _build(self.mod, self.model, target, self._quant_manifest(), tuning_records)
 
     def _quant_manifest(self) -> dict:
         return {
@@ -128,20 +133,54 @@ def quantize(
 
 
 def compile(
-    model, calib=None, target="x86", config=None, *, preprocess=None, limit=None, offset=0
+    model,
+    calib=None,
+    target="x86",
+    config=None,
+    *,
+    preprocess=None,
+    limit=None,
+    offset=0,
+    tuning_records=None,
 ) -> Artifact:
     """Quantize and build: the one-call path from a float model to a runnable library."""
     if calib is None:
         raise ValueError("compile() needs calibration data (calib=...) for a float model")
-    return quantize(model, calib, config, preprocess=preprocess, limit=limit, offset=offset).build(
-        target
-    )
+    quantized = quantize(model, calib, config, preprocess=preprocess, limit=limit, offset=offset)
+    return quantized.build(target, tuning_records=tuning_records)
 
 
-def compile_float(model, target="x86") -> Artifact:
+def compile_float(model, target="x86", tuning_records=None) -> Artifact:
     """Build the float model unchanged: the baseline the quantized model is judged against."""
     model = model if isinstance(model, ImportedModel) else load_model(model)
-    return _build(prepare(model.mod), model, target, None)
+    return _build(prepare(model.mod), model, target, None, tuning_records)
+
+
+def tune(
+    model,
+    records,
+    target="x86",
+    trials: int = 64,
+    *,
+    rpc: RPCEndpoint | None = None,
+    threads: int | None = None,
+    echo=print,
+) -> TuneReport:
+    """Tune the kernels of ``model`` (a :class:`QuantizedModel`, or a float model path/proto).
+
+    Measures on the board behind ``rpc``; without one, a tracker and a server are started on
+    127.0.0.1 for the duration (with ``threads`` threads). Records accumulate in ``records``.
+    """
+    if isinstance(model, QuantizedModel):
+        mod = model.mod
+    else:
+        imported = model if isinstance(model, ImportedModel) else load_model(model)
+        mod = prepare(imported.mod)
+    target_obj = resolve_target(target)
+    if rpc is not None:
+        return tune_kernels(mod, target_obj, records, rpc, trials=trials, echo=echo)
+    with LocalRPC(key="local", threads=threads) as endpoint:
+        return tune_kernels(mod, target_obj, records, endpoint, trials=trials, echo=echo)
 
 
 def load(path) -> Artifact:
@@ -160,9 +199,10 @@ def weight_bytes(mod: tvm.IRModule) -> int:
     return total
 
 
-def _build(mod, model: ImportedModel, target, quantization) -> Artifact:
+def _build(mod, model: ImportedModel, target, quantization, tuning_records=None) -> Artifact:
     target_obj = resolve_target(target)
-    executable = tvm.compile(mod, target=target_obj)
+    database = None if tuning_records is None else load_database(tuning_records)
+    executable = build_executable(mod, target_obj, database)
     params = [p.name for p in mod["main"].params]
     ret = mod["main"].ret_ty
     fields = ret.fields if isinstance(ret, relax.TupleType) else [ret]

@@ -1,7 +1,8 @@
 """``qc``: the command line, in tvmc's style. It only parses arguments and calls the API.
 
-qc compile MODEL --calib DATA [--preprocess SPEC] --target x86 -o OUT_DIR
-qc run OUT_DIR --inputs X.npz --output Y.npz
+qc compile MODEL --calib DATA [--preprocess SPEC] --target x86 [--tuning-records DIR] -o OUT_DIR
+qc tune MODEL --calib DATA --target x86 --trials N [--rpc-tracker HOST:PORT --rpc-key KEY] -o DIR
+qc run OUT_DIR --inputs X.npz --output Y.npz [--threads N]
 qc eval MODEL --calib DATA --data DATA --metric top1
 """
 
@@ -16,8 +17,10 @@ import numpy as np
 
 from qcompiler import api
 from qcompiler.data import Preprocess, labelled_images, load_calibration, save_npz_stream
+from qcompiler.deploy.artifact import set_threads
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.scheme import CALIBRATION_METHODS, PRESETS, CalibConfig, QuantConfig
+from qcompiler.targets.tuning import RPCEndpoint
 
 
 def _config(args) -> QuantConfig:
@@ -36,6 +39,7 @@ def cmd_compile(args) -> int:
         config=_config(args),
         preprocess=_preprocess(args),
         limit=args.limit,
+        tuning_records=args.tuning_records,
     )
     path = art.export(args.output)
     fallbacks = art.manifest["quantization"]["float_fallbacks"]
@@ -46,7 +50,37 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _endpoint(args):
+    if not args.rpc_tracker:
+        if args.rpc_key:
+            raise QCompilerError("--rpc-key needs --rpc-tracker HOST:PORT")
+        return None
+    host, _, port = args.rpc_tracker.rpartition(":")
+    if not host or not port.isdigit():
+        raise QCompilerError(f"--rpc-tracker must be HOST:PORT, got {args.rpc_tracker!r}")
+    if not args.rpc_key:
+        raise QCompilerError("--rpc-tracker needs --rpc-key (the key the board registered)")
+    return RPCEndpoint(host, int(port), args.rpc_key)
+
+
+def cmd_tune(args) -> int:
+    endpoint = _endpoint(args)
+    if args.float:
+        model = args.model
+    else:
+        model = api.quantize(
+            args.model, args.calib, _config(args), preprocess=_preprocess(args), limit=args.limit
+        )
+    api.tune(model, args.output, args.target, args.trials, rpc=endpoint, threads=args.threads)
+    print(
+        f"records in {args.output}; use them with `qc compile ... --tuning-records {args.output}`"
+    )
+    return 0
+
+
 def cmd_run(args) -> int:
+    if args.threads is not None:
+        set_threads(args.threads)
     art = api.load(args.artifact)
     inputs = [
         api.InputSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in art.manifest["inputs"]
@@ -133,12 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="quantize and build a model into an artifact directory")
     quant_options(p)
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--tuning-records", help="directory written by `qc tune`")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("tune", help="tune the kernels of the quantized model over RPC")
+    quant_options(p)
+    p.add_argument("-o", "--output", required=True, help="tuning records directory (reused)")
+    p.add_argument("--trials", type=int, default=64, help="search trials for the whole model")
+    p.add_argument("--rpc-tracker", help="HOST:PORT of a tracker (default: a local one)")
+    p.add_argument("--rpc-key", help="key the board's RPC server registered under")
+    p.add_argument("--threads", type=int, help="threads of the local server (default: all)")
+    p.add_argument("--float", action="store_true", help="tune the float model instead")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("run", help="run an artifact on inputs from an .npz")
     p.add_argument("artifact")
     p.add_argument("--inputs", required=True, help=".npz keyed by input name, sample axis first")
     p.add_argument("--output", help=".npz to write the outputs to, stacked over samples")
+    p.add_argument("--threads", type=int, help="threads to run on (default: one per core)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("eval", help="fp32 vs quantized accuracy side by side")

@@ -7,6 +7,9 @@ extensions (AVX-512, VNNI) are used.
 
 from __future__ import annotations
 
+import os
+
+import psutil
 import tvm
 from tvm.target import codegen
 
@@ -25,5 +28,7 @@ def resolve_target(name: str | tvm.target.Target = "x86") -> tvm.target.Target:
     if isinstance(name, tvm.target.Target):
         return name
     if name in ("x86", "host", "llvm"):
-        return tvm.target.Target({"kind": "llvm", "mcpu": host_cpu()})
+        # Meta-schedule sizes its parallel loops by the physical core count.
+        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        return tvm.target.Target({"kind": "llvm", "mcpu": host_cpu(), "num-cores": cores})
     raise QCompilerError(f"unknown target {name!r}, candidates are {list(TARGETS)}")

@@ -1,0 +1,324 @@
+"""Int8 dot-product kernels: compute definitions with packed weights, and the rewrite to them.
+
+Relax's own ``conv2d``/``matmul`` legalize to plain loops over the original weight layout, which
+no schedule can turn into the CPU's int8 dot-product instructions: x86's ``vpdpbusd`` (AVX-512
+VNNI) multiplies 4 unsigned activation bytes by 4 signed weight bytes for each of 16 output
+channels and adds the 16 sums into int32 lanes in one instruction, so it needs the 4 input
+channels of a pixel next to each other (NHWC, see ``passes.pipeline.prepare``) and the weights
+as contiguous ``16 x 4`` tiles. This module
+
+* registers that instruction as a TIR tensor intrinsic (:data:`VNNI_INTRIN`; TVM's own
+  ``dot_16x4_vnni`` passes ``<16 x i32>`` operands that LLVM 22 rejects for this intrinsic),
+* defines the packed conv2d/dense computations (:func:`conv2d_nhwc_packed`, :func:`dense_packed`;
+  weights ``[O/16, KH, KW, I/4, 16, 4]`` and ``[N/16, K/4, 16, 4]``, packed once at compile time),
+* and rewrites the integer module's uint8 x int8 convs and matmuls to them
+  (:func:`use_int8_kernels`). Channel counts that are not multiples of 16 (outputs) or 4 (inputs)
+  are padded with zero weights and sliced off again.
+
+The computations are plain TE, so the same functions serve the default schedules
+(``targets.schedules``) and meta-schedule's search.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+import tvm.s_tir.tensor_intrin  # noqa: F401  (TVM's intrinsics first: ours override one of them)
+from tvm import relax, te, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+from tvm.target import codegen
+
+from qcompiler.passes.graph import const_value, op_name
+
+VNNI_INTRIN = "qc_dot_16x4_vnni"
+# Names of the packed compute blocks; the default schedules look for them.
+CONV_BLOCK = "qc_conv2d_nhwc_packed"
+DENSE_BLOCK = "qc_dense_packed"
+DEPTHWISE_BLOCK = "qc_depthwise_nhwc"
+LANES, GROUP = 16, 4  # int32 lanes per instruction, bytes reduced per lane
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x4_desc(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x4_vnni(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"),
+            T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64"),
+            B.vload([0, 0], dtype="int8x64"),
+            dtype="int32x16",
+        )
+
+
+TensorIntrin.register(VNNI_INTRIN, _dot_16x4_desc, _dot_16x4_vnni, override=True)
+# Meta-schedule's x86 rules tensorize with TVM's name for it; give them the working one.
+TensorIntrin.register("dot_16x4_vnni", _dot_16x4_desc, _dot_16x4_vnni, override=True)
+
+
+def has_vnni(target: tvm.target.Target) -> bool:
+    """Whether ``target`` is an x86 CPU with AVX-512 VNNI."""
+    if target.kind.name != "llvm" or "mcpu" not in target.attrs:
+        return False
+    triple = str(target.attrs.get("mtriple", "x86_64"))
+    if not triple.startswith(("x86_64", "i686")):
+        return False
+    return bool(codegen.llvm_cpu_has_features("avx512vnni", target))
+
+
+def _ceil_to(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+# -- weight packing (numpy, at compile time) ------------------------------------------------------
+def pack_conv_weight(w: np.ndarray) -> np.ndarray:
+    """``OHWI`` int8 weights as ``[O/16, KH, KW, I/4, 16, 4]``, zero-padded to whole tiles."""
+    o, kh, kw, i = w.shape
+    o_pad, i_pad = _ceil_to(o, LANES), _ceil_to(i, GROUP)
+    padded = np.zeros((o_pad, kh, kw, i_pad), dtype=np.int8)
+    padded[:o, :, :, :i] = w
+    tiles = padded.reshape(o_pad // LANES, LANES, kh, kw, i_pad // GROUP, GROUP)
+    return np.ascontiguousarray(tiles.transpose(0, 2, 3, 4, 1, 5))
+
+
+def pack_dense_weight(w: np.ndarray) -> np.ndarray:
+    """``[K, N]`` int8 weights (``x @ w``) as ``[N/16, K/4, 16, 4]``, zero-padded."""
+    k, n = w.shape
+    k_pad, n_pad = _ceil_to(k, GROUP), _ceil_to(n, LANES)
+    padded = np.zeros((k_pad, n_pad), dtype=np.int8)
+    padded[:k, :n] = w
+    tiles = padded.reshape(k_pad // GROUP, GROUP, n_pad // LANES, LANES)
+    return np.ascontiguousarray(tiles.transpose(2, 0, 3, 1))
+
+
+# -- compute definitions (TE) ----------------------------------------------------------------------
+def conv2d_nhwc_packed(data, packed, strides, padding, dilation):
+    """int32 ``conv2d`` of uint8 NHWC ``data`` with packed weights, zero padding.
+
+    ``data`` has ``I`` channels (a multiple of 4); the result has ``O = packed.shape[0] * 16``.
+    """
+    n, h, w, _ = (int(d) for d in data.shape)
+    ob, kh, kw, ib, _, _ = (int(d) for d in packed.shape)
+    (sh, sw), (dh, dw) = strides, dilation
+    top, left, bottom, right = padding
+    if any(padding):
+        data = te.compute(
+            (n, h + top + bottom, w + left + right, ib * GROUP),
+            lambda b, y, x, c: tirx.if_then_else(
+                tirx.all(y >= top, y < h + top, x >= left, x < w + left),
+                data[b, y - top, x - left, c],
+                tirx.const(0, data.dtype),
+            ),
+            name="qc_pad",
+        )
+    oh = (int(data.shape[1]) - dh * (kh - 1) - 1) // sh + 1
+    ow = (int(data.shape[2]) - dw * (kw - 1) - 1) // sw + 1
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    rc = te.reduce_axis((0, ib * GROUP), "rc")
+    return te.compute(
+        (n, oh, ow, ob * LANES),
+        lambda b, y, x, o: te.sum(
+            data[b, y * sh + ry * dh, x * sw + rx * dw, rc].astype("int32")
+            * packed[o // LANES, ry, rx, rc // GROUP, o % LANES, rc % GROUP].astype("int32"),
+            axis=[ry, rx, rc],
+        ),
+        name=CONV_BLOCK,
+    )
+
+
+def depthwise_nhwc(data, weight, strides, padding, dilation, pad_value):
+    """int32 depthwise conv of NHWC integer ``data`` with ``[KH, KW, C]`` integer weights.
+
+    Channels are innermost in both operands, so a schedule vectorizes over them with unit
+    stride. Padding uses ``pad_value`` (the code of 0.0, so the zero-point fold stays exact).
+    """
+    n, h, w, c = (int(d) for d in data.shape)
+    kh, kw, _ = (int(d) for d in weight.shape)
+    (sh, sw), (dh, dw) = strides, dilation
+    top, left, bottom, right = padding
+    if any(padding):
+        data = te.compute(
+            (n, h + top + bottom, w + left + right, c),
+            lambda b, y, x, k: tirx.if_then_else(
+                tirx.all(y >= top, y < h + top, x >= left, x < w + left),
+                data[b, y - top, x - left, k],
+                tirx.const(pad_value, data.dtype),
+            ),
+            name="qc_pad",
+        )
+    oh = (int(data.shape[1]) - dh * (kh - 1) - 1) // sh + 1
+    ow = (int(data.shape[2]) - dw * (kw - 1) - 1) // sw + 1
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    return te.compute(
+        (n, oh, ow, c),
+        lambda b, y, x, k: te.sum(
+            data[b, y * sh + ry * dh, x * sw + rx * dw, k].astype("int32")
+            * weight[ry, rx, k].astype("int32"),
+            axis=[ry, rx],
+        ),
+        name=DEPTHWISE_BLOCK,
+    )
+
+
+def dense_packed(data, packed):
+    """int32 ``data @ w`` of uint8 ``data[M, K]`` with packed weights ``[N/16, K/4, 16, 4]``."""
+    m = int(data.shape[0])
+    nb, kb, _, _ = (int(d) for d in packed.shape)
+    rk = te.reduce_axis((0, kb * GROUP), "rk")
+    return te.compute(
+        (m, nb * LANES),
+        lambda i, j: te.sum(
+            data[i, rk].astype("int32")
+            * packed[j // LANES, rk // GROUP, j % LANES, rk % GROUP].astype("int32"),
+            axis=[rk],
+        ),
+        name=DENSE_BLOCK,
+    )
+
+
+# -- the Relax rewrite ---------------------------------------------------------------------------
+def _shape(expr) -> list[int]:
+    return [int(d) for d in expr.ty.shape]
+
+
+def _pad_channels(bb, data, channels: int):
+    """``data`` zero-padded along its last axis to ``channels``."""
+    have = _shape(data)[-1]
+    if have == channels:
+        return data
+    widths = [0, 0] * (len(_shape(data)) - 1) + [0, channels - have]
+    return bb.emit(relax.op.nn.pad(data, widths, pad_value=0.0))
+
+
+def _slice_channels(bb, out, channels: int):
+    out = bb.normalize(out)
+    if _shape(out)[-1] == channels:
+        return out
+    axis = len(_shape(out)) - 1
+    return relax.op.strided_slice(bb.emit(out), axes=[axis], begin=[0], end=[channels])
+
+
+@mutator
+class _Int8Kernels(PyExprMutator):
+    def __init__(self, mod, dot_product: bool):
+        super().__init__(mod)
+        self.dot_product = dot_product
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        name = op_name(call)
+        rewritten = None
+        if name == "relax.nn.conv2d":
+            rewritten = self._conv2d(call)
+        elif name == "relax.matmul":
+            rewritten = self._matmul(call)
+        return call if rewritten is None else rewritten
+
+    @staticmethod
+    def _int8_operands(call):
+        data, weight = call.args[0], call.args[1]
+        w = const_value(weight)
+        ok = (
+            w is not None
+            and w.dtype == np.int8
+            and str(data.ty.dtype) == "uint8"
+            and str(call.ty.dtype) == "int32"
+        )
+        return (data, w) if ok else (None, None)
+
+    def _conv2d(self, call):
+        attrs = call.attrs
+        layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout))
+        if layouts != ("NHWC", "OHWI", "NHWC"):
+            return None
+        if int(attrs.groups) != 1:
+            return self._depthwise(call)
+        data, w = self._int8_operands(call)
+        if data is None or not self.dot_product:
+            return None
+        bb = self.builder_
+        packed = pack_conv_weight(w)
+        data = _pad_channels(bb, data, packed.shape[3] * GROUP)
+        out = bb.call_te(
+            conv2d_nhwc_packed,
+            data,
+            relax.const(packed, "int8"),
+            strides=[int(s) for s in attrs.strides],
+            padding=[int(p) for p in attrs.padding],
+            dilation=[int(d) for d in attrs.dilation],
+            primfunc_name_hint="qc_conv2d_int8",
+        )
+        return _slice_channels(bb, out, w.shape[0])
+
+    def _depthwise(self, call):
+        data, weight = call.args[0], call.args[1]
+        w = const_value(weight)
+        channels = _shape(data)[-1]
+        integer = str(data.ty.dtype) in ("uint8", "int8", "int16") and str(call.ty.dtype) == "int32"
+        if w is None or not integer or w.dtype.kind != "i" or w.shape[0] != channels:
+            return None
+        if int(call.attrs.groups) != channels or w.shape[3] != 1:
+            return None
+        attrs = call.attrs
+        return self.builder_.call_te(
+            depthwise_nhwc,
+            data,
+            relax.const(np.ascontiguousarray(w[..., 0].transpose(1, 2, 0)), str(w.dtype)),
+            strides=[int(s) for s in attrs.strides],
+            padding=[int(p) for p in attrs.padding],
+            dilation=[int(d) for d in attrs.dilation],
+            pad_value=0,
+            primfunc_name_hint="qc_depthwise_int",
+        )
+
+    def _matmul(self, call):
+        data, w = self._int8_operands(call)
+        if data is None or not self.dot_product or w.ndim != 2 or len(_shape(data)) != 2:
+            return None
+        bb = self.builder_
+        packed = pack_dense_weight(w)
+        data = _pad_channels(bb, data, packed.shape[1] * GROUP)
+        out = bb.call_te(
+            dense_packed, data, relax.const(packed, "int8"), primfunc_name_hint="qc_dense_int8"
+        )
+        return _slice_channels(bb, out, w.shape[1])
+
+
+def use_int8_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Rewrite ``main``'s integer convs and matmuls to the kernels of this module.
+
+    uint8 x int8 convs/matmuls become packed dot-product kernels where the target has the
+    instruction (:func:`has_vnni`); integer depthwise convs become channels-innermost kernels
+    on every target.
+    """
+    rewriter = _Int8Kernels(mod, dot_product=has_vnni(target))
+    main = rewriter.visit_expr(mod["main"])
+    out = rewriter.builder_.get()
+    out["main"] = main
+    return relax.transform.DeadCodeElimination(["main"])(out)

@@ -1,0 +1,270 @@
+"""Default CPU schedules: every kernel parallel and vectorized before any tuning.
+
+TVM's default CPU pipeline schedules nothing: each fused function runs as the naive loop nest its
+operators legalized to, about 30x slower than onnxruntime. Meta-schedule fixes that, but only
+after minutes of measured trials per kernel. These schedules are written by hand from the shape of
+the fused function, without search, so that an untuned build is already usable:
+
+``packed conv2d / dense`` (``targets.kernels``)
+    output channels tiled by 16 and input channels by 4 onto the VNNI intrinsic, a few pixels and
+    16-channel groups per register tile, the requantize epilogue computed per tile while the
+    accumulators are hot, parallel over output rows and channel blocks.
+``any other reduction`` (depthwise, pooling, means, matmuls and convs without the intrinsic)
+    the innermost spatial axis (channels, in NHWC) split into vector lanes and moved inside the
+    reduction loops, everything above it fused into one parallel loop, epilogue at that loop.
+``injective`` (requantize of residual adds, layout transforms, pads)
+    all loops fused, vector lanes inside, parallel outside.
+
+Producers that can be inlined are inlined first. A function none of these fit is left as it is
+(correct, slow) and named in a debug log line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir.schedule import ScheduleError
+
+from qcompiler.targets.kernels import (
+    CONV_BLOCK,
+    DENSE_BLOCK,
+    DEPTHWISE_BLOCK,
+    LANES,
+    VNNI_INTRIN,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEDULED_ATTR = "tir.is_scheduled"
+_VECTOR_BYTES = 64  # one AVX-512 register; on narrower machines LLVM splits the vector
+_DATA_PAR, _REDUCE = 0, 2  # IterVar kinds
+
+
+def _largest_divisor(n: int, cap: int) -> int:
+    return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)
+
+
+def _extent(sch, loop) -> int | None:
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def _is_reduction(sch, block) -> bool:
+    return any(int(iv.iter_type) == _REDUCE for iv in sch.get(block).iter_vars)
+
+
+def _lanes(sch, block) -> int:
+    """Vector lanes for the block's output dtype."""
+    buffer = sch.get(block).writes[0].source
+    return max(4, _VECTOR_BYTES // max(1, tvm.DataType(buffer.dtype).bits // 8))
+
+
+def _inline_producers(sch, anchor) -> None:
+    """Inline every injective block except the anchor, the outputs and the pads before it."""
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(block).same_as(sch.get(anchor)):
+            continue
+        with contextlib.suppress(ScheduleError, RuntimeError):
+            sch.compute_inline(block)
+
+
+def _epilogue(sch, anchor):
+    """The consumer chain after ``anchor``, inlined into its last block (returned, or None)."""
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    index = names.index(sch.get(anchor).name_hint)
+    after = blocks[index + 1 :]
+    if not after:
+        return None
+    for block in after[:-1]:
+        try:
+            sch.compute_inline(block)
+        except (ScheduleError, RuntimeError):
+            try:
+                sch.reverse_compute_inline(block)
+            except (ScheduleError, RuntimeError):
+                return None
+    return after[-1]
+
+
+def _vectorize_tail(sch, block, lanes: int) -> None:
+    """Vectorize the innermost loop of ``block`` (split to ``lanes`` when it is longer)."""
+    loop = sch.get_loops(block)[-1]
+    extent = _extent(sch, loop)
+    if extent is None or extent < 2:
+        return
+    if extent > lanes:
+        _, loop = sch.split(loop, [None, _largest_divisor(extent, lanes)])
+    sch.vectorize(loop)
+
+
+def _attach_epilogue(sch, anchor, loop, lanes: int) -> None:
+    last = _epilogue(sch, anchor)
+    if last is None:
+        return
+    sch.reverse_compute_at(last, loop)
+    _vectorize_tail(sch, last, lanes)
+
+
+def _schedule_conv_vnni(sch, block) -> None:
+    n, h, w, o, ry, rx, rc = sch.get_loops(block)
+    width, channels = _extent(sch, w), _extent(sch, o)
+    pixels = _largest_divisor(width, 8)
+    groups = _largest_divisor(channels // LANES, 4 if pixels <= 7 else 2)
+    oo, o2, oi = sch.split(o, [None, groups, LANES])
+    rco, rci = sch.split(rc, [None, 4])
+    wo, wi = sch.split(w, [None, pixels])
+    sch.reorder(n, h, oo, wo, ry, rx, rco, wi, o2, oi, rci)
+    outer = sch.fuse(n, h, oo)
+    sch.parallel(outer)
+    # The epilogue moves in while the block is still a whole reduction (before decomposing).
+    _attach_epilogue(sch, block, wo, LANES)
+    for pad in sch.get_producers(block):
+        sch.compute_at(pad, outer)
+        _vectorize_tail(sch, pad, 64)
+    init = sch.decompose_reduction(block, ry)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(oi, VNNI_INTRIN)
+    sch.unroll(wi)
+    sch.unroll(o2)
+
+
+def _schedule_dense_vnni(sch, block) -> None:
+    i, j, rk = sch.get_loops(block)
+    groups = _largest_divisor(_extent(sch, j) // LANES, 4)
+    jo, j2, ji = sch.split(j, [None, groups, LANES])
+    rko, rki = sch.split(rk, [None, 4])
+    sch.reorder(i, jo, rko, j2, ji, rki)
+    outer = sch.fuse(i, jo)
+    sch.parallel(outer)
+    _attach_epilogue(sch, block, outer, LANES)
+    init = sch.decompose_reduction(block, rko)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(ji, VNNI_INTRIN)
+    sch.unroll(j2)
+
+
+def _schedule_depthwise(sch, block) -> None:
+    """Register tile of a few pixels x 16 channels, all taps unrolled, padding done up front."""
+    pads = sch.get_producers(block)
+    b, y, x, k, ry, rx = sch.get_loops(block)
+    lanes = _largest_divisor(_extent(sch, k), LANES)
+    pixels = _largest_divisor(_extent(sch, x), 8)
+    ko, ki = sch.split(k, [None, lanes])
+    xo, xi = sch.split(x, [None, pixels])
+    sch.reorder(b, y, xo, ko, ry, rx, xi, ki)
+    outer = sch.fuse(b, y)
+    sch.parallel(outer)
+    _attach_epilogue(sch, block, ko, lanes)
+    sch.vectorize(ki)
+    init = sch.decompose_reduction(block, ry)
+    sch.vectorize(sch.get_loops(init)[-1])
+    for loop in (ry, rx, xi):
+        sch.unroll(loop)
+    for pad in pads:
+        _schedule_injective(sch, pad)
+
+
+def _schedule_reduction(sch, block) -> None:
+    """Innermost spatial axis as vector lanes inside the reduction loops, the rest parallel."""
+    loops = sch.get_loops(block)
+    kinds = [int(iv.iter_type) for iv in sch.get(block).iter_vars]
+    if len(loops) != len(kinds):
+        raise ValueError("loops and block iterators do not correspond one to one")
+    spatial = [lp for lp, k in zip(loops, kinds) if k == _DATA_PAR]
+    reduce = [lp for lp, k in zip(loops, kinds) if k == _REDUCE]
+    if not spatial:
+        raise ValueError("a reduction to a scalar")
+    lanes = _lanes(sch, block)
+    inner = spatial[-1]
+    extent = _extent(sch, inner) or 1
+    vector = _largest_divisor(extent, lanes) if extent >= 4 else 1
+    if vector > 1:
+        outer_c, inner = sch.split(inner, [None, vector])
+        sch.reorder(*spatial[:-1], outer_c, *reduce, inner)
+        parallel = sch.fuse(*spatial[:-1], outer_c)
+    else:
+        sch.reorder(*spatial, *reduce)
+        parallel = sch.fuse(*spatial)
+    sch.parallel(parallel)
+    _attach_epilogue(sch, block, parallel, lanes)
+    if vector > 1:
+        sch.vectorize(inner)
+    if reduce:
+        init = sch.decompose_reduction(block, reduce[0])
+        _vectorize_tail(sch, init, lanes)
+
+
+def _schedule_injective(sch, block) -> None:
+    """Vector lanes along the innermost axis (unit stride in the output), the rest parallel.
+
+    Fusing every loop first would vectorize across rows too, and the div/mod that recovers the
+    row in each lane (a pad's bounds test, say) costs more than the vector saves.
+    """
+    loops = sch.get_loops(block)
+    lanes = _lanes(sch, block)
+    inner = loops[-1]
+    extent = _extent(sch, inner) or 1
+    vector = _largest_divisor(extent, lanes)
+    outer = list(loops[:-1])
+    if vector > 1 and vector < extent:
+        rest, inner = sch.split(inner, [None, vector])
+        outer.append(rest)
+    if vector > 1:
+        sch.vectorize(inner)
+    elif extent > 1:
+        outer.append(inner)
+    if outer:
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        if (_extent(sch, fused) or 2) > 1:
+            sch.parallel(fused)
+
+
+def schedule_in_place(sch: s_tir.Schedule) -> None:
+    """Apply the default schedule to the ``main`` of ``sch`` (see the module docstring)."""
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    named = {sch.get(b).name_hint: b for b in blocks}
+    rules = (
+        (CONV_BLOCK, _schedule_conv_vnni),
+        (DENSE_BLOCK, _schedule_dense_vnni),
+        (DEPTHWISE_BLOCK, _schedule_depthwise),
+    )
+    for name, rule in rules:
+        if name in named:
+            rule(sch, named[name])
+            return
+    reductions = [b for b in blocks if _is_reduction(sch, b)]
+    if reductions:
+        _inline_producers(sch, reductions[0])
+        for block in reductions:
+            _schedule_reduction(sch, block)
+        return
+    _inline_producers(sch, blocks[-1])
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        _schedule_injective(sch, block)
+
+
+def schedule_function(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``func`` with its default schedule."""
+    sch = s_tir.Schedule(func)
+    schedule_in_place(sch)
+    return sch.mod["main"]
+
+
+@tvm.transform.module_pass(opt_level=0, name="QCDefaultSchedules")
+def default_schedules(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Schedule every PrimFunc that has no schedule yet (from a tuning database, say)."""
+    out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    for gvar, func in mod.functions.items():
+        if not isinstance(func, tirx.PrimFunc) or (func.attrs and SCHEDULED_ATTR in func.attrs):
+            continue
+        try:
+            scheduled = schedule_function(func)
+        except (RuntimeError, ValueError) as err:
+            log.debug("no default schedule for %s: %s", gvar.name_hint, err)
+            continue
+        out[gvar] = scheduled.with_attr(SCHEDULED_ATTR, True)
+    return out

@@ -1,0 +1,436 @@
+"""Tuning over TVM RPC: a tracker, servers registered under a board key, meta-schedule, a database.
+
+Every measurement goes through RPC, for the host as for a board: :class:`LocalRPC` starts a
+tracker and a server on 127.0.0.1 (and stops them), so CI runs the same code path as a
+Raspberry Pi behind a tracker.
+
+:func:`tune` extracts the tasks (one per distinct fused TIR function, weighted by how often it is
+called) from exactly the module :func:`qcompiler.targets.build.build` lowers, and then
+
+1. measures each task's default schedule (``targets.schedules``) on the board and stores it as a
+   tuning record, so a tuned build is never slower than the untuned one;
+2. searches with meta-schedule (evolutionary search, XGBoost cost model) for the tasks the
+   database does not already hold with ``trials_per_task`` records, spending the trial budget
+   by task weight and latency (meta-schedule's gradient task scheduler).
+
+Records go to a :class:`~tvm.s_tir.meta_schedule.database.JSONDatabase` in ``records_dir``: one
+line per measured candidate, appended as soon as it is measured, so a run that dies keeps
+everything measured before and the next run starts from there. One directory can serve many
+models and precision configurations: a task is keyed by its TIR, and identical kernels share
+records.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tvm
+from tvm import rpc
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.relax_integration import extract_tasks
+
+from qcompiler.passes.errors import QCompilerError
+from qcompiler.targets.build import fused_module
+from qcompiler.targets.schedules import schedule_in_place
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RPCEndpoint:
+    """Where boards of one kind are found: a tracker and the key their servers registered."""
+
+    host: str
+    port: int
+    key: str
+    timeout_s: int = 60
+
+    def __str__(self) -> str:
+        return f"tracker {self.host}:{self.port}, key {self.key!r}"
+
+    def check(self) -> int:
+        """Number of free servers under :attr:`key`; a clear error when there is none."""
+        if not _tracker_up(self):
+            raise QCompilerError(
+                f"cannot reach the RPC tracker at {self.host}:{self.port} (connection refused "
+                "or timed out); start one with `python -m tvm.exec.rpc_tracker`"
+            )
+        try:
+            summary = rpc.connect_tracker(self.host, self.port).summary()
+        except (OSError, RuntimeError) as err:
+            raise QCompilerError(
+                f"cannot reach the RPC tracker at {self.host}:{self.port}: {err}"
+            ) from err
+        queue = summary.get("queue_info", {}).get(self.key, {})
+        free = int(queue.get("free", 0))
+        if free + int(queue.get("pending", 0)) == 0:
+            keys = sorted(summary.get("queue_info", {}))
+            raise QCompilerError(
+                f"no RPC server is registered under key {self.key!r} at tracker "
+                f"{self.host}:{self.port} (keys there: {keys})"
+            )
+        return free
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalRPC:
+    """A tracker and ``servers`` RPC servers on 127.0.0.1, as child processes.
+
+    >>> with LocalRPC(key="x86") as endpoint:
+    ...     tune(mod, target, "records/", trials=64, rpc=endpoint)
+
+    ``threads`` sets the servers' ``TVM_NUM_THREADS``, so measured latencies are for that many
+    threads.
+    """
+
+    def __init__(self, key: str = "local", servers: int = 1, threads: int | None = None):
+        self.key, self.servers, self.threads = key, servers, threads
+        self.processes: list[subprocess.Popen] = []
+        self.endpoint: RPCEndpoint | None = None
+
+    def __enter__(self) -> RPCEndpoint:
+        port = _free_port()
+        python = [sys.executable, "-m"]
+        self._spawn(
+            [
+                *python,
+                "tvm.exec.rpc_tracker",
+                "--host=127.0.0.1",
+                f"--port={port}",
+                f"--port-end={port + 1}",
+            ]
+        )
+        endpoint = RPCEndpoint("127.0.0.1", port, self.key)
+        self._wait(lambda: _tracker_up(endpoint), "the RPC tracker to start")
+        for _ in range(self.servers):
+            server_port = _free_port()
+            self._spawn(
+                [
+                    *python,
+                    "tvm.exec.rpc_server",
+                    f"--tracker=127.0.0.1:{port}",
+                    f"--key={self.key}",
+                    "--host=127.0.0.1",
+                    f"--port={server_port}",
+                    f"--port-end={server_port + 1}",
+                ]
+            )
+        self._wait(lambda: _free_servers(endpoint) >= self.servers, "the RPC servers to register")
+        self.endpoint = endpoint
+        return endpoint
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def server_processes(self) -> list[subprocess.Popen]:
+        return self.processes[1:]
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.processes:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.processes.clear()
+
+    def _spawn(self, cmd: list[str]) -> None:
+        env = dict(os.environ)
+        if self.threads:
+            env["TVM_NUM_THREADS"] = str(self.threads)
+        self.processes.append(
+            subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        )
+
+    def _wait(self, ready: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            dead = [p for p in self.processes if p.poll() is not None]
+            if dead:
+                self.stop()
+                raise QCompilerError(f"{' '.join(dead[0].args)} exited with {dead[0].returncode}")
+            if ready():
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise QCompilerError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _tracker_up(endpoint: RPCEndpoint) -> bool:
+    """Whether something listens at the tracker's address (TVM's own client retries for ages)."""
+    try:
+        socket.create_connection((endpoint.host, endpoint.port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def _free_servers(endpoint: RPCEndpoint) -> int:
+    try:
+        return endpoint.check()
+    except QCompilerError:
+        return 0
+
+
+# -- the database ---------------------------------------------------------------------------------
+def open_database(records_dir: str | os.PathLike) -> ms.database.JSONDatabase:
+    """The append-only JSON tuning database in ``records_dir`` (created when missing)."""
+    path = Path(records_dir)
+    if path.exists() and not path.is_dir():
+        raise QCompilerError(f"tuning records {str(path)!r} is a file, expected a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(
+        path_workload=str(path / "workloads.json"),
+        path_tuning_record=str(path / "records.json"),
+        allow_missing=True,
+    )
+
+
+def load_database(records_dir: str | os.PathLike) -> ms.database.JSONDatabase:
+    """An existing tuning database (for ``--tuning-records``); a clear error when it is not one."""
+    path = Path(records_dir)
+    if not (path / "records.json").is_file() or not (path / "workloads.json").is_file():
+        raise QCompilerError(
+            f"{str(path)!r} holds no tuning records (expected workloads.json and records.json "
+            "written by `qc tune`)"
+        )
+    return open_database(path)
+
+
+# -- tuning ----------------------------------------------------------------------------------------
+@dataclass
+class TaskReport:
+    """One tuned kernel: its name, weight (calls per run) and latencies in seconds."""
+
+    name: str
+    weight: int
+    default_s: float | None = None
+    best_s: float | None = None
+    trials: int = 0
+
+
+@dataclass
+class TuneReport:
+    records_dir: str
+    tasks: list[TaskReport] = field(default_factory=list)
+    trials: int = 0
+    wall_s: float = 0.0
+    skipped: int = 0  # tasks the database already held
+
+    def estimated_ms(self) -> float:
+        """Sum over tasks of weight x best measured latency."""
+        return 1e3 * sum(t.weight * (t.best_s or t.default_s or 0.0) for t in self.tasks)
+
+
+def _runner(endpoint: RPCEndpoint) -> ms.runner.RPCRunner:
+    return ms.runner.RPCRunner(
+        rpc_config=ms.runner.RPCConfig(
+            tracker_host=endpoint.host,
+            tracker_port=endpoint.port,
+            tracker_key=endpoint.key,
+            session_timeout_sec=endpoint.timeout_s,
+        ),
+        evaluator_config=ms.runner.EvaluatorConfig(
+            number=3, repeat=1, min_repeat_ms=40, enable_cpu_cache_flush=False
+        ),
+        max_workers=1,
+    )
+
+
+def _builder() -> ms.builder.LocalBuilder:
+    # The default 30 s is too short for conv builds on a busy 2-core machine.
+    return ms.builder.LocalBuilder(max_workers=1, timeout_sec=180)
+
+
+def _measure_defaults(tasks, target, builder, runner, database) -> list[float | None]:
+    """Measure the default schedule of each task over RPC (one batch) and commit the records.
+
+    Returns the mean latency per task, ``None`` where no default schedule applies or it failed
+    to build.
+    """
+    candidates = []
+    for task in tasks:
+        sch = tvm.s_tir.Schedule(task.dispatched[0], debug_mask="all")
+        try:
+            schedule_in_place(sch)
+        except (RuntimeError, ValueError) as err:
+            log.debug("no default schedule for %s: %s", task.task_name, err)
+            continue
+        candidates.append((task, sch))
+    if not candidates:
+        return [None] * len(tasks)
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch in candidates])
+    inputs, measured = [], []
+    for (task, sch), result in zip(candidates, built):
+        if result.error_msg:
+            log.warning(
+                "default schedule of %s failed to build: %s", task.task_name, result.error_msg
+            )
+            continue
+        args_info = ms.arg_info.ArgInfo.from_prim_func(task.dispatched[0]["main"])
+        inputs.append(ms.runner.RunnerInput(result.artifact_path, "cpu", args_info))
+        measured.append((task, sch, args_info))
+    seconds = {}
+    for (task, sch, args_info), future in zip(measured, runner.run(inputs)):
+        result = future.result()
+        if result.error_msg:
+            raise QCompilerError(
+                f"measuring {task.task_name} over RPC failed: {result.error_msg.strip()[-500:]}"
+            )
+        run_secs = [float(s) for s in result.run_secs]
+        workload = database.commit_workload(task.dispatched[0])
+        database.commit_tuning_record(
+            ms.database.TuningRecord(sch.trace, workload, run_secs, target, args_info)
+        )
+        seconds[task.task_name] = sum(run_secs) / len(run_secs)
+    return [seconds.get(task.task_name) for task in tasks]
+
+
+def _best_seconds(database, task) -> tuple[float | None, int]:
+    """Best mean latency the database holds for ``task`` and how many records it has."""
+    if not database.has_workload(task.dispatched[0]):
+        return None, 0
+    workload = database.commit_workload(task.dispatched[0])
+    records = database.get_top_k(workload, 1 << 20)
+    if not records:
+        return None, 0
+    best = records[0].run_secs
+    return sum(float(s) for s in best) / len(best), len(records)
+
+
+@derived_object
+class _Progress(ms.measure_callback.PyMeasureCallback):
+    """Prints tasks done and the best latency so far; stops when the board stops answering."""
+
+    def __init__(self, names: list[str], endpoint: RPCEndpoint, records_dir: str, echo):
+        self.names, self.endpoint, self.records_dir, self.echo = names, endpoint, records_dir, echo
+        self.best: dict[int, float] = {}
+        self.trials = 0
+        self.failed_batches = 0
+
+    def apply(self, task_scheduler, task_id, candidates, builder_results, runner_results):
+        self.trials += len(runner_results)
+        errors = [r.error_msg for r in runner_results if r.error_msg]
+        for result in runner_results:
+            if not result.error_msg and result.run_secs:
+                secs = sum(float(s) for s in result.run_secs) / len(result.run_secs)
+                self.best[task_id] = min(self.best.get(task_id, secs), secs)
+        rpc_errors = [e for e in errors if "RPC" in e or "rpc" in e or "connect" in e.lower()]
+        if runner_results and len(rpc_errors) == len(runner_results):
+            self.failed_batches += 1
+        else:
+            self.failed_batches = 0
+        best = self.best.get(task_id)
+        self.echo(
+            f"  [{self.trials} trials] {self.names[task_id]}: "
+            f"{len(runner_results) - len(errors)}/{len(runner_results)} ok, best "
+            + (f"{best * 1e6:.1f} us" if best is not None else "-")
+        )
+        if self.failed_batches >= 2:
+            raise QCompilerError(
+                f"the board at {self.endpoint} stopped answering: "
+                f"{rpc_errors[0].strip().splitlines()[-1][:300]}. Every record measured so far "
+                f"is kept in {self.records_dir}; run the same command again to resume."
+            )
+
+
+def tune(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    records_dir: str | os.PathLike,
+    rpc: RPCEndpoint,
+    trials: int = 64,
+    trials_per_task: int | None = None,
+    echo: Callable[[str], None] = print,
+) -> TuneReport:
+    """Tune every kernel of ``mod`` for ``target`` on the board behind ``rpc``.
+
+    Parameters
+    ----------
+    trials : int
+        Search trials for the whole model (beyond the default schedules, which are always
+        measured once per task); 0 measures the defaults only.
+    trials_per_task : int, optional
+        A task whose database entry already holds this many records is not searched again
+        (default: ``max(8, trials // tasks)`` rounded up to a batch).
+    """
+    start = time.monotonic()
+    records_dir = str(records_dir)
+    database = open_database(records_dir)
+    rpc.check()
+    tasks = [t for t in extract_tasks(fused_module(mod, target), target) if t.dispatched]
+    report = TuneReport(records_dir)
+    builder, runner = _builder(), _runner(rpc)
+    per_task = trials_per_task or max(8, -(-trials // max(1, len(tasks))))
+    todo = []
+    echo(f"tuning {len(tasks)} tasks on {rpc}; records in {records_dir}")
+    counts = []
+    for task in tasks:
+        entry = TaskReport(task.task_name, int(task.weight))
+        report.tasks.append(entry)
+        entry.best_s, count = _best_seconds(database, task)
+        counts.append(count)
+    new = [i for i, count in enumerate(counts) if count == 0]
+    if new:
+        echo(f"measuring the default schedules of {len(new)} new tasks")
+        defaults = _measure_defaults([tasks[i] for i in new], target, builder, runner, database)
+        for i, seconds in zip(new, defaults):
+            entry = report.tasks[i]
+            entry.default_s = entry.best_s = seconds
+            counts[i] = 1
+            report.trials += 1
+            echo(
+                f"  {entry.name}: "
+                + (f"{seconds * 1e6:.1f} us" if seconds is not None else "no default schedule")
+            )
+    for task, entry, count in zip(tasks, report.tasks, counts):
+        if count >= per_task or trials == 0:
+            report.skipped += 1
+        else:
+            todo.append((task, entry))
+    if todo and trials > 0:
+        names = [t.task_name for t, _ in todo]
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            [t for t, _ in todo], work_dir=os.path.join(records_dir, "logs")
+        )
+        progress = _Progress(names, rpc, records_dir, echo)
+        ms.tune.tune_tasks(
+            tasks=contexts,
+            task_weights=weights,
+            work_dir=os.path.join(records_dir, "logs"),
+            max_trials_global=trials,
+            max_trials_per_task=per_task,
+            num_trials_per_iter=min(16, per_task),
+            builder=builder,
+            runner=runner,
+            database=database,
+            cost_model="xgb",
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress],
+        )
+        report.trials += progress.trials
+        for task, entry in todo:
+            entry.best_s, count = _best_seconds(database, task)
+            entry.trials = count
+    report.wall_s = time.monotonic() - start
+    echo(
+        f"tuned in {report.wall_s:.0f} s: {report.trials} measurements, "
+        f"{report.skipped} tasks already tuned, estimated {report.estimated_ms():.2f} ms per run"
+    )
+    return report

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-import tvm.s_tir.tensor_intrin  # noqa: F401  (TVM's intrinsics first: ours override one of them)
 from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.s_tir import TensorIntrin
@@ -76,8 +75,17 @@ def _dot_16x4_vnni(
 
 
 TensorIntrin.register(VNNI_INTRIN, _dot_16x4_desc, _dot_16x4_vnni, override=True)
-# Meta-schedule's x86 rules tensorize with TVM's name for it; give them the working one.
-TensorIntrin.register("dot_16x4_vnni", _dot_16x4_desc, _dot_16x4_vnni, override=True)
+
+
+def fix_tvm_intrinsics() -> None:
+    """Point TVM's ``dot_16x4_vnni`` (what meta-schedule's x86 rules tensorize with) at ours.
+
+    Importing ``tvm.s_tir.tensor_intrin`` registers every target's intrinsics, which takes
+    about a minute, so only tuning does it.
+    """
+    import tvm.s_tir.tensor_intrin  # noqa: F401
+
+    TensorIntrin.register("dot_16x4_vnni", _dot_16x4_desc, _dot_16x4_vnni, override=True)
 
 
 def has_vnni(target: tvm.target.Target) -> bool:

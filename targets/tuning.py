@@ -22,8 +22,10 @@ records.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +42,7 @@ from tvm.s_tir.meta_schedule.relax_integration import extract_tasks
 
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.targets.build import fused_module
+from qcompiler.targets.kernels import fix_tvm_intrinsics
 from qcompiler.targets.schedules import schedule_in_place
 
 log = logging.getLogger(__name__)
@@ -136,19 +139,21 @@ class LocalRPC:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    @property
-    def server_processes(self) -> list[subprocess.Popen]:
-        return self.processes[1:]
+    def kill_servers(self) -> None:
+        """Kill the RPC servers at once (what a board that loses power looks like)."""
+        for proc in self.processes[1:]:
+            _signal_group(proc, signal.SIGKILL)
 
     def stop(self) -> None:
+        # TVM's server and tracker serve from child processes: signal the whole group.
         for proc in reversed(self.processes):
-            if proc.poll() is None:
-                proc.terminate()
+            _signal_group(proc, signal.SIGTERM)
         for proc in self.processes:
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
         self.processes.clear()
 
     def _spawn(self, cmd: list[str]) -> None:
@@ -156,7 +161,13 @@ class LocalRPC:
         if self.threads:
             env["TVM_NUM_THREADS"] = str(self.threads)
         self.processes.append(
-            subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         )
 
     def _wait(self, ready: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
@@ -171,6 +182,11 @@ class LocalRPC:
             time.sleep(0.2)
         self.stop()
         raise QCompilerError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
 
 
 def _tracker_up(endpoint: RPCEndpoint) -> bool:
@@ -317,7 +333,12 @@ def _best_seconds(database, task) -> tuple[float | None, int]:
 
 @derived_object
 class _Progress(ms.measure_callback.PyMeasureCallback):
-    """Prints tasks done and the best latency so far; stops when the board stops answering."""
+    """Prints tasks done and the best latency so far; stops when the board stops answering.
+
+    A batch whose every run failed in RPC means the board is gone (a kernel that crashes fails
+    alone): tuning stops there with the records kept, instead of burning the remaining trials
+    on timeouts.
+    """
 
     def __init__(self, names: list[str], endpoint: RPCEndpoint, records_dir: str, echo):
         self.names, self.endpoint, self.records_dir, self.echo = names, endpoint, records_dir, echo
@@ -332,7 +353,9 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
             if not result.error_msg and result.run_secs:
                 secs = sum(float(s) for s in result.run_secs) / len(result.run_secs)
                 self.best[task_id] = min(self.best.get(task_id, secs), secs)
-        rpc_errors = [e for e in errors if "RPC" in e or "rpc" in e or "connect" in e.lower()]
+        rpc_errors = [e for e in errors if "rpc" in e.lower() or "connect" in e.lower()]
+        for error in errors:
+            log.debug("measurement failed: %s", error)
         if runner_results and len(rpc_errors) == len(runner_results):
             self.failed_batches += 1
         else:
@@ -343,7 +366,7 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
             f"{len(runner_results) - len(errors)}/{len(runner_results)} ok, best "
             + (f"{best * 1e6:.1f} us" if best is not None else "-")
         )
-        if self.failed_batches >= 2:
+        if self.failed_batches >= 1:
             raise QCompilerError(
                 f"the board at {self.endpoint} stopped answering: "
                 f"{rpc_errors[0].strip().splitlines()[-1][:300]}. Every record measured so far "
@@ -372,6 +395,7 @@ def tune(
         (default: ``max(8, trials // tasks)`` rounded up to a batch).
     """
     start = time.monotonic()
+    fix_tvm_intrinsics()
     records_dir = str(records_dir)
     database = open_database(records_dir)
     rpc.check()

@@ -1,0 +1,207 @@
+"""Integer kernels and their default schedules against numpy; tuning over a real local RPC.
+
+Every kernel is checked for exact int32 equality with a numpy int64 reference, once with the
+host's VNNI path and once for a CPU without it (generic schedules), so both code paths are
+exercised on this machine.
+"""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from qcompiler.targets.build import build
+from qcompiler.targets.host import resolve_target
+from qcompiler.targets.kernels import has_vnni, pack_conv_weight, pack_dense_weight
+from qcompiler.targets.tuning import LocalRPC, load_database, open_database, tune
+
+HOST = resolve_target("x86")
+NO_VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+TARGETS = [pytest.param(HOST, id="host"), pytest.param(NO_VNNI, id="haswell")]
+needs_vnni = pytest.mark.skipif(not has_vnni(HOST), reason="the host CPU has no AVX-512 VNNI")
+
+
+def run(mod, target, *arrays):
+    vm = relax.VirtualMachine(build(mod, target), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in arrays])
+    return out.numpy()
+
+
+def conv_module(x_shape, w, strides, padding, groups=1, x_dtype="uint8"):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, x_dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(
+                relax.op.nn.conv2d(
+                    x,
+                    relax.const(w, str(w.dtype)),
+                    strides=strides,
+                    padding=padding,
+                    groups=groups,
+                    data_layout="NHWC",
+                    kernel_layout="OHWI",
+                    out_dtype="int32",
+                )
+            )
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def conv_reference(x, w, strides, padding, groups=1):
+    top, left, bottom, right = padding
+    xp = np.pad(x.astype(np.int64), ((0, 0), (top, bottom), (left, right), (0, 0)))
+    o, kh, kw, i = w.shape
+    sh, sw = strides
+    oh = (xp.shape[1] - kh) // sh + 1
+    ow = (xp.shape[2] - kw) // sw + 1
+    out = np.zeros((x.shape[0], oh, ow, o), np.int64)
+    per_group = o // groups
+    for g in range(groups):
+        xs = xp[..., g * i : (g + 1) * i]
+        ws = w[g * per_group : (g + 1) * per_group].astype(np.int64)
+        for r in range(kh):
+            for c in range(kw):
+                patch = xs[:, r : r + sh * (oh - 1) + 1 : sh, c : c + sw * (ow - 1) + 1 : sw]
+                out[..., g * per_group : (g + 1) * per_group] += np.einsum(
+                    "nhwc,oc->nhwo", patch, ws[:, r, c, :]
+                )
+    return out
+
+
+CONV_CASES = [
+    # (N, H, W, C) input, O, K, stride, padding
+    ((1, 14, 14, 32), 48, 1, 1, 0),
+    ((1, 15, 13, 8), 32, 3, 2, 1),  # odd sizes, stride 2
+    ((1, 16, 16, 3), 24, 3, 2, 1),  # 3 input channels (padded to 4), 24 outputs (to 32)
+    ((2, 7, 7, 64), 16, 3, 1, 1),  # batch 2
+]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("x_shape,out_channels,k,stride,pad", CONV_CASES)
+def test_conv2d_matches_numpy(target, x_shape, out_channels, k, stride, pad):
+    rng = np.random.default_rng(sum(x_shape) + out_channels)
+    x = rng.integers(0, 256, x_shape, dtype=np.uint8)
+    w = rng.integers(-127, 128, (out_channels, k, k, x_shape[-1]), dtype=np.int8)
+    padding = (pad, pad, pad, pad)
+    got = run(conv_module(x_shape, w, (stride, stride), padding), target, x)
+    np.testing.assert_array_equal(got, conv_reference(x, w, (stride, stride), padding))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("x_dtype,k,stride", [("uint8", 3, 1), ("int8", 5, 2), ("uint8", 3, 2)])
+def test_depthwise_matches_numpy(target, x_dtype, k, stride):
+    rng = np.random.default_rng(k * 10 + stride)
+    channels = 40
+    info = np.iinfo(x_dtype)
+    x = rng.integers(info.min, info.max + 1, (1, 17, 19, channels)).astype(x_dtype)
+    w = rng.integers(-127, 128, (channels, k, k, 1), dtype=np.int8)
+    padding = (k // 2,) * 4
+    mod = conv_module(x.shape, w, (stride, stride), padding, groups=channels, x_dtype=x_dtype)
+    got = run(mod, target, x)
+    np.testing.assert_array_equal(
+        got, conv_reference(x, w, (stride, stride), padding, groups=channels)
+    )
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("m,k,n", [(1, 1280, 1000), (3, 30, 20)])
+def test_dense_matches_numpy(target, m, k, n):
+    rng = np.random.default_rng(m + k + n)
+    x = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    w = rng.integers(-127, 128, (k, n), dtype=np.int8)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType((m, k), "uint8"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(xv, relax.const(w, "int8"), out_dtype="int32"))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    got = run(bb.get(), target, x)
+    np.testing.assert_array_equal(got, x.astype(np.int64) @ w.astype(np.int64))
+
+
+def test_weight_packing_layout():
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (20, 3, 3, 6), dtype=np.int8)
+    packed = pack_conv_weight(w)
+    assert packed.shape == (2, 3, 3, 2, 16, 4)
+    for o, r, c, i in [(0, 0, 0, 0), (19, 2, 1, 5), (17, 1, 2, 3)]:
+        assert packed[o // 16, r, c, i // 4, o % 16, i % 4] == w[o, r, c, i]
+    assert not packed[1, :, :, :, 4:, :].any() and not packed[:, :, :, 1, :, 2:].any()
+    d = rng.integers(-127, 128, (10, 17), dtype=np.int8)
+    dp = pack_dense_weight(d)
+    assert dp.shape == (2, 3, 16, 4)
+    assert dp[1, 2, 0, 1] == d[9, 16]
+
+
+# -- tuning over RPC ------------------------------------------------------------------------------
+def small_model():
+    rng = np.random.default_rng(5)
+    return conv_module(
+        (1, 8, 8, 16), rng.integers(-127, 128, (32, 3, 3, 16), dtype=np.int8), (1, 1), (1, 1, 1, 1)
+    )
+
+
+@pytest.mark.slow
+@needs_vnni
+def test_tuning_over_local_rpc_keeps_outputs_and_records(tmp_path):
+    mod = small_model()
+    x = np.random.default_rng(6).integers(0, 256, (1, 8, 8, 16), dtype=np.uint8)
+    untuned = run(mod, HOST, x)
+    lines = []
+    with LocalRPC(key="test", threads=1) as endpoint:
+        report = tune(mod, HOST, tmp_path / "rec", endpoint, trials=4, echo=lines.append)
+    assert report.tasks and all(t.best_s is not None for t in report.tasks)
+    # The default schedule is a record too, so the best can only be at least as fast.
+    assert all(t.best_s <= t.default_s for t in report.tasks if t.default_s)
+    database = load_database(tmp_path / "rec")
+    assert len(database) >= len(report.tasks) + 1
+    vm = relax.VirtualMachine(build(mod, HOST, database), tvm.cpu())
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), untuned)
+    # A second run finds everything in the database and measures nothing new.
+    lines.clear()
+    with LocalRPC(key="test", threads=1) as endpoint:
+        again = tune(mod, HOST, tmp_path / "rec", endpoint, trials=4, echo=lines.append)
+    assert again.skipped == len(again.tasks)
+    assert not any("measuring the default" in line for line in lines)
+
+
+@pytest.mark.slow
+@needs_vnni
+def test_killed_rpc_server_keeps_records_and_resumes(tmp_path):
+    from qcompiler.passes.errors import QCompilerError
+
+    mod = small_model()
+    rpc = LocalRPC(key="kill", threads=1)
+    endpoint = rpc.__enter__()
+    try:
+
+        def echo(line):
+            if line.startswith("  ") and "us" in line:  # a default schedule was measured
+                rpc.kill_servers()
+
+        with pytest.raises(QCompilerError, match=r"kill|records|RPC|answer"):
+            tune(mod, HOST, tmp_path / "rec", endpoint, trials=8, echo=echo)
+    finally:
+        rpc.stop()
+    assert (tmp_path / "rec" / "records.json").read_text().strip()
+    kept = len(open_database(tmp_path / "rec"))
+    assert kept >= 1
+    with LocalRPC(key="kill", threads=1) as endpoint:
+        lines = []
+        tune(mod, HOST, tmp_path / "rec", endpoint, trials=0, echo=lines.append)
+    assert not any("measuring the default" in line for line in lines)
+    assert len(open_database(tmp_path / "rec")) >= kept
+
+
+def test_missing_tracker_is_a_clear_error(tmp_path):
+    from qcompiler.passes.errors import QCompilerError
+    from qcompiler.targets.tuning import RPCEndpoint
+
+    with pytest.raises(QCompilerError, match=r"127\.0\.0\.1:1\b"):
+        RPCEndpoint("127.0.0.1", 1, "board").check()
+    with pytest.raises(QCompilerError, match="no tuning records"):
+        load_database(tmp_path)

@@ -304,7 +304,10 @@ def ort_quantized(
     if method == "minmax":
         # MinMax otherwise keeps every activation of every sample until the end (GBs for
         # efficientnet); reducing in chunks gives the same global min/max.
-        extra["CalibMaxIntermediateOutputs"] = 16
+        # onnxruntime 1.32 then fails ("No data is collected") when the chunk divides the sample
+        # count, as the last chunk is reduced and cleared before the final collection.
+        chunk = next(c for c in range(16, 64) if len(calib) % c)
+        extra["CalibMaxIntermediateOutputs"] = chunk
     # quantize_static prints its progress; keep the tables readable.
     with contextlib.redirect_stdout(io.StringIO()):
         quantize_static(

@@ -230,17 +230,38 @@ def tvm_predict(artifact: qcompiler.Artifact) -> Predict:
     return predict
 
 
-def ort_predict(path: Path) -> Predict:
+def ort_session(path: Path, threads: int | None = None):
+    """An onnxruntime CPU session; ``threads`` fixes its intra-op threads (default: its own)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_predict(path: Path) -> Predict:
+    session = ort_session(path)
 
     def predict(sample: Sample) -> int:
         return int(np.argmax(session.run(None, sample)[0]))
 
     return predict
+
+
+def litert_input(source: dict, x: np.ndarray) -> np.ndarray:
+    """``x`` as the LiteRT input ``source`` (its input details) takes it."""
+    dtype = np.dtype(source["dtype"])
+    if dtype.kind in "iu":
+        # The int8 model takes q = round(x / s) + z; its scale and zero point are read from
+        # the model rather than assumed (1.0 and -128 for the shipped ResNet-8).
+        scale, zero_point = source["quantization"]
+        info = np.iinfo(dtype)
+        x = np.clip(np.round(x / scale) + zero_point, info.min, info.max)
+    return x.astype(dtype)
 
 
 def litert_predict(path: Path, spec: InputSpec) -> Predict:
@@ -249,17 +270,9 @@ def litert_predict(path: Path, spec: InputSpec) -> Predict:
     interpreter = Interpreter(model_path=str(path))
     interpreter.allocate_tensors()
     source, sink = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    dtype = np.dtype(source["dtype"])
-    scale, zero_point = source["quantization"]
 
     def predict(sample: Sample) -> int:
-        x = sample[spec.name]
-        if dtype.kind in "iu":
-            # The int8 model takes q = round(x / s) + z; its scale and zero point are read from
-            # the model rather than assumed (1.0 and -128 for the shipped ResNet-8).
-            info = np.iinfo(dtype)
-            x = np.clip(np.round(x / scale) + zero_point, info.min, info.max)
-        interpreter.set_tensor(source["index"], x.astype(dtype))
+        interpreter.set_tensor(source["index"], litert_input(source, sample[spec.name]))
         interpreter.invoke()
         # Raw (possibly int8) logits: dequantization has a positive scale, argmax is unchanged.
         return int(np.argmax(interpreter.get_tensor(sink["index"])))

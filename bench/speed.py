@@ -64,7 +64,7 @@ Sample = dict[str, np.ndarray]
 class Column:
     label: str
     size_bytes: int | None
-    # threads -> (a call running one inference, its competitor key); built lazily per thread count
+    # threads -> a call running one inference with that many threads
     make: Callable[[int], Callable[[], object]]
     build_s: float = 0.0
 
@@ -93,15 +93,8 @@ def time_call(call: Callable[[], object], runs: int, warmup: int) -> tuple[float
 
 # -- the runtimes -------------------------------------------------------------------------------
 def ort_column(label: str, path: Path, sample: Sample) -> Column:
-    import onnxruntime as ort
-
     def make(threads: int):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = accuracy.ort_session(path, threads)
         return lambda: session.run(None, sample)
 
     return Column(label, path.stat().st_size, make)
@@ -114,13 +107,7 @@ def litert_column(label: str, path: Path, sample: Sample) -> Column:
         interpreter = Interpreter(model_path=str(path), num_threads=threads)
         interpreter.allocate_tensors()
         source, sink = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-        dtype = np.dtype(source["dtype"])
-        x = next(iter(sample.values()))
-        if dtype.kind in "iu":
-            scale, zero_point = source["quantization"]
-            info = np.iinfo(dtype)
-            x = np.clip(np.round(x / scale) + zero_point, info.min, info.max)
-        x = x.astype(dtype)
+        x = accuracy.litert_input(source, next(iter(sample.values())))
 
         def call():
             interpreter.set_tensor(source["index"], x)

@@ -344,7 +344,6 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
         self.names, self.endpoint, self.records_dir, self.echo = names, endpoint, records_dir, echo
         self.best: dict[int, float] = {}
         self.trials = 0
-        self.failed_batches = 0
 
     def apply(self, task_scheduler, task_id, candidates, builder_results, runner_results):
         self.trials += len(runner_results)
@@ -356,17 +355,13 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
         rpc_errors = [e for e in errors if "rpc" in e.lower() or "connect" in e.lower()]
         for error in errors:
             log.debug("measurement failed: %s", error)
-        if runner_results and len(rpc_errors) == len(runner_results):
-            self.failed_batches += 1
-        else:
-            self.failed_batches = 0
         best = self.best.get(task_id)
         self.echo(
             f"  [{self.trials} trials] {self.names[task_id]}: "
             f"{len(runner_results) - len(errors)}/{len(runner_results)} ok, best "
             + (f"{best * 1e6:.1f} us" if best is not None else "-")
         )
-        if self.failed_batches >= 1:
+        if runner_results and len(rpc_errors) == len(runner_results):
             raise QCompilerError(
                 f"the board at {self.endpoint} stopped answering: "
                 f"{rpc_errors[0].strip().splitlines()[-1][:300]}. Every record measured so far "

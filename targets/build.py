@@ -4,7 +4,8 @@ The lowering is TVM's CPU pipeline with two steps added between operator fusion 
 dataflow lowering:
 
 1. the integer kernels of :mod:`qcompiler.targets.kernels` replace Relax's conv/matmul before
-   legalization, so the weights are packed once at compile time;
+   legalization, so the weights are packed once at compile time, and each requantize chain
+   becomes one int32-multiplier epilogue (:mod:`qcompiler.targets.requantize`);
 2. every fused TIR function gets a schedule: the tuning database's best record when it has
    one (``MetaScheduleApplyDatabase``), the hand-written default of
    :mod:`qcompiler.targets.schedules` otherwise.
@@ -20,13 +21,14 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 
 from qcompiler.targets.kernels import use_int8_kernels
+from qcompiler.targets.requantize import fuse_requantize
 from qcompiler.targets.schedules import default_schedules
 
 
 def fused_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """``mod`` with integer kernels, legalized and fused into TIR functions (no schedules)."""
     with target:
-        mod = use_int8_kernels(mod, target)
+        mod = fuse_requantize(use_int8_kernels(mod, target))
         seq = tvm.transform.Sequential(
             [
                 *cpu.library_dispatch_passes(target),

@@ -21,8 +21,11 @@ from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.graph import bindings, op_name
 from qcompiler.passes.integerize import FALLBACK_ATTR, integerize
 from qcompiler.passes.verify import verify_integer_only
+from qcompiler.targets.build import build
+from qcompiler.targets.host import resolve_target
 
 TARGET = tvm.target.Target({"kind": "llvm"})
+HOST = resolve_target("x86")
 F32 = np.float32
 
 
@@ -69,9 +72,15 @@ def _on_grid(rng, shape, s, z, dtype="uint8"):
 
 
 def _run(mod, *args):
-    executable = tvm.compile(mod, target=TARGET)
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    return vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args]).numpy()
+    """Run ``mod`` built by TVM's plain pipeline and by qcompiler's (fused requantize epilogues,
+    int8 kernels, default schedules); both must give the same integers."""
+    inputs = [np.ascontiguousarray(a) for a in args]
+    outs = []
+    for executable in (tvm.compile(mod, target=TARGET), build(mod, HOST)):
+        vm = relax.VirtualMachine(executable, tvm.cpu())
+        outs.append(vm["main"](*[tvm.runtime.tensor(a) for a in inputs]).numpy())
+    np.testing.assert_array_equal(outs[1], outs[0])
+    return outs[0]
 
 
 def _float_bindings(mod):

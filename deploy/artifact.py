@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 import tvm
 from tvm import relax
 
@@ -41,10 +42,17 @@ def sha256_file(path: Path) -> str:
 
 
 def set_threads(threads: int) -> None:
-    """Run compiled models on ``threads`` threads of TVM's pool (0: one per physical core)."""
+    """Run compiled models on ``threads`` threads of TVM's pool (0: one per physical core).
+
+    TVM's pool never grows past ``TVM_NUM_THREADS``, which it reads on each reconfiguration and
+    defaults to half the logical CPUs on x86 (it assumes hyper-threading): on a 2-core VM
+    without it, asking for 2 threads silently gave 1. So the variable is set first.
+    """
     if threads < 0:
         raise QCompilerError(f"the thread count must be >= 0, got {threads}")
-    tvm.get_global_func("runtime.config_threadpool")(0, int(threads))
+    count = threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    os.environ["TVM_NUM_THREADS"] = str(count)
+    tvm.get_global_func("runtime.config_threadpool")(0, count)
 
 
 @dataclass

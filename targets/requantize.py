@@ -148,9 +148,9 @@ def _fold(offset, multiplier, rounding, zero_point, shift) -> np.ndarray | None:
     arrays = np.broadcast_arrays(offset, multiplier, rounding, zero_point, shift)
     as_int = [a.astype(object) for a in arrays]
     offset, multiplier, rounding, zero_point, shift = as_int
-    total = offset * multiplier + rounding + zero_point * (2**shift)
+    total = np.asarray(offset * multiplier + rounding + zero_point * (2**shift), dtype=object)
     worst = np.abs(total) + (2**31) * multiplier
-    if max(worst.flat, default=0) >= 2**63:
+    if max(np.asarray(worst, dtype=object).flat, default=0) >= 2**63:
         return None
     return total.astype(np.int64)
 

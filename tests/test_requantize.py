@@ -115,7 +115,9 @@ def test_per_channel_multipliers_and_shifts(zero_point):
 def test_ties_round_towards_plus_infinity():
     # acc * M / 2**s = k + 1/2 exactly: the rounding must go up on both signs.
     acc = np.array([[1, 3, -1, -3, 5, -5]], dtype=np.int32)
-    mod = chain_module(acc.shape, np.zeros((1, 6), np.int32), 2**30, 31, 0, -128, 127, "int8")
+    # per-tensor: every constant a scalar
+    mod = chain_module(acc.shape, np.int32(0), 2**30, 31, 0, -128, 127, "int8")
+    assert fused(mod)
     np.testing.assert_array_equal(run(mod, acc), [[1, 2, 0, -1, 3, -2]])
 
 

@@ -17,6 +17,7 @@ from qcompiler.api import (  # noqa: E402
     compile_float,
     load,
     quantize,
+    tune,
 )
 from qcompiler.passes.errors import QCompilerError  # noqa: E402
 
@@ -33,4 +34,5 @@ __all__ = [
     "compile_float",
     "load",
     "quantize",
+    "tune",
 ]

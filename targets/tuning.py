@@ -9,20 +9,26 @@ called) from exactly the module :func:`qcompiler.targets.build.build` lowers, an
 
 1. measures each task's default schedule (``targets.schedules``) on the board and stores it as a
    tuning record, so a tuned build is never slower than the untuned one;
-2. searches with meta-schedule (evolutionary search, XGBoost cost model) for the tasks the
-   database does not already hold with ``trials_per_task`` records, spending the trial budget
-   by task weight and latency (meta-schedule's gradient task scheduler).
+2. ranks the tasks by ``weight x latency`` and searches with meta-schedule (evolutionary
+   search, XGBoost cost model) only the costliest ones not searched before, as many as the
+   trial budget covers, sharing the trials with meta-schedule's gradient task scheduler.
 
 Records go to a :class:`~tvm.s_tir.meta_schedule.database.JSONDatabase` in ``records_dir``: one
 line per measured candidate, appended as soon as it is measured, so a run that dies keeps
 everything measured before and the next run starts from there. One directory can serve many
 models and precision configurations: a task is keyed by its TIR, and identical kernels share
-records.
+records. ``searched.json`` beside them lists the tasks whose search finished, which no later run
+searches again.
+
+A board that stops answering (server killed, network gone) ends the run with a
+:class:`QCompilerError` that says so; the runner checks the tracker for a live server before each
+session and times out each measurement, instead of waiting forever for a session.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -35,10 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tvm
+import tvm_ffi
 from tvm import rpc
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.relax_integration import extract_tasks
+from tvm.support.popen_pool import PopenPoolExecutor
 
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.targets.build import fused_module
@@ -46,6 +54,17 @@ from qcompiler.targets.kernels import fix_tvm_intrinsics
 from qcompiler.targets.schedules import schedule_in_place
 
 log = logging.getLogger(__name__)
+
+# A task holding this many records is not searched again.
+TRIALS_PER_TASK = 64
+# Each searched task gets at least this many trials (two batches); fewer teach XGBoost nothing.
+MIN_TRIALS = 16
+# Tasks are searched, costliest first, until they cover this share of the estimated run time.
+COVER = 0.9
+# Candidates per search round of one task.
+BATCH = 8
+# Beside the database: the tasks already searched, which later runs skip.
+SEARCHED = "searched.json"
 
 
 @dataclass(frozen=True)
@@ -255,8 +274,29 @@ class TuneReport:
         return 1e3 * sum(t.weight * (t.best_s or t.default_s or 0.0) for t in self.tasks)
 
 
+def create_session(rpc_config: ms.runner.RPCConfig) -> rpc.RPCSession:
+    """A session with a server under the key, or an error when none is connected.
+
+    The tracker queues a request for a key that has no server and never answers it, so TVM's
+    default (``tracker.request``) waits forever once the board is gone. This runs in the
+    runner's worker process; its error message becomes the measurement's error.
+    """
+    tracker = rpc_config.connect_tracker()
+    wanted = "server:" + rpc_config.tracker_key
+    if not any(s.get("key") == wanted for s in tracker.summary().get("server_info", [])):
+        raise RuntimeError(
+            f"RPC: no server is connected under key {rpc_config.tracker_key!r} at tracker "
+            f"{rpc_config.tracker_host}:{rpc_config.tracker_port}"
+        )
+    return tracker.request(
+        key=rpc_config.tracker_key,
+        priority=rpc_config.session_priority,
+        session_timeout=rpc_config.session_timeout_sec,
+    )
+
+
 def _runner(endpoint: RPCEndpoint) -> ms.runner.RPCRunner:
-    return ms.runner.RPCRunner(
+    runner = ms.runner.RPCRunner(
         rpc_config=ms.runner.RPCConfig(
             tracker_host=endpoint.host,
             tracker_port=endpoint.port,
@@ -266,8 +306,14 @@ def _runner(endpoint: RPCEndpoint) -> ms.runner.RPCRunner:
         evaluator_config=ms.runner.EvaluatorConfig(
             number=3, repeat=1, min_repeat_ms=40, enable_cpu_cache_flush=False
         ),
+        f_create_session=create_session,
         max_workers=1,
     )
+    # RPCRunner's worker pool has no timeout: a server that dies after the session was granted
+    # would hang the run. Each measurement gets the session timeout (then "RPCRunner: Timeout").
+    runner.pool.shutdown()
+    runner.pool = PopenPoolExecutor(max_workers=1, timeout=endpoint.timeout_s)
+    return runner
 
 
 def _builder() -> ms.builder.LocalBuilder:
@@ -344,6 +390,7 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
         self.names, self.endpoint, self.records_dir, self.echo = names, endpoint, records_dir, echo
         self.best: dict[int, float] = {}
         self.trials = 0
+        self.failure: str | None = None  # why tuning stopped early (raised through TVM's C++)
 
     def apply(self, task_scheduler, task_id, candidates, builder_results, runner_results):
         self.trials += len(runner_results)
@@ -352,7 +399,13 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
             if not result.error_msg and result.run_secs:
                 secs = sum(float(s) for s in result.run_secs) / len(result.run_secs)
                 self.best[task_id] = min(self.best.get(task_id, secs), secs)
-        rpc_errors = [e for e in errors if "rpc" in e.lower() or "connect" in e.lower()]
+        # Candidates that failed to build never reached the board: they say nothing about it.
+        measured = [r for b, r in zip(builder_results, runner_results) if not b.error_msg]
+        rpc_errors = [
+            r.error_msg
+            for r in measured
+            if r.error_msg and ("rpc" in r.error_msg.lower() or "connect" in r.error_msg.lower())
+        ]
         for error in errors:
             log.debug("measurement failed: %s", error)
         best = self.best.get(task_id)
@@ -361,12 +414,13 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
             f"{len(runner_results) - len(errors)}/{len(runner_results)} ok, best "
             + (f"{best * 1e6:.1f} us" if best is not None else "-")
         )
-        if runner_results and len(rpc_errors) == len(runner_results):
-            raise QCompilerError(
+        if measured and len(rpc_errors) == len(measured):
+            self.failure = (
                 f"the board at {self.endpoint} stopped answering: "
                 f"{rpc_errors[0].strip().splitlines()[-1][:300]}. Every record measured so far "
                 f"is kept in {self.records_dir}; run the same command again to resume."
             )
+            raise QCompilerError(self.failure)
 
 
 def tune(
@@ -387,7 +441,12 @@ def tune(
         measured once per task); 0 measures the defaults only.
     trials_per_task : int, optional
         A task whose database entry already holds this many records is not searched again
-        (default: ``max(8, trials // tasks)`` rounded up to a batch).
+        (default :data:`TRIALS_PER_TASK`).
+
+    Trials go where the time is: after the defaults are measured, tasks are ranked by
+    ``weight x best latency`` and only the costliest are searched -- as many as the budget
+    gives :data:`MIN_TRIALS` each, stopping once they cover :data:`COVER` of the estimated
+    run time; meta-schedule's gradient scheduler then shares the trials among them.
     """
     start = time.monotonic()
     fix_tvm_intrinsics()
@@ -397,8 +456,7 @@ def tune(
     tasks = [t for t in extract_tasks(fused_module(mod, target), target) if t.dispatched]
     report = TuneReport(records_dir)
     builder, runner = _builder(), _runner(rpc)
-    per_task = trials_per_task or max(8, -(-trials // max(1, len(tasks))))
-    todo = []
+    per_task = trials_per_task or TRIALS_PER_TASK
     echo(f"tuning {len(tasks)} tasks on {rpc}; records in {records_dir}")
     counts = []
     for task in tasks:
@@ -419,37 +477,106 @@ def tune(
                 f"  {entry.name}: "
                 + (f"{seconds * 1e6:.1f} us" if seconds is not None else "no default schedule")
             )
-    for task, entry, count in zip(tasks, report.tasks, counts):
-        if count >= per_task or trials == 0:
-            report.skipped += 1
-        else:
-            todo.append((task, entry))
-    if todo and trials > 0:
+    todo = _worth_tuning(tasks, report.tasks, counts, trials, per_task, _searched(records_dir))
+    report.skipped = len(tasks) - len(todo)
+    if todo:
+        share = sum(e.weight * (e.best_s or 0) for _, e in todo) / max(
+            1e-12, sum(e.weight * (e.best_s or 0) for e in report.tasks)
+        )
+        echo(
+            f"searching the {len(todo)} costliest tasks ({100 * share:.0f}% of the estimated "
+            f"run time), {trials} trials"
+        )
         names = [t.task_name for t, _ in todo]
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             [t for t, _ in todo], work_dir=os.path.join(records_dir, "logs")
         )
         progress = _Progress(names, rpc, records_dir, echo)
-        ms.tune.tune_tasks(
-            tasks=contexts,
-            task_weights=weights,
-            work_dir=os.path.join(records_dir, "logs"),
-            max_trials_global=trials,
-            max_trials_per_task=per_task,
-            num_trials_per_iter=min(16, per_task),
-            builder=builder,
-            runner=runner,
-            database=database,
-            cost_model="xgb",
-            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress],
-        )
+        with _reraise(progress):
+            ms.tune.tune_tasks(
+                tasks=contexts,
+                task_weights=weights,
+                work_dir=os.path.join(records_dir, "logs"),
+                max_trials_global=trials,
+                max_trials_per_task=per_task,
+                num_trials_per_iter=min(BATCH, per_task),
+                builder=builder,
+                runner=runner,
+                database=database,
+                cost_model="xgb",
+                measure_callbacks=[
+                    *ms.measure_callback.MeasureCallback.create("default"),
+                    progress,
+                ],
+            )
         report.trials += progress.trials
         for task, entry in todo:
             entry.best_s, count = _best_seconds(database, task)
             entry.trials = count
+        _mark_searched(records_dir, todo)
     report.wall_s = time.monotonic() - start
     echo(
         f"tuned in {report.wall_s:.0f} s: {report.trials} measurements, "
-        f"{report.skipped} tasks already tuned, estimated {report.estimated_ms():.2f} ms per run"
+        f"{report.skipped} tasks not searched, estimated {report.estimated_ms():.3f} ms per run"
     )
     return report
+
+
+def _task_key(task) -> str:
+    return f"{task.task_name}:{tvm_ffi.structural_hash(task.dispatched[0]):x}"
+
+
+def _searched(records_dir: str) -> dict:
+    """Tasks already searched in this directory: ``{task key: trials}``."""
+    path = Path(records_dir) / SEARCHED
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise QCompilerError(f"cannot read {path}: {err}") from err
+
+
+def _mark_searched(records_dir: str, tasks_and_entries) -> None:
+    searched = _searched(records_dir)
+    for task, entry in tasks_and_entries:
+        searched[_task_key(task)] = entry.trials
+    path = Path(records_dir) / SEARCHED
+    staging = path.with_suffix(".tmp")
+    staging.write_text(json.dumps(searched, indent=1, sort_keys=True) + "\n")
+    staging.replace(path)
+
+
+def _worth_tuning(tasks, entries, counts, trials: int, per_task: int, searched: dict) -> list:
+    """``(task, entry)`` pairs to search, costliest first (see :func:`tune`).
+
+    A task searched before (in ``searched``) or holding ``per_task`` records is done: it
+    counts towards the covered time but is not searched again.
+    """
+    if trials <= 0:
+        return []
+    cost = [e.weight * (e.best_s or 0.0) for e in entries]
+    total = sum(cost) or 1.0
+    order = sorted(range(len(tasks)), key=lambda i: -cost[i])
+    chosen, covered = [], 0.0
+    for i in order:
+        if len(chosen) >= max(1, trials // MIN_TRIALS) or covered >= COVER * total:
+            break
+        covered += cost[i]
+        done = counts[i] >= per_task or _task_key(tasks[i]) in searched
+        if not done and entries[i].best_s is not None:
+            chosen.append((tasks[i], entries[i]))
+    return chosen
+
+
+@contextlib.contextmanager
+def _reraise(progress: _Progress):
+    """Our stop from inside meta-schedule's C++ loop comes back as a TVM error: restore it."""
+    try:
+        yield
+    except QCompilerError:
+        raise
+    except Exception as err:
+        if progress.failure is None:
+            raise
+        raise QCompilerError(progress.failure) from err

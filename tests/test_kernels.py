@@ -145,7 +145,6 @@ def small_model():
     )
 
 
-@pytest.mark.slow
 @needs_vnni
 def test_tuning_over_local_rpc_keeps_outputs_and_records(tmp_path):
     mod = small_model()
@@ -169,7 +168,6 @@ def test_tuning_over_local_rpc_keeps_outputs_and_records(tmp_path):
     assert not any("measuring the default" in line for line in lines)
 
 
-@pytest.mark.skip(reason="hangs: after the kill the runner waits on the tracker for a session")
 @needs_vnni
 def test_killed_rpc_server_keeps_records_and_resumes(tmp_path):
     from qcompiler.passes.errors import QCompilerError

@@ -35,6 +35,7 @@ verifier).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -138,8 +139,9 @@ def _channel_shape(ndim: int, axis: int) -> list[int]:
 
 @mutator
 class _Integerizer(PyExprMutator):
-    def __init__(self, mod, func):
+    def __init__(self, mod, func, rounding: str = "half_up"):
         super().__init__(mod)
+        self.tflite = rounding == "tflite"
         self.flow = Dataflow.of(func)
         self.params = set(func.params)
         self.q: dict = {}
@@ -287,13 +289,19 @@ class _Integerizer(PyExprMutator):
                 call, name = producer, op_name(producer)
         if name in CONV_OPS | MATMUL_OPS:
             acc, acc_scale, axis = self._accumulate(call, bias)
-            return self._requantize(acc, acc_scale / out.scale, out, axis=axis)
+            # LiteRT's integer FULLY_CONNECTED rounds once (measured: its reference kernel
+            # matches a single rounding on every output where the doubling-high-multiply
+            # form misses 1 in 80); its convolutions round twice.
+            twice = self.tflite and name in CONV_OPS
+            return self._requantize(acc, acc_scale / out.scale, out, axis=axis, tflite=twice)
         func = elementwise_func(call)
         if func is not None:
             return self._lookup_table(call, func, out, lo, hi)
         if name in ("relax.add", "relax.subtract"):
             a, b = self._inputs(call, 2)
             sign = -1.0 if name == "relax.subtract" else 1.0
+            if self.tflite:
+                return self._tflite_add(a, b, sign, out)
             return self._rescale([(a, a.s / out.scale), (b, sign * b.s / out.scale)], out)
         if name == "relax.multiply":
             a, b = self._inputs(call, 2)
@@ -353,8 +361,14 @@ class _Integerizer(PyExprMutator):
             total = term if total is None else self._emit(relax.op.add(total, term))
         return self._round_shift(total, np.int64(shift), out)
 
-    def _requantize(self, acc, ratio, out: OutParams, axis: int | None = None):
-        """``clamp(requant(acc, ratio) + z_out)``; ``ratio`` per channel along ``axis``."""
+    def _requantize(self, acc, ratio, out: OutParams, axis: int | None = None, tflite=None):
+        """``clamp(requant(acc, ratio) + z_out)``; ``ratio`` per channel along ``axis``.
+
+        ``tflite``: TFLite's two roundings (default: the module's rounding mode).
+        """
+        if self.tflite if tflite is None else tflite:
+            x = self._tflite_multiply(acc, ratio, axis)
+            return self._saturate(x, out)
         multiplier, shift = qmath.decompose_multiplier(ratio)
         if str(acc.ty.dtype) != "int64":
             acc = self._emit(relax.op.astype(acc, "int64"))
@@ -363,6 +377,53 @@ class _Integerizer(PyExprMutator):
             multiplier, shift = multiplier.reshape(shape), shift.reshape(shape)
         scaled = self._emit(relax.op.multiply(acc, _const(multiplier, "int64")))
         return self._round_shift(scaled, shift, out)
+
+    # -- TFLite's arithmetic ---------------------------------------------------------------
+    def _tflite_multiply(self, x, ratio, axis: int | None = None):
+        """TFLite's ``MultiplyByQuantizedMultiplier(x, ratio)`` on an int64 expr: a rounding
+        doubling high multiply by ``M0`` (after a left shift for ratios >= 1), then a rounding
+        right shift with ties away from zero (:func:`qmath.tflite_multiply`)."""
+        multiplier, left, right = qmath.tflite_multiplier(ratio)
+        if str(x.ty.dtype) != "int64":
+            x = self._emit(relax.op.astype(x, "int64"))
+        if axis is not None:
+            shape = _channel_shape(len(x.ty.shape), axis)
+            multiplier, left, right = (a.reshape(shape) for a in (multiplier, left, right))
+        x = self._emit(relax.op.multiply(x, _const(multiplier << left, "int64")))
+        x = self._emit(relax.op.add(x, _const(1 << 30, "int64")))
+        high = self._emit(relax.op.right_shift(x, _const(31, "int64")))
+        if not np.any(right):
+            return high
+        # (high + 2**(r-1) - [high < 0]) >> r: ties away from zero; r == 0 leaves high as is.
+        negative = self._emit(relax.op.right_shift(high, _const(63, "int64")))
+        if not np.all(right):
+            negative = self._emit(relax.op.multiply(negative, _const(right > 0, "int64")))
+        half = np.where(right > 0, np.left_shift(1, np.maximum(right, 1) - 1), 0)
+        x = self._emit(relax.op.add(high, _const(half, "int64")))
+        x = self._emit(relax.op.add(x, negative))
+        return self._emit(relax.op.right_shift(x, _const(right, "int64")))
+
+    def _saturate(self, x, out: OutParams):
+        """``clamp(x + z_out)`` in ``out``'s dtype."""
+        if out.zero_point:
+            x = self._emit(relax.op.add(x, _const(out.zero_point, "int64")))
+        x = self._emit(relax.op.clip(x, relax.prim_value(out.qlo), relax.prim_value(out.qhi)))
+        return relax.op.astype(x, out.dtype)
+
+    def _tflite_add(self, a: QTensor, b: QTensor, sign: float, out: OutParams):
+        """TFLite's int8/uint8 ADD/SUB: both inputs shifted left by 20 bits, each rescaled to
+        half the larger input scale, summed, and rescaled to the output (three roundings)."""
+        twice_max = 2.0 * max(a.s, b.s)
+        terms = []
+        for t, s in ((a, a.s), (b, b.s)):
+            shifted = self._emit(
+                relax.op.multiply(self._centered(t, "int64"), _const(1 << 20, "int64"))
+            )
+            terms.append(self._tflite_multiply(shifted, np.float64(s / twice_max)))
+        combine = relax.op.subtract if sign < 0 else relax.op.add
+        total = self._emit(combine(terms[0], terms[1]))
+        output_ratio = twice_max / float(np.float32((1 << 20) * np.float32(out.scale)))
+        return self._saturate(self._tflite_multiply(total, np.float64(output_ratio)), out)
 
     def _round_shift(self, x, shift, out: OutParams):
         shift = np.asarray(shift, dtype=np.int64)
@@ -428,6 +489,13 @@ class _Integerizer(PyExprMutator):
             raise _NoLowering("the folded bias does not fit int32")
         return codes.astype(np.int32)
 
+    def _product(self, x_scale: float, w_scale: np.ndarray, weight) -> np.ndarray:
+        """The accumulator's scale. TFLite multiplies a per-tensor weight scale by the input
+        scale in float32 (``GetQuantizedConvolutionMultipler``), per-channel ones in double."""
+        if self.tflite and weight in self.q and self.q[weight].per_tensor:
+            return (np.float32(x_scale) * w_scale.astype(np.float32)).astype(np.float64)
+        return x_scale * w_scale
+
     @staticmethod
     def _weight_dtype(centered: np.ndarray) -> str:
         return "int8" if centered.min() >= -128 and centered.max() <= 127 else "int16"
@@ -450,7 +518,7 @@ class _Integerizer(PyExprMutator):
         bias = self._per_channel_bias(bias, w.shape[o_axis], len(call.ty.shape), c_axis)
         w, w_scale = self._fit_bias(w, w_scale, bias, x.s, o_axis)
         zero_sum = x.z * w.sum(axis=tuple(a for a in range(w.ndim) if a != o_axis))
-        acc_scale = x.s * w_scale
+        acc_scale = self._product(x.s, w_scale, call.args[1])
         data = x.expr
         padding = [int(p) for p in attrs.padding]
         if any(padding) and x.z != 0:
@@ -504,7 +572,7 @@ class _Integerizer(PyExprMutator):
                 )
             )
             x = QTensor(x.expr, x.scale, np.zeros(1, np.int64))
-        acc_scale = x.s * w_scale
+        acc_scale = self._product(x.s, w_scale, rhs)
         bias_codes = self._bias_codes(bias, acc_scale, zero_sum)
         acc = self._emit(relax.op.add(acc, _const(bias_codes, "int32")))
         return acc, acc_scale, len(acc.ty.shape) - 1
@@ -546,16 +614,40 @@ class _Integerizer(PyExprMutator):
             keepdims = bool(attrs.keepdims)
         count = int(np.prod([shape[a] for a in axes]))
         total = self._emit(relax.op.sum(relax.op.astype(x.expr, "int32"), axes, keepdims))
+        same_params = x.z == out.zero_point and math.isclose(x.s, out.scale, rel_tol=1e-6)
+        if self.tflite and same_params and op_name(call) == "relax.nn.avg_pool2d":
+            # TFLite's AveragePool: the sum of the raw codes divided by the count, ties away
+            # from zero.
+            total = self._emit(relax.op.astype(total, "int64"))
+            half, n = _const(count // 2, "int64"), _const(count, "int64")
+            up = self._emit(relax.op.floor_divide(relax.op.add(total, half), n))
+            down = relax.op.floor_divide(relax.op.subtract(half, total), n)
+            down = self._emit(relax.op.negative(self._emit(down)))
+            positive = self._emit(relax.op.greater_equal(total, _const(0, "int64")))
+            codes = self._emit(relax.op.where(positive, up, down))  # already output codes
+            return self._saturate(codes, dataclasses.replace(out, zero_point=0))
         centered = self._emit(
             relax.op.add(relax.op.astype(total, "int64"), _const(-count * x.z, "int64"))
         )
         return self._requantize(centered, np.float64(x.s / (count * out.scale)), out)
 
 
-def integerize(mod: tvm.IRModule) -> tvm.IRModule:
-    """Lower every quantize/dequantize chain of ``mod["main"]`` to integer ops (see above)."""
+ROUNDINGS = ("half_up", "tflite")
+
+
+def integerize(mod: tvm.IRModule, rounding: str = "half_up") -> tvm.IRModule:
+    """Lower every quantize/dequantize chain of ``mod["main"]`` to integer ops (see above).
+
+    ``rounding``: ``"half_up"`` (qcompiler's own: one rounding, see :mod:`qmath`) or
+    ``"tflite"`` (TFLite's integer kernels, for models quantized by TFLite: the doubling high
+    multiply and rounding shift of each requantization, float32 products of input and weight
+    scales, and its ADD/SUB and average-pool arithmetic), so that an imported model computes
+    what LiteRT computes.
+    """
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     func = mod["main"]
-    lowering = _Integerizer(mod, func)
+    lowering = _Integerizer(mod, func, rounding)
     new_func = lowering.visit_expr(func)
     if lowering.fallbacks:
         listed = "; ".join(f"{op} -> {name} ({why})" for name, op, why in lowering.fallbacks)

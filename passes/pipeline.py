@@ -9,6 +9,8 @@ Phases, in order (each ``IRModule -> IRModule`` except calibration, which only m
 5. ``integerize``  lower every QDQ chain to integer ops (:mod:`integerize`);
 6. ``verify``      fail if a float op sits inside an integer region (:mod:`verify`).
 
+A model that arrives quantized skips 1-4 (:func:`lower_prequantized`, :mod:`prequantized`).
+
 Set ``dump_dir`` to write the IR after each phase (``01-prepare.py``, ...).
 """
 
@@ -27,6 +29,7 @@ from qcompiler.passes.calibrate import calibrate
 from qcompiler.passes.canonicalize import canonicalize
 from qcompiler.passes.graph import plan_quantization
 from qcompiler.passes.integerize import FALLBACK_ATTR, integerize
+from qcompiler.passes.prequantized import channels_last, prepare_prequantized
 from qcompiler.passes.scheme import QuantConfig
 from qcompiler.passes.verify import verify_integer_only
 
@@ -98,6 +101,22 @@ def quantize_module(
     config = config or QuantConfig()
     calibration = run_calibration(mod, samples, bins=config.calibration.bins, dump_dir=dump_dir)
     return calibration.quantize(config, dump_dir=dump_dir)
+
+
+def lower_prequantized(
+    mod: tvm.IRModule, rounding: str, dump_dir: str | None = None
+) -> tvm.IRModule:
+    """An already-quantized import (TFLite int8/uint8, ONNX QDQ) -> integer-only module.
+
+    No calibration: the model's own scales and zero points, with ``rounding`` the arithmetic
+    of the runtime it was quantized for (see :func:`integerize`).
+    """
+    mod = prepare_prequantized(mod)
+    _dump(dump_dir, "01-prepare", mod)
+    integer = channels_last(integerize(mod, rounding=rounding))
+    _dump(dump_dir, "05-integerize", integer)
+    verify_integer_only(integer)
+    return integer
 
 
 def float_fallbacks(mod: tvm.IRModule) -> list[str]:

@@ -135,3 +135,38 @@ def requantize(acc, multiplier, shift, zero_point, qmin: int, qmax: int, axis=No
         multiplier, shift = multiplier.reshape(shape), shift.reshape(shape)
     out = rounding_shift(acc * multiplier, shift) + zero_point
     return np.clip(out, qmin, qmax)
+
+
+# -- TFLite's integer arithmetic (for models quantized by TFLite) --------------------------------
+def tflite_multiplier(m) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """TFLite's ``QuantizeMultiplier``: ``m ~= M0 * 2**(left - right - 31)``.
+
+    ``M0`` in ``[2**30, 2**31)`` from the mantissa rounded half away from zero; ``left`` is
+    the left shift applied before the multiply (ratios >= 1), ``right`` the rounding right shift
+    after it.
+    """
+    m = np.asarray(m, dtype=np.float64)
+    if np.any(~np.isfinite(m)) or np.any(m <= 0):
+        raise QCompilerError(f"requantization ratio must be finite and > 0, got {m}")
+    mantissa, exponent = np.frexp(m)
+    multiplier = np.floor(mantissa * (1 << 31) + 0.5).astype(np.int64)
+    carry = multiplier == (1 << 31)
+    multiplier = np.where(carry, 1 << 30, multiplier)
+    exponent = np.where(carry, exponent + 1, exponent).astype(np.int64)
+    # TFLite gives up on ratios below 2**-31: the product is then 0.
+    tiny = exponent < -31
+    multiplier = np.where(tiny, 0, multiplier)
+    exponent = np.where(tiny, 0, exponent)
+    return multiplier, np.maximum(exponent, 0), np.maximum(-exponent, 0)
+
+
+def tflite_multiply(x, m) -> np.ndarray:
+    """TFLite's ``MultiplyByQuantizedMultiplier(x, m)`` (gemmlowp's rounding doubling high
+    multiply, then a rounding divide by a power of two, ties away from zero)."""
+    multiplier, left, right = tflite_multiplier(m)
+    x = np.asarray(x, dtype=np.int64) * (np.int64(1) << left)
+    high = (x * multiplier + (1 << 30)) >> 31
+    mask = (np.int64(1) << right) - 1
+    remainder = high & mask
+    threshold = (mask >> 1) + (high < 0)
+    return (high >> right) + (remainder > threshold)

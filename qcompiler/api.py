@@ -5,12 +5,14 @@
 >>> outputs = art.run({"input": x})
 >>> art.export("out/")
 
-The compiled ``main`` takes the float inputs of the original model and returns float outputs:
-quantize once at the entry, dequantize once at the exit, integers in between.
+The compiled ``main`` takes the inputs of the original model and returns its outputs, in their
+dtypes (float for a float model, int8/uint8 for a TFLite integer model); a float model is
+quantized once at the entry and dequantized once at the exit, integers in between.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -21,8 +23,16 @@ from qcompiler import __version__
 from qcompiler.data import CalibrationSet, InputSpec, Preprocess, load_calibration
 from qcompiler.deploy.artifact import Artifact, load_artifact
 from qcompiler.frontend import ImportedModel, load_model
+from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.graph import CONV_OPS, MATMUL_OPS, bindings, const_value, op_name
-from qcompiler.passes.pipeline import Calibration, float_fallbacks, prepare, run_calibration
+from qcompiler.passes.pipeline import (
+    Calibration,
+    float_fallbacks,
+    lower_prequantized,
+    prepare,
+    run_calibration,
+)
+from qcompiler.passes.prequantized import check_supported, is_prequantized
 from qcompiler.passes.scheme import CalibConfig, QuantConfig, QuantScheme, QuantSpec
 from qcompiler.targets.build import build as build_executable
 from qcompiler.targets.host import resolve_target
@@ -42,6 +52,7 @@ __all__ = [
     "compile_float",
     "load",
     "quantize",
+    "quantize_prequantized",
     "top1",
     "tune",
 ]
@@ -49,12 +60,17 @@ __all__ = [
 
 @dataclass
 class QuantizedModel:
-    """An integer-only Relax module with the model it came from."""
+    """An integer-only Relax module with the model it came from.
+
+    ``config`` is None for a model that arrived quantized (its own parameters were used, with
+    the arithmetic named by ``rounding``).
+    """
 
     mod: tvm.IRModule
     model: ImportedModel
-    config: QuantConfig
+    config: QuantConfig | None
     activation_params: dict
+    rounding: str = "half_up"
 
     @property
     def float_fallbacks(self) -> list[str]:
@@ -65,9 +81,16 @@ class QuantizedModel:
         return _build(self.mod, self.model, target, self._quant_manifest(), tuning_records)
 
     def _quant_manifest(self) -> dict:
+        if self.config is None:
+            return {
+                "source": f"the {self.model.format} model's own quantization",
+                "rounding": self.rounding,
+                "float_fallbacks": self.float_fallbacks,
+            }
         return {
             "scheme": asdict(self.config.scheme),
             "calibration": asdict(self.config.calibration),
+            "rounding": self.rounding,
             "float_fallbacks": self.float_fallbacks,
             "activations": {
                 k: {"scale": s, "zero_point": z} for k, (s, z) in self.activation_params.items()
@@ -122,7 +145,21 @@ def quantize(
     offset=0,
     calibration: Calibration | None = None,
 ) -> QuantizedModel:
-    """Quantize a float model (path, ``onnx.ModelProto`` or TFLite bytes) to integers."""
+    """Quantize a float model (path, ``onnx.ModelProto`` or TFLite bytes) to integers.
+
+    A model that is already quantized (TFLite int8/uint8, ONNX QDQ) keeps its own parameters:
+    ``calib`` and ``config`` are not needed (and are ignored, with a warning).
+    """
+    if calibration is None:
+        model = model if isinstance(model, ImportedModel) else load_model(model)
+        if is_prequantized(model.mod):
+            if calib is not None or config is not None:
+                warnings.warn(
+                    f"{model.name} is already quantized: its own scales are used, the "
+                    "calibration data and quantization config are ignored",
+                    stacklevel=2,
+                )
+            return quantize_prequantized(model)
     config = _as_config(config)
     if calibration is None:
         model, calibration = calibrate(
@@ -130,6 +167,15 @@ def quantize(
         )
     mod = calibration.quantize(config)
     return QuantizedModel(mod, model, config, calibration.activation_params(config))
+
+
+def quantize_prequantized(model) -> QuantizedModel:
+    """The integer module of a model that arrived quantized (no calibration)."""
+    model = model if isinstance(model, ImportedModel) else load_model(model)
+    check_supported(model.mod, model.name)
+    rounding = "tflite" if model.format == "tflite" else "half_up"
+    mod = lower_prequantized(model.mod, rounding)
+    return QuantizedModel(mod, model, None, {}, rounding)
 
 
 def compile(
@@ -143,9 +189,15 @@ def compile(
     offset=0,
     tuning_records=None,
 ) -> Artifact:
-    """Quantize and build: the one-call path from a float model to a runnable library."""
-    if calib is None:
-        raise ValueError("compile() needs calibration data (calib=...) for a float model")
+    """Quantize and build: the one-call path from a float model to a runnable library.
+
+    ``calib`` is needed for a float model; a model that is already quantized needs none.
+    """
+    model = model if isinstance(model, ImportedModel) else load_model(model)
+    if calib is None and not is_prequantized(model.mod):
+        raise QCompilerError(
+            f"{model.name} is a float model: compiling it needs calibration data (calib=...)"
+        )
     quantized = quantize(model, calib, config, preprocess=preprocess, limit=limit, offset=offset)
     return quantized.build(target, tuning_records=tuning_records)
 

@@ -1,6 +1,6 @@
 """``qc``: the command line, in tvmc's style. It only parses arguments and calls the API.
 
-qc compile MODEL --calib DATA [--preprocess SPEC] --target x86 [--tuning-records DIR] -o OUT_DIR
+qc compile MODEL [--calib DATA] [--preprocess SPEC] --target x86 [--tuning-records DIR] -o OUT_DIR
 qc tune MODEL --calib DATA --target x86 --trials N [--rpc-tracker HOST:PORT --rpc-key KEY] -o DIR
 qc run OUT_DIR --inputs X.npz --output Y.npz [--threads N]
 qc eval MODEL --calib DATA --data DATA --metric top1
@@ -36,7 +36,7 @@ def cmd_compile(args) -> int:
         args.model,
         calib=args.calib,
         target=args.target,
-        config=_config(args),
+        config=_config(args) if args.calib else None,
         preprocess=_preprocess(args),
         limit=args.limit,
         tuning_records=args.tuning_records,
@@ -69,7 +69,11 @@ def cmd_tune(args) -> int:
         model = args.model
     else:
         model = api.quantize(
-            args.model, args.calib, _config(args), preprocess=_preprocess(args), limit=args.limit
+            args.model,
+            args.calib,
+            _config(args) if args.calib else None,
+            preprocess=_preprocess(args),
+            limit=args.limit,
         )
     api.tune(model, args.output, args.target, args.trials, rpc=endpoint, threads=args.threads)
     print(
@@ -129,11 +133,18 @@ def _labelled(args, model):
 def cmd_eval(args) -> int:
     if args.metric != "top1":
         raise QCompilerError(f"unknown metric {args.metric!r}, candidates are ['top1']")
-    model, calibration = api.calibrate(
-        args.model, args.calib, preprocess=_preprocess(args), limit=args.limit
-    )
+    model = api.load_model(args.model)
+    if api.is_prequantized(model.mod):
+        # The baseline is the same quantized model run in float (TVM's dequantize/op/quantize).
+        quant = api.quantize_prequantized(model)
+    else:
+        if not args.calib:
+            raise QCompilerError(f"{args.model} is a float model: eval needs --calib DATA")
+        model, calibration = api.calibrate(
+            model, args.calib, preprocess=_preprocess(args), limit=args.limit
+        )
+        quant = api.quantize(model, None, _config(args), calibration=calibration)
     float_art = api.compile_float(model, args.target)
-    quant = api.quantize(model, None, _config(args), calibration=calibration)
     int_art = quant.build(args.target)
     fp32 = api.top1(float_art, _labelled(args, model))
     int8 = api.top1(int_art, _labelled(args, model))
@@ -147,11 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def quant_options(p):
-        p.add_argument("model", help="float model: .onnx or .tflite")
+        p.add_argument("model", help="model: .onnx or .tflite (float, or already quantized)")
         p.add_argument(
             "--calib",
-            required=True,
-            help=".npz/.npy (one array per input, sample axis first) or image folder",
+            help=".npz/.npy (one array per input, sample axis first) or image folder; "
+            "needed for float models, not for already-quantized ones",
         )
         p.add_argument(
             "--preprocess",

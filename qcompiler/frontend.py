@@ -98,6 +98,11 @@ def _normalize_onnx(model):
     import onnx
     from onnx import shape_inference
 
+    inputs = {v.name for v in model.graph.input}
+    if model.ir_version < 4 and any(t.name not in inputs for t in model.graph.initializer):
+        # IR 3 required every initializer to be a graph input; tools that add initializers to
+        # an old model (onnxruntime's quantizer) leave it invalid under its own version.
+        model.ir_version = 4
     model = shape_inference.infer_shapes(model)
     shapes = {}
     for value in [*model.graph.value_info, *model.graph.input, *model.graph.output]:

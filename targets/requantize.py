@@ -184,8 +184,10 @@ class _FuseRequantize(PyExprMutator):
             dtype=chain.dtype,
             primfunc_name_hint=REQUANTIZE_NAME,
         )
-        dataflow = isinstance(binding.var, relax.DataflowVar)
-        emit = self.builder_.emit if dataflow else self.builder_.emit_output
+        output = self.builder_.current_block_is_dataflow() and not isinstance(
+            binding.var, relax.DataflowVar
+        )
+        emit = self.builder_.emit_output if output else self.builder_.emit
         self.set_var_remap(binding.var, emit(call, binding.var.name))
 
 

@@ -101,9 +101,19 @@ def _vectorize_tail(sch, block, lanes: int) -> None:
     sch.vectorize(loop)
 
 
+def _shape(sch, block) -> list:
+    return [int(d) for d in sch.get(block).writes[0].source.shape]
+
+
 def _attach_epilogue(sch, anchor, loop, lanes: int) -> None:
     last = _epilogue(sch, anchor)
     if last is None:
+        return
+    if _shape(sch, last) != _shape(sch, anchor):
+        # A consumer of another shape (the next layer's padding, fused in) has elements no
+        # tile of the anchor produces (the border): moved under the anchor's loop, they would
+        # never be written. It runs on its own, after the anchor.
+        _schedule_injective(sch, last)
         return
     sch.reverse_compute_at(last, loop)
     _vectorize_tail(sch, last, lanes)

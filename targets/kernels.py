@@ -77,15 +77,40 @@ def _dot_16x4_vnni(
 TensorIntrin.register(VNNI_INTRIN, _dot_16x4_desc, _dot_16x4_vnni, override=True)
 
 
-def fix_tvm_intrinsics() -> None:
-    """Point TVM's ``dot_16x4_vnni`` (what meta-schedule's x86 rules tensorize with) at ours.
+TVM_VNNI_INTRIN = "dot_16x4_vnni"  # the name meta-schedule's x86 rules tensorize with
 
-    Importing ``tvm.s_tir.tensor_intrin`` registers every target's intrinsics, which takes
-    about a minute, so only tuning does it.
+
+def register_tvm_vnni_name() -> None:
+    """Register ours under TVM's VNNI name, without TVM's intrinsic package.
+
+    Tuning records name the intrinsic their schedules tensorized with; loading a database needs
+    it registered. Importing ``tvm.s_tir.tensor_intrin`` (every target's intrinsics) takes
+    20-60 s, which a build from records should not pay.
     """
-    import tvm.s_tir.tensor_intrin  # noqa: F401
+    TensorIntrin.register(TVM_VNNI_INTRIN, _dot_16x4_desc, _dot_16x4_vnni, override=True)
 
-    TensorIntrin.register("dot_16x4_vnni", _dot_16x4_desc, _dot_16x4_vnni, override=True)
+
+def fix_tvm_intrinsics() -> None:
+    """TVM's intrinsics registered for meta-schedule's rules, with ``dot_16x4_vnni`` ours.
+
+    TVM's ``dot_16x4_vnni`` passes ``<16 x i32>`` operands that LLVM 22 rejects. Only tuning
+    needs the whole package; it registers its names without ``override``, which would fail
+    after :func:`register_tvm_vnni_name`, so the import runs with overriding allowed.
+    """
+    import sys
+
+    if "tvm.s_tir.tensor_intrin" not in sys.modules:
+        register = TensorIntrin.register
+
+        def overriding(name, desc, impl, override=False):
+            return register(name, desc, impl, override=True)
+
+        TensorIntrin.register = staticmethod(overriding)
+        try:
+            import tvm.s_tir.tensor_intrin  # noqa: F401
+        finally:
+            TensorIntrin.register = register
+    register_tvm_vnni_name()
 
 
 def has_vnni(target: tvm.target.Target) -> bool:

@@ -50,7 +50,7 @@ from tvm.support.popen_pool import PopenPoolExecutor
 
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.targets.build import fused_module
-from qcompiler.targets.kernels import fix_tvm_intrinsics
+from qcompiler.targets.kernels import fix_tvm_intrinsics, register_tvm_vnni_name
 from qcompiler.targets.schedules import schedule_in_place
 
 log = logging.getLogger(__name__)
@@ -246,6 +246,7 @@ def load_database(records_dir: str | os.PathLike) -> ms.database.JSONDatabase:
             f"{str(path)!r} holds no tuning records (expected workloads.json and records.json "
             "written by `qc tune`)"
         )
+    register_tvm_vnni_name()  # records may tensorize with it
     return open_database(path)
 
 

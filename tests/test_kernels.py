@@ -5,6 +5,9 @@ host's VNNI path and once for a CPU without it (generic schedules), so both code
 exercised on this machine.
 """
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tvm
@@ -160,6 +163,23 @@ def test_tuning_over_local_rpc_keeps_outputs_and_records(tmp_path):
     assert len(database) >= len(report.tasks) + 1
     vm = relax.VirtualMachine(build(mod, HOST, database), tvm.cpu())
     np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), untuned)
+    # A fresh process (no tuning, so TVM's intrinsic package never imported) loads the records
+    # -- their schedules name TVM's VNNI intrinsic -- and builds the same integers.
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import sys, numpy as np, tvm; sys.path.insert(0, 'tests')\n"
+        "from tvm import relax\n"
+        "from test_kernels import small_model, HOST\n"
+        "from qcompiler.targets.build import build\n"
+        "from qcompiler.targets.tuning import load_database\n"
+        f"db = load_database({str(tmp_path / 'rec')!r})\n"
+        "vm = relax.VirtualMachine(build(small_model(), HOST, db), tvm.cpu())\n"
+        f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, vm['main'](tvm.runtime.tensor(x)).numpy())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), untuned)
     # A second run finds everything in the database and measures nothing new.
     lines.clear()
     with LocalRPC(key="test", threads=1) as endpoint:

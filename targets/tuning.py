@@ -17,8 +17,8 @@ Records go to a :class:`~tvm.s_tir.meta_schedule.database.JSONDatabase` in ``rec
 line per measured candidate, appended as soon as it is measured, so a run that dies keeps
 everything measured before and the next run starts from there. One directory can serve many
 models and precision configurations: a task is keyed by its TIR, and identical kernels share
-records. ``searched.json`` beside them lists the tasks whose search finished, which no later run
-searches again.
+records. ``searched.json`` beside them keeps each task's default latency (the ranking) and the
+tasks whose search finished, which no later run searches again.
 
 A board that stops answering (server killed, network gone) ends the run with a
 :class:`QCompilerError` that says so; the runner checks the tracker for a live server before each
@@ -478,7 +478,12 @@ def tune(
                 f"  {entry.name}: "
                 + (f"{seconds * 1e6:.1f} us" if seconds is not None else "no default schedule")
             )
-    todo = _worth_tuning(tasks, report.tasks, counts, trials, per_task, _searched(records_dir))
+    state = _state(records_dir)
+    for task, entry in zip(tasks, report.tasks):
+        if entry.default_s is not None:
+            state["default_s"][_task_key(task)] = entry.default_s
+    _save_state(records_dir, state)
+    todo = _worth_tuning(tasks, report.tasks, counts, trials, per_task, state)
     report.skipped = len(tasks) - len(todo)
     if todo:
         share = sum(e.weight * (e.best_s or 0) for _, e in todo) / max(
@@ -514,7 +519,8 @@ def tune(
         for task, entry in todo:
             entry.best_s, count = _best_seconds(database, task)
             entry.trials = count
-        _mark_searched(records_dir, todo)
+        state["searched"].update({_task_key(t): e.trials for t, e in todo})
+        _save_state(records_dir, state)
     report.wall_s = time.monotonic() - start
     echo(
         f"tuned in {report.wall_s:.0f} s: {report.trials} measurements, "
@@ -527,44 +533,50 @@ def _task_key(task) -> str:
     return f"{task.task_name}:{tvm_ffi.structural_hash(task.dispatched[0]):x}"
 
 
-def _searched(records_dir: str) -> dict:
-    """Tasks already searched in this directory: ``{task key: trials}``."""
+def _state(records_dir: str) -> dict:
+    """What this directory knows beyond the records: ``{"default_s": {task key: seconds},
+    "searched": {task key: trials}}`` (the default schedules' latencies rank the tasks the same
+    way on every run; searched tasks are never searched again)."""
     path = Path(records_dir) / SEARCHED
     try:
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text())
     except FileNotFoundError:
-        return {}
+        state = {}
     except (OSError, ValueError) as err:
         raise QCompilerError(f"cannot read {path}: {err}") from err
+    return {"default_s": state.get("default_s", {}), "searched": state.get("searched", {})}
 
 
-def _mark_searched(records_dir: str, tasks_and_entries) -> None:
-    searched = _searched(records_dir)
-    for task, entry in tasks_and_entries:
-        searched[_task_key(task)] = entry.trials
+def _save_state(records_dir: str, state: dict) -> None:
     path = Path(records_dir) / SEARCHED
     staging = path.with_suffix(".tmp")
-    staging.write_text(json.dumps(searched, indent=1, sort_keys=True) + "\n")
+    staging.write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
     staging.replace(path)
 
 
-def _worth_tuning(tasks, entries, counts, trials: int, per_task: int, searched: dict) -> list:
+def _worth_tuning(tasks, entries, counts, trials: int, per_task: int, state: dict) -> list:
     """``(task, entry)`` pairs to search, costliest first (see :func:`tune`).
 
-    A task searched before (in ``searched``) or holding ``per_task`` records is done: it
-    counts towards the covered time but is not searched again.
+    Tasks are ranked by calls x default latency; the first ``trials // MIN_TRIALS`` of them (or
+    fewer, once they cover :data:`COVER` of the time) are the ones this budget tunes. Those
+    searched before (or holding ``per_task`` records) are done, so the same command run again
+    searches nothing.
     """
     if trials <= 0:
         return []
-    cost = [e.weight * (e.best_s or 0.0) for e in entries]
+    keys = [_task_key(t) for t in tasks]
+    cost = [
+        e.weight * (state["default_s"].get(k) or e.default_s or e.best_s or 0.0)
+        for k, e in zip(keys, entries)
+    ]
     total = sum(cost) or 1.0
     order = sorted(range(len(tasks)), key=lambda i: -cost[i])
     chosen, covered = [], 0.0
-    for i in order:
-        if len(chosen) >= max(1, trials // MIN_TRIALS) or covered >= COVER * total:
+    for rank, i in enumerate(order):
+        if rank >= max(1, trials // MIN_TRIALS) or covered >= COVER * total:
             break
         covered += cost[i]
-        done = counts[i] >= per_task or _task_key(tasks[i]) in searched
+        done = counts[i] >= per_task or keys[i] in state["searched"]
         if not done and entries[i].best_s is not None:
             chosen.append((tasks[i], entries[i]))
     return chosen

@@ -12,8 +12,9 @@ as contiguous ``16 x 4`` tiles. This module
 * defines the packed conv2d/dense computations (:func:`conv2d_nhwc_packed`, :func:`dense_packed`;
   weights ``[O/16, KH, KW, I/4, 16, 4]`` and ``[N/16, K/4, 16, 4]``, packed once at compile time),
 * and rewrites the integer module's uint8 x int8 convs and matmuls to them
-  (:func:`use_int8_kernels`). Channel counts that are not multiples of 16 (outputs) or 4 (inputs)
-  are padded with zero weights and sliced off again.
+  (:func:`use_int8_kernels`); int8 activations (TFLite's) are shifted to uint8 by +128 and the
+  ``128 * sum(w)`` this adds is subtracted per output channel. Channel counts that are not
+  multiples of 16 (outputs) or 4 (inputs) are padded with zero weights and sliced off again.
 
 The computations are plain TE, so the same functions serve the default schedules
 (``targets.schedules``) and meta-schedule's search.
@@ -280,10 +281,24 @@ class _Int8Kernels(PyExprMutator):
         ok = (
             w is not None
             and w.dtype == np.int8
-            and str(data.ty.dtype) == "uint8"
+            and str(data.ty.dtype) in ("uint8", "int8")
             and str(call.ty.dtype) == "int32"
         )
         return (data, w) if ok else (None, None)
+
+    def _as_uint8(self, data):
+        """int8 activations as uint8 codes ``x + 128`` (the instruction multiplies unsigned by
+        signed bytes); the caller subtracts ``128 * sum(w)`` per output channel again."""
+        if str(data.ty.dtype) == "uint8":
+            return data, False
+        wide = relax.op.add(relax.op.astype(data, "int16"), relax.const(128, "int16"))
+        return self.builder_.emit(relax.op.astype(wide, "uint8")), True
+
+    def _unshift(self, out, w: np.ndarray, reduce_axes, shape):
+        """``out - 128 * sum(w)`` per output channel (undoes :meth:`_as_uint8`)."""
+        correction = -128 * w.astype(np.int64).sum(axis=reduce_axes)
+        const = relax.const(correction.reshape(shape).astype(np.int32), "int32")
+        return relax.op.add(self.builder_.emit(out), const)
 
     def _conv2d(self, call):
         attrs = call.attrs
@@ -296,6 +311,9 @@ class _Int8Kernels(PyExprMutator):
         if data is None or not self.dot_product:
             return None
         bb = self.builder_
+        if any(int(p) for p in call.attrs.padding) and str(data.ty.dtype) == "int8":
+            return None  # zero padding of int8 codes is not zero padding of the uint8 ones
+        data, shifted = self._as_uint8(data)
         packed = pack_conv_weight(w)
         data = _pad_channels(bb, data, packed.shape[3] * GROUP)
         out = bb.call_te(
@@ -307,7 +325,8 @@ class _Int8Kernels(PyExprMutator):
             dilation=[int(d) for d in attrs.dilation],
             primfunc_name_hint="qc_conv2d_int8",
         )
-        return _slice_channels(bb, out, w.shape[0])
+        out = _slice_channels(bb, out, w.shape[0])
+        return self._unshift(out, w, (1, 2, 3), (1, 1, 1, -1)) if shifted else out
 
     def _depthwise(self, call):
         data, weight = call.args[0], call.args[1]
@@ -335,12 +354,14 @@ class _Int8Kernels(PyExprMutator):
         if data is None or not self.dot_product or w.ndim != 2 or len(_shape(data)) != 2:
             return None
         bb = self.builder_
+        data, shifted = self._as_uint8(data)
         packed = pack_dense_weight(w)
         data = _pad_channels(bb, data, packed.shape[1] * GROUP)
         out = bb.call_te(
             dense_packed, data, relax.const(packed, "int8"), primfunc_name_hint="qc_dense_int8"
         )
-        return _slice_channels(bb, out, w.shape[1])
+        out = _slice_channels(bb, out, w.shape[1])
+        return self._unshift(out, w, (0,), (1, -1)) if shifted else out
 
 
 def use_int8_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:

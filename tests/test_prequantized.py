@@ -275,7 +275,11 @@ def test_float_model_without_calibration_is_a_clear_error(shared):
         qcompiler.compile(str(path), target="x86")
 
 
-@pytest.mark.slow
+@pytest.mark.xfail(
+    raises=QCompilerError,
+    strict=True,
+    reason="TVM 0.27's TFLite frontend refuses quantized ARG_MAX (DeepLabV3's last op)",
+)
 def test_deeplabv3_uint8_matches_litert(shared):
     path = shared / "models" / "deeplabv3_quant" / "deeplabv3_mnv2_pascal_quant.tflite"
     artifact = qcompiler.compile(str(path), target="x86")

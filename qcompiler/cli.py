@@ -148,6 +148,8 @@ def cmd_eval(args) -> int:
     int_art = quant.build(args.target)
     fp32 = api.top1(float_art, _labelled(args, model))
     int8 = api.top1(int_art, _labelled(args, model))
+    if quant.config is None:
+        print("(already quantized: 'fp32' is the same model run in float by TVM's QDQ import)")
     print(f"{'model':<28}{'fp32 top1':>10}{'int8 top1':>10}{'delta':>8}")
     print(f"{model.name:<28}{fp32:>10.4f}{int8:>10.4f}{(int8 - fp32) * 100:>+8.2f}")
     return 0

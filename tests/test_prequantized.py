@@ -290,3 +290,27 @@ def test_deeplabv3_uint8_matches_litert(shared):
     got = next(iter(artifact.run({artifact.input_names[0]: x}).values()))
     ref = litert_outputs(path, "BUILTIN_REF", [x])[0]
     assert (got == ref).mean() >= 0.999
+
+
+def test_cli_eval_of_a_quantized_model_reports_litert_top1(shared, capsys):
+    from qcompiler.cli import main
+
+    path = shared / "models" / "resnet8_cifar10" / "pretrainedResnet_quant.tflite"
+    npz = shared / "data" / "cifar10_test_half.npz"
+    argv = [
+        "eval",
+        str(path),
+        "--data",
+        str(npz),
+        "--count",
+        "60",
+        "--preprocess",
+        "mean=128,std=1",
+    ]
+    assert main(argv) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    data = np.load(npz)
+    inputs = [(img.astype(np.int16) - 128).astype(np.int8)[None] for img in data["images"][:60]]
+    ref = litert_outputs(path, "BUILTIN_REF", inputs)
+    litert_top1 = np.mean([np.argmax(r) == label for r, label in zip(ref, data["labels"][:60])])
+    assert float(row[2]) == pytest.approx(litert_top1, abs=1e-4)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import accuracy  # noqa: E402  (preamble, peak RSS)
+from speed import time_call  # noqa: E402
 
 import qcompiler  # noqa: E402
 from qcompiler.deploy.artifact import set_threads  # noqa: E402
@@ -94,14 +94,7 @@ def litert_call(it, x):
 
 
 def median_ms(call, runs: int) -> float:
-    for _ in range(3):
-        call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * time_call(call, runs, warmup=3)[0]
 
 
 def main(argv=None) -> int:

@@ -429,10 +429,7 @@ class _Integerizer(PyExprMutator):
         shift = np.asarray(shift, dtype=np.int64)
         x = self._emit(relax.op.add(x, _const(np.left_shift(1, shift - 1), "int64")))
         x = self._emit(relax.op.right_shift(x, _const(shift, "int64")))
-        if out.zero_point:
-            x = self._emit(relax.op.add(x, _const(out.zero_point, "int64")))
-        x = self._emit(relax.op.clip(x, relax.prim_value(out.qlo), relax.prim_value(out.qhi)))
-        return relax.op.astype(x, out.dtype)
+        return self._saturate(x, out)
 
     def _weight(self, arg, out_axis: int) -> tuple[np.ndarray, np.ndarray]:
         """Zero-point-free integer weights and their per-channel scales (along ``out_axis``)."""

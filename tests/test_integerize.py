@@ -102,11 +102,11 @@ def _op_names(mod):
     return [op_name(b.value) for b in bindings(mod["main"])]
 
 
-def _integerize_strict(mod):
+def _integerize_strict(mod, rounding="half_up"):
     """integerize + verify, failing on any fallback warning."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out = integerize(mod)
+        out = integerize(mod, rounding=rounding)
     verify_integer_only(out)
     assert list(out["main"].attrs[FALLBACK_ATTR]) == []
     return out
@@ -330,6 +330,39 @@ def test_matmul_of_two_activations():
     acc = (q_a - a_in[3]) @ (q_b - b_in[3])
     ratio = np.float64(a_in[2]) * np.float64(b_in[2]) / np.float64(s_y)
     np.testing.assert_array_equal(got, _requant_ref(acc, ratio, z_y, 0, 255))
+
+
+def test_tflite_rounding_of_a_rescale_and_an_add():
+    """rounding="tflite": a requantization is TFLite's doubling high multiply + rounding shift
+    (qmath.tflite_multiply, itself checked against gemmlowp's definitions), an add is TFLite's
+    ADD: both inputs << 20, rescaled to half the larger scale, summed, rescaled."""
+    a_in = ("a", (2, 64), F32(0.05), -7, "int8")
+    b_in = ("b", (2, 64), F32(0.02), 3, "int8")
+    s_y, z_y = F32(0.07), -2
+    rng = np.random.default_rng(12)
+    a, q_a = _on_grid(rng, a_in[1], a_in[2], a_in[3], "int8")
+    b, q_b = _on_grid(rng, b_in[1], b_in[2], b_in[3], "int8")
+
+    def rescale(bb, x, _):
+        return _quantize(x, s_y, z_y, "int8")
+
+    got = _run(_integerize_strict(_qdq_function([a_in, b_in], rescale), "tflite"), a, b)
+    ratio = np.float64(a_in[2]) / np.float64(s_y)
+    expected = np.clip(qmath.tflite_multiply(q_a - a_in[3], ratio) + z_y, -128, 127)
+    np.testing.assert_array_equal(got, expected)
+
+    def add(bb, x, y):
+        return _quantize(bb.emit(relax.op.add(x, y)), s_y, z_y, "int8")
+
+    got = _run(_integerize_strict(_qdq_function([a_in, b_in], add), "tflite"), a, b)
+    twice = 2 * max(float(a_in[2]), float(b_in[2]))
+    scaled = [
+        qmath.tflite_multiply((q - z) * (1 << 20), float(s) / twice)
+        for q, z, s in ((q_a, a_in[3], a_in[2]), (q_b, b_in[3], b_in[2]))
+    ]
+    out_ratio = twice / float(np.float32((1 << 20) * s_y))
+    expected = np.clip(qmath.tflite_multiply(scaled[0] + scaled[1], out_ratio) + z_y, -128, 127)
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_conv2d_add_broadcast_along_width_is_not_a_channel_bias():

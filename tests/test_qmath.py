@@ -320,3 +320,51 @@ def test_common_multipliers_exactness(rs):
     assert abs(Fraction(top, 2**shift) - Fraction(max(rs))) / Fraction(max(rs)) <= Fraction(
         1, 2**30
     )
+
+
+# -- TFLite's arithmetic, against gemmlowp's definitions transcribed on Python ints -------------
+def _srdhm(a: int, b: int) -> int:
+    """gemmlowp SaturatingRoundingDoublingHighMul (C++ division truncates towards zero)."""
+    if a == b == -(2**31):
+        return 2**31 - 1
+    ab = a * b
+    nudge = (1 << 30) if ab >= 0 else 1 - (1 << 30)
+    total = ab + nudge
+    return abs(total) // (1 << 31) * (1 if total >= 0 else -1)
+
+
+def _rdbpot(x: int, exponent: int) -> int:
+    """gemmlowp RoundingDivideByPOT."""
+    mask = (1 << exponent) - 1
+    remainder = x & mask
+    threshold = (mask >> 1) + (1 if x < 0 else 0)
+    return (x >> exponent) + (1 if remainder > threshold else 0)
+
+
+def _tflite_quantize_multiplier(m: float) -> tuple[int, int]:
+    """TFLite QuantizeMultiplier: (q_fixed, shift) with m = q_fixed * 2**(shift - 31)."""
+    q, shift = math.frexp(m)
+    q_fixed = int(math.floor(q * (1 << 31) + 0.5))  # TfLiteRound: half away from zero, q > 0
+    if q_fixed == 1 << 31:
+        q_fixed //= 2
+        shift += 1
+    return q_fixed, shift
+
+
+def _tflite_reference(x: int, m: float) -> int:
+    q_fixed, shift = _tflite_quantize_multiplier(m)
+    left, right = max(shift, 0), max(-shift, 0)
+    return _rdbpot(_srdhm(x * (1 << left), q_fixed), right)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.25, 1e-3, 0.0123456, 0.999999, 1.75, 3.1, 2.0**-20])
+def test_tflite_multiply_matches_gemmlowp(ratio):
+    rng = np.random.default_rng(int(ratio * 1e6) % 2**32)
+    xs = np.concatenate(
+        [rng.integers(-(2**20), 2**20, 2000), np.arange(-300, 301), [2**24, -(2**24)]]
+    )
+    if ratio > 1:
+        xs = xs // 4  # keep x * 2**left within int32, as TFLite requires
+    got = qmath.tflite_multiply(xs, ratio)
+    expected = [_tflite_reference(int(x), ratio) for x in xs]
+    np.testing.assert_array_equal(got, expected)

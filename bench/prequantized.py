@@ -41,8 +41,7 @@ MODELS = {
     "vww": ("vww_mobilenet/vww_96_int8.tflite", "imagenet"),
     "deeplabv3": ("deeplabv3_quant/deeplabv3_mnv2_pascal_quant.tflite", "bird"),
 }
-KERNELS = ("BUILTIN_REF", "BUILTIN_WITHOUT_DEFAULT_DELEGATES", "AUTO")
-LABEL = {
+KERNELS = {  # LiteRT op resolver -> column label
     "BUILTIN_REF": "LiteRT reference",
     "BUILTIN_WITHOUT_DEFAULT_DELEGATES": "LiteRT builtin",
     "AUTO": "LiteRT XNNPACK",
@@ -120,7 +119,7 @@ def main(argv=None) -> int:
         print("|---|---|---|---|---|---|")
         feed = {spec["name"]: inputs[0]}
         ours_ms = median_ms(lambda art=artifact, feed=feed: art.run(feed), args.runs)
-        for kind in KERNELS:
+        for kind, label in KERNELS.items():
             it = interpreter(path, kind)
             ref = [litert_call(it, x)().copy() for x in inputs]
             diff = np.abs(np.stack(ours).astype(np.int64) - np.stack(ref).astype(np.int64))
@@ -131,7 +130,7 @@ def main(argv=None) -> int:
             )
             theirs_ms = median_ms(litert_call(it, inputs[0]), args.runs)
             print(
-                f"| {LABEL[kind]} | {100 * (diff == 0).mean():.3f}% | {diff.max()} | "
+                f"| {label} | {100 * (diff == 0).mean():.3f}% | {diff.max()} | "
                 f"{100 * top1:.0f}% | {theirs_ms:.3f} | {ours_ms:.3f} |"
             )
         fallbacks = artifact.manifest["quantization"]["float_fallbacks"]

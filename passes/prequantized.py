@@ -137,6 +137,7 @@ class _LiftQuantizedConstants(PyExprMutator):
     def __init__(self, mod):
         super().__init__(mod)
         self.lifted: dict[str, np.ndarray] = {}
+        self.params: list[relax.Var] = []
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -153,6 +154,7 @@ class _LiftQuantizedConstants(PyExprMutator):
         name = f"qc_lifted_{len(self.lifted)}"
         self.lifted[name] = value
         param = relax.Var(name, relax.TensorType(list(value.shape), str(value.dtype)))
+        self.params.append(param)
         return relax.Call(call.op, [param, *call.args[1:]], call.attrs)
 
 
@@ -160,9 +162,8 @@ def _lift(mod: tvm.IRModule) -> tuple[tvm.IRModule, dict]:
     lifter = _LiftQuantizedConstants(mod)
     func = mod["main"]
     body = lifter.visit_expr(func.body)
-    lifted_vars = [v for v in relax.analysis.free_vars(body) if v.name in lifter.lifted]
     new_func = relax.Function(
-        [*func.params, *lifted_vars], body, func.ret_ty, func.is_pure, func.attrs
+        [*func.params, *lifter.params], body, func.ret_ty, func.is_pure, func.attrs
     )
     out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
     out["main"] = new_func

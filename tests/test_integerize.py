@@ -21,8 +21,8 @@ from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.graph import bindings, op_name
 from qcompiler.passes.integerize import FALLBACK_ATTR, integerize
 from qcompiler.passes.verify import verify_integer_only
+from qcompiler.targets.boards import resolve_target
 from qcompiler.targets.build import build
-from qcompiler.targets.host import resolve_target
 
 TARGET = tvm.target.Target({"kind": "llvm"})
 HOST = resolve_target("x86")

@@ -28,8 +28,8 @@ from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.graph import bindings
 from qcompiler.passes.prequantized import check_supported, is_prequantized
 from qcompiler.passes.verify import float_ops_in_integer_regions
+from qcompiler.targets.boards import resolve_target
 from qcompiler.targets.build import build
-from qcompiler.targets.host import resolve_target
 
 litert = pytest.importorskip("ai_edge_litert.interpreter")
 

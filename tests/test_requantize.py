@@ -12,8 +12,8 @@ import tvm
 from tvm import relax
 
 from qcompiler.passes.graph import bindings
+from qcompiler.targets.boards import resolve_target
 from qcompiler.targets.build import build, fused_module
-from qcompiler.targets.host import resolve_target
 from qcompiler.targets.requantize import fuse_requantize
 
 HOST = resolve_target("x86")

@@ -10,15 +10,22 @@ dataflow lowering:
    one (``MetaScheduleApplyDatabase``), the hand-written default of
    :mod:`qcompiler.targets.schedules` otherwise.
 
+For a CUDA target (the Jetsons) the CPU kernels are left out and TVM's CUDA pipeline runs
+instead, its default GPU schedules (``dlight``) giving every kernel thread bindings; the host
+code is compiled for the board's CPU (the target's ``host``).
+
 :func:`fused_module` stops after fusion: it is also what tuning extracts its tasks from, so that
 records and the functions they are applied to match.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu
+from tvm.relax.backend.cuda import pipeline as cuda
 
 from qcompiler.targets.kernels import use_int8_kernels
 from qcompiler.targets.requantize import fuse_requantize
@@ -28,30 +35,66 @@ from qcompiler.targets.schedules import default_schedules
 def fused_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """``mod`` with integer kernels, legalized and fused into TIR functions (no schedules)."""
     with target:
-        mod = fuse_requantize(use_int8_kernels(mod, target))
-        seq = tvm.transform.Sequential(
-            [
+        if is_gpu(target):
+            mod = fuse_requantize(mod)
+            passes = [
+                *cuda.library_dispatch_passes(target),
+                relax.transform.DecomposeOpsForInference(),
+                relax.transform.CanonicalizeBindings(),
+                # TVM's CUDA legalization without its closing dlight step (see build).
+                *[p for p in cuda.legalize_passes(target) if "Schedule" not in p.info.name],
+            ]
+        else:
+            mod = fuse_requantize(use_int8_kernels(mod, target))
+            passes = [
                 *cpu.library_dispatch_passes(target),
                 relax.transform.DecomposeOpsForInference(),
                 relax.transform.CanonicalizeBindings(),
                 *cpu.legalize_passes(target),
             ]
-        )
-        return seq(mod)
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def is_gpu(target: tvm.target.Target) -> bool:
+    return target.kind.name == "cuda"
+
+
+def cuda_runtime_here() -> bool:
+    """Whether TVM's CUDA runtime sidecar loaded (it needs libcuda, the driver)."""
+    from tvm.base import _LOADED_LIBS
+
+    return "tvm_runtime_cuda" in _LOADED_LIBS
 
 
 def build(mod: tvm.IRModule, target: tvm.target.Target, database=None) -> tvm.runtime.Executable:
     """Compile ``mod`` for ``target``; ``database``: a meta-schedule database to apply first."""
+    if is_gpu(target) and not cuda_runtime_here():
+        warnings.warn(
+            "TVM's CUDA runtime does not load on this machine (no CUDA driver), so TVM keeps the "
+            "CUDA kernels as source instead of compiling them to a cubin: build on a machine "
+            "with a CUDA driver (or on the Jetson) for a library the board can load",
+            stacklevel=2,
+        )
     fused = fused_module(mod, target)
     with target, tvm.transform.PassContext(opt_level=3):
         if database is not None:
             with database:
                 fused = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(fused)
-        fused = default_schedules(fused)
+        fused = _gpu_schedules(fused) if is_gpu(target) else default_schedules(fused)
+    backend = cuda if is_gpu(target) else cpu
     lower = tvm.transform.Sequential(
-        [
-            *cpu.dataflow_lower_passes(target),
-            *cpu.finalize_passes(target),
-        ]
+        [*backend.dataflow_lower_passes(target), *backend.finalize_passes(target)]
     )
     return tvm.compile(fused, target=target, relax_pipeline=lower)
+
+
+def _gpu_schedules(mod: tvm.IRModule) -> tvm.IRModule:
+    from tvm.s_tir import dlight as dl
+
+    return dl.ApplyDefaultSchedule(
+        dl.gpu.Matmul(),
+        dl.gpu.GEMV(),
+        dl.gpu.Reduction(),
+        dl.gpu.GeneralReduction(),
+        dl.gpu.Fallback(),
+    )(mod)

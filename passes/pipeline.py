@@ -27,7 +27,14 @@ from tvm import relax
 from qcompiler.passes.annotate import activation_qparams, annotate
 from qcompiler.passes.calibrate import calibrate
 from qcompiler.passes.canonicalize import canonicalize
-from qcompiler.passes.graph import plan_quantization
+from qcompiler.passes.graph import (
+    CONV_OPS,
+    MATMUL_OPS,
+    bindings,
+    const_value,
+    op_name,
+    plan_quantization,
+)
 from qcompiler.passes.integerize import FALLBACK_ATTR, integerize
 from qcompiler.passes.prequantized import channels_last, prepare_prequantized
 from qcompiler.passes.scheme import QuantConfig
@@ -123,6 +130,35 @@ def float_fallbacks(mod: tvm.IRModule) -> list[str]:
     """Names of the tensors integerize left in float inside integer regions."""
     attrs = mod["main"].attrs or {}
     return [str(n) for n in attrs.get(FALLBACK_ATTR, [])]
+
+
+def layer_table(mod: tvm.IRModule) -> list[dict]:
+    """Each conv/matmul layer of ``mod["main"]``: its precision and stored weight bytes.
+
+    The precision is ``w<bits>a<bits>`` from the dtypes the layer computes on (``w8a8``:
+    int8 weights, 8-bit activations), or ``float``.
+    """
+    table = []
+    for binding in bindings(mod["main"]):
+        value = binding.value
+        if op_name(value) not in CONV_OPS | MATMUL_OPS:
+            continue
+        data, weight = (arg.ty.dtype for arg in value.args[:2])
+        stored = const_value(value.args[1])
+        precision = (
+            "float"
+            if str(data).startswith(("float", "bfloat"))
+            else f"w{tvm.DataType(weight).bits}a{tvm.DataType(data).bits}"
+        )
+        table.append(
+            {
+                "layer": binding.var.name,
+                "op": op_name(value).removeprefix("relax."),
+                "precision": precision,
+                "weight_bytes": 0 if stored is None else int(stored.nbytes),
+            }
+        )
+    return table
 
 
 def _dump(dump_dir: str | None, name: str, mod: tvm.IRModule) -> None:

@@ -250,3 +250,37 @@ def channels_last(mod: tvm.IRModule) -> tvm.IRModule:
             relax.transform.FoldConstant(),
         ]
     )(mod)
+
+
+def io_quantization(mod: tvm.IRModule) -> tuple[list, list]:
+    """Scale and zero point of each integer input and output of an imported quantized model.
+
+    Read from the dequantize that consumes each input and the quantize that makes each output,
+    so a caller of the compiled model can quantize its inputs and dequantize its outputs:
+    ``real = scale * (code - zero_point)``. None for a float input or output.
+    """
+    func = mod["main"]
+    flow = Dataflow.of(func)
+
+    def params(call) -> dict:
+        return {
+            "scale": np.atleast_1d(const_value(call.args[1])).astype(float).tolist(),
+            "zero_point": np.atleast_1d(const_value(call.args[2])).astype(int).tolist(),
+            "axis": int(call.attrs.axis),
+        }
+
+    inputs = []
+    for param in func.params:
+        found = [
+            flow.producer[user]
+            for user in flow.consumers.get(param, [])
+            if op_name(flow.producer[user]) == "relax.dequantize"
+        ]
+        inputs.append(params(found[0]) if found else None)
+    body = func.body.body
+    results = list(body.fields) if isinstance(body, relax.Tuple) else [body]
+    outputs = []
+    for var in results:
+        producer = flow.producer.get(var)
+        outputs.append(params(producer) if op_name(producer) == "relax.quantize" else None)
+    return inputs, outputs

@@ -12,8 +12,10 @@ quantized once at the entry and dequantized once at the exit, integers in betwee
 
 from __future__ import annotations
 
+import contextlib
+import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import tvm
@@ -21,21 +23,29 @@ from tvm import relax
 
 from qcompiler import __version__
 from qcompiler.data import CalibrationSet, InputSpec, Preprocess, load_calibration
-from qcompiler.deploy.artifact import Artifact, load_artifact
+from qcompiler.deploy.artifact import (
+    Artifact,
+    check_cross_compiler,
+    host_arch,
+    load_artifact,
+    set_threads,
+    why_not_here,
+)
+from qcompiler.deploy.remote import RemoteModel
 from qcompiler.frontend import ImportedModel, load_model
 from qcompiler.passes.errors import QCompilerError
-from qcompiler.passes.graph import CONV_OPS, MATMUL_OPS, bindings, const_value, op_name
 from qcompiler.passes.pipeline import (
     Calibration,
     float_fallbacks,
+    layer_table,
     lower_prequantized,
     prepare,
     run_calibration,
 )
-from qcompiler.passes.prequantized import check_supported, is_prequantized
+from qcompiler.passes.prequantized import check_supported, io_quantization, is_prequantized
 from qcompiler.passes.scheme import CalibConfig, QuantConfig, QuantScheme, QuantSpec
+from qcompiler.targets.boards import resolve_board
 from qcompiler.targets.build import build as build_executable
-from qcompiler.targets.host import resolve_target
 from qcompiler.targets.tuning import LocalRPC, RPCEndpoint, TuneReport, load_database
 from qcompiler.targets.tuning import tune as tune_kernels
 
@@ -53,6 +63,7 @@ __all__ = [
     "load",
     "quantize",
     "quantize_prequantized",
+    "run",
     "top1",
     "tune",
 ]
@@ -76,9 +87,15 @@ class QuantizedModel:
     def float_fallbacks(self) -> list[str]:
         return float_fallbacks(self.mod)
 
-    def build(self, target="x86", tuning_records=None) -> Artifact:
-        """Compile for ``target``; ``tuning_records``: a directory written by :func:`tune`."""
-        return _build(self.mod, self.model, target, self._quant_manifest(), tuning_records)
+    def build(self, target="x86", tuning_records=None, cross_compiler=None) -> Artifact:
+        """Compile for ``target`` (a board name, TVM tag or Target).
+
+        ``tuning_records``: a directory written by :func:`tune`; ``cross_compiler``: the
+        C++ compiler that links the library, instead of the board's.
+        """
+        return _build(
+            self.mod, self.model, target, self._quant_manifest(), tuning_records, cross_compiler
+        )
 
     def _quant_manifest(self) -> dict:
         if self.config is None:
@@ -188,6 +205,7 @@ def compile(
     limit=None,
     offset=0,
     tuning_records=None,
+    cross_compiler=None,
 ) -> Artifact:
     """Quantize and build: the one-call path from a float model to a runnable library.
 
@@ -199,13 +217,13 @@ def compile(
             f"{model.name} is a float model: compiling it needs calibration data (calib=...)"
         )
     quantized = quantize(model, calib, config, preprocess=preprocess, limit=limit, offset=offset)
-    return quantized.build(target, tuning_records=tuning_records)
+    return quantized.build(target, tuning_records=tuning_records, cross_compiler=cross_compiler)
 
 
-def compile_float(model, target="x86", tuning_records=None) -> Artifact:
+def compile_float(model, target="x86", tuning_records=None, cross_compiler=None) -> Artifact:
     """Build the float model unchanged: the baseline the quantized model is judged against."""
     model = model if isinstance(model, ImportedModel) else load_model(model)
-    return _build(prepare(model.mod), model, target, None, tuning_records)
+    return _build(prepare(model.mod), model, target, None, tuning_records, cross_compiler)
 
 
 def tune(
@@ -228,11 +246,61 @@ def tune(
     else:
         imported = model if isinstance(model, ImportedModel) else load_model(model)
         mod = prepare(imported.mod)
-    target_obj = resolve_target(target)
+    board = resolve_board(target)
+    check_cross_compiler(board)
+    cross = board.cross_compiler if board.arch != host_arch() else None
+
+    def run(endpoint):
+        return tune_kernels(
+            mod, board.tvm_target, records, endpoint, trials, echo=echo, cross_compiler=cross
+        )
+
     if rpc is not None:
-        return tune_kernels(mod, target_obj, records, rpc, trials=trials, echo=echo)
+        return run(rpc)
+    if cross is not None:
+        raise QCompilerError(
+            f"tuning for {board.name} ({board.arch}) measures on that board: give its tracker "
+            f"and key (rpc=RPCEndpoint(host, port, {board.rpc_key!r}), or --rpc-tracker/--rpc-key)"
+        )
     with LocalRPC(key="local", threads=threads) as endpoint:
-        return tune_kernels(mod, target_obj, records, endpoint, trials=trials, echo=echo)
+        return run(endpoint)
+
+
+def run(
+    artifact: Artifact,
+    samples,
+    *,
+    rpc: RPCEndpoint | None = None,
+    threads: int | None = None,
+    repeat: int = 20,
+) -> tuple[list[dict], list[float]]:
+    """Run ``samples`` (input dicts) here or on the board behind ``rpc``; time the last one.
+
+    Returns the outputs of every sample and ``repeat`` latencies in seconds, measured on the
+    board itself when it is remote.
+    """
+    samples = list(samples)
+    if not samples:
+        raise QCompilerError("no input samples to run")
+    with contextlib.ExitStack() as stack:
+        if rpc is None:
+            reason = why_not_here(artifact.manifest)
+            if reason is not None:
+                raise QCompilerError(reason)
+            if threads is not None:
+                set_threads(threads)
+            model = artifact
+        else:
+            model = stack.enter_context(RemoteModel(artifact, rpc, threads=threads))
+        outputs = [model.run(sample) for sample in samples]
+        if rpc is not None:
+            return outputs, model.time(samples[-1], repeat=repeat)
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            artifact.run(samples[-1])
+            times.append(time.perf_counter() - start)
+        return outputs, times
 
 
 def load(path) -> Artifact:
@@ -241,38 +309,38 @@ def load(path) -> Artifact:
 
 
 def weight_bytes(mod: tvm.IRModule) -> int:
-    """Bytes of the stored conv/matmul weights and biases of ``mod["main"]``."""
-    total = 0
-    for binding in bindings(mod["main"]):
-        value = binding.value
-        if op_name(value) in CONV_OPS | MATMUL_OPS:
-            weight = const_value(value.args[1])
-            total += 0 if weight is None else weight.nbytes
-    return total
+    """Bytes of the stored conv/matmul weights of ``mod["main"]``."""
+    return sum(layer["weight_bytes"] for layer in layer_table(mod))
 
 
-def _build(mod, model: ImportedModel, target, quantization, tuning_records=None) -> Artifact:
-    target_obj = resolve_target(target)
+def _build(
+    mod, model: ImportedModel, target, quantization, tuning_records=None, cross_compiler=None
+) -> Artifact:
+    board = resolve_board(target)
+    if cross_compiler is not None:
+        board = replace(board, cross_compiler=cross_compiler)
+    check_cross_compiler(board)
     database = None if tuning_records is None else load_database(tuning_records)
-    executable = build_executable(mod, target_obj, database)
+    executable = build_executable(mod, board.tvm_target, database)
     params = [p.name for p in mod["main"].params]
     ret = mod["main"].ret_ty
     fields = ret.fields if isinstance(ret, relax.TupleType) else [ret]
+    in_q, out_q = io_quantization(model.mod) if is_prequantized(model.mod) else ([], [])
     manifest = {
         "model": {"name": model.name, "format": model.format, "sha256": model.sha256},
-        "target": {
-            "name": target if isinstance(target, str) else str(target),
-            "tvm": str(target_obj.export()),
-        },
+        "target": board.summary(),
+        # quantization: how the caller turns codes into reals (real = scale * (code - zp))
+        # for integer inputs/outputs; None where the model takes or returns floats.
         "inputs": [
-            dict(name=i.name, shape=list(i.shape), dtype=i.dtype, param=p)
-            for i, p in zip(model.inputs, params)
+            dict(name=i.name, shape=list(i.shape), dtype=i.dtype, param=p, quantization=q)
+            for i, p, q in zip(model.inputs, params, in_q or [None] * len(params))
         ],
         "outputs": [
-            dict(name=o.name, shape=[int(d) for d in f.shape], dtype=str(f.dtype))
-            for o, f in zip(model.outputs, fields)
+            dict(name=o.name, shape=[int(d) for d in f.shape], dtype=str(f.dtype), quantization=q)
+            for o, f, q in zip(model.outputs, fields, out_q or [None] * len(fields))
         ],
         "quantization": quantization,
+        "layers": layer_table(mod),
         "weight_bytes": weight_bytes(mod),
         "versions": {"qcompiler": __version__, "tvm": tvm.__version__},
     }

@@ -1,25 +1,26 @@
 """``qc``: the command line, in tvmc's style. It only parses arguments and calls the API.
 
-qc compile MODEL [--calib DATA] [--preprocess SPEC] --target x86 [--tuning-records DIR] -o OUT_DIR
-qc tune MODEL --calib DATA --target x86 --trials N [--rpc-tracker HOST:PORT --rpc-key KEY] -o DIR
-qc run OUT_DIR --inputs X.npz --output Y.npz [--threads N]
+qc compile MODEL [--calib DATA] --target BOARD [--tuning-records DIR] [--cross-compiler CXX] -o OUT
+qc tune MODEL --calib DATA --target BOARD --trials N [--rpc-tracker HOST:PORT --rpc-key KEY] -o DIR
+qc run OUT [--inputs X.npz] [--output Y.npz] [--rpc-tracker HOST:PORT --rpc-key KEY] [--threads N]
 qc eval MODEL --calib DATA --data DATA --metric top1
+qc targets                     the boards (x86, rpi4, rpi5, jetson-orin-nano, ...) and their targets
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-import time
 import warnings
 
 import numpy as np
 
 from qcompiler import api
 from qcompiler.data import Preprocess, labelled_images, load_calibration, save_npz_stream
-from qcompiler.deploy.artifact import set_threads
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.scheme import CALIBRATION_METHODS, PRESETS, CalibConfig, QuantConfig
+from qcompiler.targets.boards import boards, resolve_board, target_json
 from qcompiler.targets.tuning import RPCEndpoint
 
 
@@ -31,22 +32,43 @@ def _preprocess(args):
     return Preprocess.parse(args.preprocess) if args.preprocess else None
 
 
+def _board(args):
+    return resolve_board(args.target, args.boards)
+
+
 def cmd_compile(args) -> int:
+    board = _board(args)
     art = api.compile(
         args.model,
         calib=args.calib,
-        target=args.target,
+        target=board,
         config=_config(args) if args.calib else None,
         preprocess=_preprocess(args),
         limit=args.limit,
         tuning_records=args.tuning_records,
+        cross_compiler=args.cross_compiler,
     )
     path = art.export(args.output)
     fallbacks = art.manifest["quantization"]["float_fallbacks"]
     print(
-        f"wrote {path} ({art.manifest['weight_bytes']} weight bytes, "
+        f"wrote {path} for {board.name} ({art.manifest['weight_bytes']} weight bytes, "
         f"{len(fallbacks)} float fallback op(s))"
     )
+    return 0
+
+
+def cmd_targets(args) -> int:
+    for board in boards(args.boards).values():
+        info = board.summary()
+        print(f"{board.name:<18}{board.description}")
+        print(f"{'':<18}TVM target: {json.dumps(target_json(board.tvm_target, derived=False))}")
+        extra = f"cross compiler: {board.cross_compiler}" if board.cross_compiler else "native"
+        print(f"{'':<18}{extra}; RPC key: {info['rpc_key']!r}; threads: {board.threads or 'all'}")
+        for note in board.notes:
+            print(f"{'':<18}note: {note}")
+        if board.source != "built in":
+            print(f"{'':<18}from {board.source}")
+    print("(TVM target tags such as 'raspberry-pi/4b-aarch64' are accepted as --target too)")
     return 0
 
 
@@ -75,26 +97,37 @@ def cmd_tune(args) -> int:
             preprocess=_preprocess(args),
             limit=args.limit,
         )
-    api.tune(model, args.output, args.target, args.trials, rpc=endpoint, threads=args.threads)
+    api.tune(model, args.output, _board(args), args.trials, rpc=endpoint, threads=args.threads)
     print(
         f"records in {args.output}; use them with `qc compile ... --tuning-records {args.output}`"
     )
     return 0
 
 
+def _random_inputs(manifest: dict) -> list[dict]:
+    """One sample of random inputs in each input's dtype (for a latency check without data)."""
+    rng = np.random.default_rng(0)
+    sample = {}
+    for spec in manifest["inputs"]:
+        dtype = np.dtype(spec["dtype"])
+        if dtype.kind in "iu":
+            info = np.iinfo(dtype)
+            value = rng.integers(info.min, info.max, size=spec["shape"], endpoint=True)
+        else:
+            value = rng.standard_normal(spec["shape"])
+        sample[spec["name"]] = value.astype(dtype)
+    return [sample]
+
+
 def cmd_run(args) -> int:
-    if args.threads is not None:
-        set_threads(args.threads)
     art = api.load(args.artifact)
-    inputs = [
+    endpoint = _endpoint(args)
+    specs = [
         api.InputSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in art.manifest["inputs"]
     ]
-    samples = load_calibration(args.inputs, inputs)
-    times, outputs = [], []
-    for sample in samples:
-        start = time.perf_counter()
-        outputs.append(art.run(sample))
-        times.append(time.perf_counter() - start)
+    samples = load_calibration(args.inputs, specs) if args.inputs else _random_inputs(art.manifest)
+    outputs, times = api.run(art, samples, rpc=endpoint, threads=args.threads, repeat=args.repeat)
+    where = f"on {endpoint}" if endpoint else "here"
     if args.output:
         save_npz_stream(args.output, outputs)
         print(f"wrote {args.output} ({len(outputs)} sample(s))")
@@ -102,7 +135,10 @@ def cmd_run(args) -> int:
         for name, value in outputs[-1].items():
             print(f"{name}: shape {value.shape}, first values {value.reshape(-1)[:8]}")
     ms = np.array(times) * 1e3
-    print(f"latency over {len(ms)} run(s): median {np.median(ms):.3f} ms, min {ms.min():.3f} ms")
+    print(
+        f"latency {where}, {len(ms)} run(s): median {np.median(ms):.3f} ms, "
+        f"min {ms.min():.3f} ms, max {ms.max():.3f} ms"
+    )
     return 0
 
 
@@ -175,12 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--scheme", default="hybrid", choices=sorted(PRESETS))
         p.add_argument("--calib-method", default="minmax", choices=CALIBRATION_METHODS)
         p.add_argument("--percentile", type=float, default=99.99)
-        p.add_argument("--target", default="x86")
+        p.add_argument("--target", default="x86", help="board (see `qc targets`) or TVM target tag")
+        p.add_argument("--boards", help="TOML file of extra board profiles")
 
     p = sub.add_parser("compile", help="quantize and build a model into an artifact directory")
     quant_options(p)
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--tuning-records", help="directory written by `qc tune`")
+    p.add_argument(
+        "--cross-compiler",
+        help="C++ compiler that links the library for the board (default: the board's, "
+        "e.g. aarch64-linux-gnu-g++)",
+    )
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("tune", help="tune the kernels of the quantized model over RPC")
@@ -193,12 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--float", action="store_true", help="tune the float model instead")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("run", help="run an artifact on inputs from an .npz")
+    p = sub.add_parser("run", help="run an artifact here or on a board over RPC")
     p.add_argument("artifact")
-    p.add_argument("--inputs", required=True, help=".npz keyed by input name, sample axis first")
+    p.add_argument("--inputs", help=".npz keyed by input name, sample axis first (default: random)")
     p.add_argument("--output", help=".npz to write the outputs to, stacked over samples")
     p.add_argument("--threads", type=int, help="threads to run on (default: one per core)")
+    p.add_argument("--rpc-tracker", help="HOST:PORT of the tracker the board registered with")
+    p.add_argument("--rpc-key", help="key the board's RPC server registered under")
+    p.add_argument("--repeat", type=int, default=20, help="timed runs (of the last sample)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("targets", help="list the boards and their TVM targets")
+    p.add_argument("--boards", help="TOML file of extra board profiles")
+    p.set_defaults(func=cmd_targets)
 
     p = sub.add_parser("eval", help="fp32 vs quantized accuracy side by side")
     quant_options(p)

@@ -28,6 +28,7 @@ session and times out each measurement, instead of waiting forever for a session
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,13 +96,29 @@ class RPCEndpoint:
             ) from err
         queue = summary.get("queue_info", {}).get(self.key, {})
         free = int(queue.get("free", 0))
-        if free + int(queue.get("pending", 0)) == 0:
+        # A server that just ended a session is briefly neither free nor pending, but still
+        # connected to the tracker.
+        connected = any(
+            s.get("key") == f"server:{self.key}" for s in summary.get("server_info", [])
+        )
+        if free + int(queue.get("pending", 0)) == 0 and not connected:
             keys = sorted(summary.get("queue_info", {}))
             raise QCompilerError(
                 f"no RPC server is registered under key {self.key!r} at tracker "
                 f"{self.host}:{self.port} (keys there: {keys})"
             )
         return free
+
+    def connect(self, session_timeout_s: int | None = None) -> rpc.RPCSession:
+        """A session on one of the servers under :attr:`key` (the tracker picks which).
+
+        The session ends after ``session_timeout_s`` (default: ten measurement timeouts), so a
+        board that stops answering cannot hold a run forever.
+        """
+        tracker = rpc.connect_tracker(self.host, self.port)
+        return tracker.request(
+            self.key, priority=1, session_timeout=session_timeout_s or 10 * self.timeout_s
+        )
 
 
 def _free_port() -> int:
@@ -116,11 +134,22 @@ class LocalRPC:
     ...     tune(mod, target, "records/", trials=64, rpc=endpoint)
 
     ``threads`` sets the servers' ``TVM_NUM_THREADS``, so measured latencies are for that many
-    threads.
+    threads. ``server_command(tracker_port, key, port)`` gives the command line of a server
+    other than this Python's (an emulated board's, :mod:`qcompiler.deploy.emulator`), which
+    may take ``start_timeout_s`` to register.
     """
 
-    def __init__(self, key: str = "local", servers: int = 1, threads: int | None = None):
+    def __init__(
+        self,
+        key: str = "local",
+        servers: int = 1,
+        threads: int | None = None,
+        server_command: Callable[[int, str, int], list[str]] | None = None,
+        start_timeout_s: float = 60.0,
+    ):
         self.key, self.servers, self.threads = key, servers, threads
+        self.server_command = server_command or _host_server
+        self.start_timeout_s = start_timeout_s
         self.processes: list[subprocess.Popen] = []
         self.endpoint: RPCEndpoint | None = None
 
@@ -139,19 +168,12 @@ class LocalRPC:
         endpoint = RPCEndpoint("127.0.0.1", port, self.key)
         self._wait(lambda: _tracker_up(endpoint), "the RPC tracker to start")
         for _ in range(self.servers):
-            server_port = _free_port()
-            self._spawn(
-                [
-                    *python,
-                    "tvm.exec.rpc_server",
-                    f"--tracker=127.0.0.1:{port}",
-                    f"--key={self.key}",
-                    "--host=127.0.0.1",
-                    f"--port={server_port}",
-                    f"--port-end={server_port + 1}",
-                ]
-            )
-        self._wait(lambda: _free_servers(endpoint) >= self.servers, "the RPC servers to register")
+            self._spawn(self.server_command(port, self.key, _free_port()))
+        self._wait(
+            lambda: _free_servers(endpoint) >= self.servers,
+            "the RPC servers to register",
+            self.start_timeout_s,
+        )
         self.endpoint = endpoint
         return endpoint
 
@@ -201,6 +223,19 @@ class LocalRPC:
             time.sleep(0.2)
         self.stop()
         raise QCompilerError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _host_server(tracker_port: int, key: str, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "tvm.exec.rpc_server",
+        f"--tracker=127.0.0.1:{tracker_port}",
+        f"--key={key}",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        f"--port-end={port + 1}",
+    ]
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -296,7 +331,9 @@ def create_session(rpc_config: ms.runner.RPCConfig) -> rpc.RPCSession:
     )
 
 
-def _runner(endpoint: RPCEndpoint) -> ms.runner.RPCRunner:
+def _runner(endpoint: RPCEndpoint, boards: int = 1) -> ms.runner.RPCRunner:
+    """Measures on ``boards`` servers under the endpoint's key at once (a board farm): the
+    tracker hands each measurement to a free one."""
     runner = ms.runner.RPCRunner(
         rpc_config=ms.runner.RPCConfig(
             tracker_host=endpoint.host,
@@ -308,18 +345,31 @@ def _runner(endpoint: RPCEndpoint) -> ms.runner.RPCRunner:
             number=3, repeat=1, min_repeat_ms=40, enable_cpu_cache_flush=False
         ),
         f_create_session=create_session,
-        max_workers=1,
+        max_workers=boards,
     )
     # RPCRunner's worker pool has no timeout: a server that dies after the session was granted
     # would hang the run. Each measurement gets the session timeout (then "RPCRunner: Timeout").
     runner.pool.shutdown()
-    runner.pool = PopenPoolExecutor(max_workers=1, timeout=endpoint.timeout_s)
+    runner.pool = PopenPoolExecutor(max_workers=boards, timeout=endpoint.timeout_s)
     return runner
 
 
-def _builder() -> ms.builder.LocalBuilder:
+def _builder(cross_compiler: str | None = None) -> ms.builder.LocalBuilder:
+    """Builds candidates here; a board of another machine gets shared libraries linked by its
+    cross compiler (meta-schedule's default, a tar of objects, needs a compiler on the board).
+    """
     # The default 30 s is too short for conv builds on a busy 2-core machine.
-    return ms.builder.LocalBuilder(max_workers=1, timeout_sec=180)
+    export = None if cross_compiler is None else functools.partial(cross_export, cross_compiler)
+    return ms.builder.LocalBuilder(max_workers=1, timeout_sec=180, f_export=export)
+
+
+def cross_export(cross_compiler: str, mod: tvm.runtime.Module) -> str:
+    """Link ``mod`` into a shared library for the board with ``cross_compiler``; its path."""
+    from tvm.support import cc
+
+    path = os.path.join(tempfile.mkdtemp(prefix="qc-build-"), "candidate.so")
+    mod.export_library(path, fcompile=cc.cross_compiler(cross_compiler))
+    return path
 
 
 def _measure_defaults(tasks, target, builder, runner, database) -> list[float | None]:
@@ -407,6 +457,9 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
             for r in measured
             if r.error_msg and ("rpc" in r.error_msg.lower() or "connect" in r.error_msg.lower())
         ]
+        for build in builder_results:
+            if build.error_msg:
+                log.debug("candidate failed to build: %s", build.error_msg.strip()[-800:])
         for error in errors:
             log.debug("measurement failed: %s", error)
         best = self.best.get(task_id)
@@ -432,6 +485,7 @@ def tune(
     trials: int = 64,
     trials_per_task: int | None = None,
     echo: Callable[[str], None] = print,
+    cross_compiler: str | None = None,
 ) -> TuneReport:
     """Tune every kernel of ``mod`` for ``target`` on the board behind ``rpc``.
 
@@ -443,6 +497,8 @@ def tune(
     trials_per_task : int, optional
         A task whose database entry already holds this many records is not searched again
         (default :data:`TRIALS_PER_TASK`).
+    cross_compiler : str, optional
+        For a board of another machine: the compiler that links each candidate's library.
 
     Trials go where the time is: after the defaults are measured, tasks are ranked by
     ``weight x best latency`` and only the costliest are searched -- as many as the budget
@@ -453,12 +509,12 @@ def tune(
     fix_tvm_intrinsics()
     records_dir = str(records_dir)
     database = open_database(records_dir)
-    rpc.check()
+    boards = max(1, rpc.check())
     tasks = [t for t in extract_tasks(fused_module(mod, target), target) if t.dispatched]
     report = TuneReport(records_dir)
-    builder, runner = _builder(), _runner(rpc)
+    builder, runner = _builder(cross_compiler), _runner(rpc, boards)
     per_task = trials_per_task or TRIALS_PER_TASK
-    echo(f"tuning {len(tasks)} tasks on {rpc}; records in {records_dir}")
+    echo(f"tuning {len(tasks)} tasks on {rpc} ({boards} board(s)); records in {records_dir}")
     counts = []
     for task in tasks:
         entry = TaskReport(task.task_name, int(task.weight))

@@ -13,8 +13,8 @@ import pytest
 import tvm
 from tvm import relax
 
+from qcompiler.targets.boards import resolve_target
 from qcompiler.targets.build import build
-from qcompiler.targets.host import resolve_target
 from qcompiler.targets.kernels import has_vnni, pack_conv_weight, pack_dense_weight
 from qcompiler.targets.tuning import LocalRPC, load_database, open_database, tune
 
@@ -223,3 +223,42 @@ def test_missing_tracker_is_a_clear_error(tmp_path):
         RPCEndpoint("127.0.0.1", 1, "board").check()
     with pytest.raises(QCompilerError, match="no tuning records"):
         load_database(tmp_path)
+
+
+def test_a_board_farm_measures_on_several_servers_at_once(shared, tmp_path):
+    """Two servers under one key: the tracker hands out sessions to both, in parallel.
+
+    Each server logs its sessions ("start serving" ... "finish serving", with times); the
+    intervals of the two servers must overlap somewhere.
+    """
+    from datetime import datetime
+
+    def logged_server(tracker_port, key, port):
+        log = tmp_path / f"server-{port}.log"
+        return [
+            "sh",
+            "-c",
+            f"exec {sys.executable} -m tvm.exec.rpc_server --tracker=127.0.0.1:{tracker_port} "
+            f"--key={key} --host=127.0.0.1 --port={port} --port-end={port + 1} 2>>{log}",
+        ]
+
+    from qcompiler import api
+
+    model = shared / "models/mnist_cnn/mnist_cnn.onnx"  # float: several distinct tasks
+    with LocalRPC(key="farm", servers=2, threads=1, server_command=logged_server) as endpoint:
+        report = api.tune(model, tmp_path / "rec", HOST, trials=0, rpc=endpoint, echo=print)
+    assert len(report.tasks) >= 4 and all(t.best_s is not None for t in report.tasks)
+
+    def sessions(log):
+        stamps = {"start serving": [], "finish serving": []}
+        for line in log.read_text().splitlines():
+            for what, found in stamps.items():
+                if what in line:
+                    found.append(datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f"))
+        return list(zip(stamps["start serving"], stamps["finish serving"]))
+
+    logs = sorted(tmp_path.glob("server-*.log"))
+    assert len(logs) == 2
+    first, second = (sessions(log) for log in logs)
+    assert first and second, "both servers must have served measurements"
+    assert any(a0 < b1 and b0 < a1 for a0, a1 in first for b0, b1 in second)

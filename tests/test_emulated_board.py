@@ -1,0 +1,92 @@
+"""The emulated Raspberry Pi end to end: cross-compile, upload over RPC, run, tune.
+
+The board is an arm64 Debian root with TVM installed by the board kit, its RPC server run under
+qemu and registered with a tracker on 127.0.0.1 (:mod:`qcompiler.deploy.emulator`). The tests
+skip unless it was built (`python -m qcompiler.deploy.emulator build`; .ci/run builds it).
+Integer models must give the host's outputs bit for bit.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+
+from qcompiler import api
+from qcompiler.cli import main
+from qcompiler.deploy.emulator import default_root, emulated_board, is_ready, missing_prerequisites
+from qcompiler.passes.errors import QCompilerError
+
+pytestmark = pytest.mark.board
+
+
+@pytest.fixture(scope="module")
+def board():
+    root = default_root()
+    if not is_ready(root):
+        pytest.skip(f"no emulated board at {root} (python -m qcompiler.deploy.emulator build)")
+    if missing_prerequisites():
+        pytest.skip("cannot run the emulated board: " + "; ".join(missing_prerequisites()))
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("Debian's g++-aarch64-linux-gnu is not installed")
+    with emulated_board(root, key="rpi4") as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def quantized(shared):
+    path = shared / "models/resnet8_cifar10/pretrainedResnet_quant.tflite"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # softmax stays float (named in the manifest)
+        return api.quantize_prequantized(api.load_model(path))
+
+
+def cifar_inputs(shared, manifest, count=8):
+    """Real CIFAR-10 images quantized with the artifact's own input parameters."""
+    (spec,) = manifest["inputs"]
+    q = spec["quantization"]
+    images = np.load(shared / "data/cifar10_test_half.npz")["images"][:count]
+    # resnet8's float input is the raw pixel value; real = scale * (code - zero_point).
+    codes = np.round(images / q["scale"][0]) + q["zero_point"][0]
+    return {spec["name"]: np.clip(codes, -128, 127).astype(spec["dtype"])[:, None]}
+
+
+def test_emulated_pi_runs_the_cross_compiled_model_bit_exact(shared, quantized, board, tmp_path):
+    pi = quantized.build("raspberry-pi/4b-aarch64").export(tmp_path / "pi")
+    host = quantized.build("x86").export(tmp_path / "host")
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, **cifar_inputs(shared, api.load(host).manifest))
+    rpc = ["--rpc-tracker", f"{board.host}:{board.port}", "--rpc-key", board.key]
+    args = ["--inputs", str(inputs), "--repeat", "3"]
+    assert main(["run", str(pi), *args, "--output", str(tmp_path / "pi.npz"), *rpc]) == 0
+    assert main(["run", str(host), *args, "--output", str(tmp_path / "host.npz")]) == 0
+    with np.load(tmp_path / "pi.npz") as on_pi, np.load(tmp_path / "host.npz") as here:
+        assert sorted(on_pi) == sorted(here)
+        for name in here:
+            assert on_pi[name].shape == here[name].shape == (8, 1, 10)
+            np.testing.assert_array_equal(on_pi[name], here[name])
+
+
+def test_emulated_pi_refuses_an_x86_artifact(quantized, board, tmp_path):
+    host = quantized.build("x86").export(tmp_path / "host")
+    with pytest.raises(QCompilerError, match=r"built for x86 \(x86_64\).*board at .* is aarch64"):
+        api.run(api.load(host), [{"input_1_int8": np.zeros((1, 32, 32, 3), np.int8)}], rpc=board)
+
+
+def test_tuning_through_the_emulated_pi(shared, quantized, board, tmp_path):
+    records = tmp_path / "records"
+    report = api.tune(quantized, records, "rpi4", trials=16, rpc=board, echo=lambda _: None)
+    searched = [task for task in report.tasks if task.trials]
+    assert report.trials >= len(report.tasks) and searched
+    assert all(task.best_s is not None and task.best_s > 0 for task in searched)
+    # The tuned build runs on the board and computes what the host computes.
+    tuned = quantized.build("rpi4", tuning_records=records).export(tmp_path / "tuned")
+    host = quantized.build("x86")
+    inputs = cifar_inputs(shared, host.manifest, count=2)
+    samples = [{k: v[i] for k, v in inputs.items()} for i in range(2)]
+    on_pi, _ = api.run(api.load(tuned), samples, rpc=board, repeat=1)
+    for got, sample in zip(on_pi, samples):
+        for name, value in host.run(sample).items():
+            np.testing.assert_array_equal(got[name], value)

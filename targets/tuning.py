@@ -459,7 +459,7 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
         ]
         for build in builder_results:
             if build.error_msg:
-                log.debug("candidate failed to build: %s", build.error_msg.strip()[-800:])
+                log.debug("candidate failed to build: %s", _first_error(build.error_msg))
         for error in errors:
             log.debug("measurement failed: %s", error)
         best = self.best.get(task_id)
@@ -649,3 +649,12 @@ def _reraise(progress: _Progress):
         if progress.failure is None:
             raise
         raise QCompilerError(progress.failure) from err
+
+
+def _first_error(message: str) -> str:
+    """The line of a TVM error that says what went wrong (not its C++ stack)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line.split(":")[0] or "Check failed" in line:
+            return line[:500]
+    return lines[-1][:500] if lines else message

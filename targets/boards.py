@@ -200,7 +200,7 @@ BUILTIN = {
         AARCH64_GXX,
         rpc_key="jetson-orin-nano",
         threads=6,
-        notes=("runs on the Jetson; CUDA kernels compile to a cubin where a CUDA driver is",),
+        notes=("kernels compiled by nvcc into the library; running needs the Jetson",),
     ),
     "jetson-xavier": Board(
         "jetson-xavier",

@@ -25,8 +25,10 @@ import warnings
 import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu
-from tvm.relax.backend.cuda import pipeline as cuda
+from tvm.relax.backend.cuda import pipeline as cuda_backend
 
+from qcompiler.passes.errors import QCompilerError
+from qcompiler.targets import cuda
 from qcompiler.targets.kernels import use_int8_kernels
 from qcompiler.targets.requantize import fuse_requantize
 from qcompiler.targets.schedules import default_schedules
@@ -38,11 +40,11 @@ def fused_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         if is_gpu(target):
             mod = fuse_requantize(mod)
             passes = [
-                *cuda.library_dispatch_passes(target),
+                *cuda_backend.library_dispatch_passes(target),
                 relax.transform.DecomposeOpsForInference(),
                 relax.transform.CanonicalizeBindings(),
                 # TVM's CUDA legalization without its closing dlight step (see build).
-                *[p for p in cuda.legalize_passes(target) if "Schedule" not in p.info.name],
+                *[p for p in cuda_backend.legalize_passes(target) if "Schedule" not in p.info.name],
             ]
         else:
             mod = fuse_requantize(use_int8_kernels(mod, target))
@@ -59,33 +61,40 @@ def is_gpu(target: tvm.target.Target) -> bool:
     return target.kind.name == "cuda"
 
 
-def cuda_runtime_here() -> bool:
-    """Whether TVM's CUDA runtime sidecar loaded (it needs libcuda, the driver)."""
-    from tvm.base import _LOADED_LIBS
-
-    return "tvm_runtime_cuda" in _LOADED_LIBS
-
-
 def build(mod: tvm.IRModule, target: tvm.target.Target, database=None) -> tvm.runtime.Executable:
     """Compile ``mod`` for ``target``; ``database``: a meta-schedule database to apply first."""
-    if is_gpu(target) and not cuda_runtime_here():
-        warnings.warn(
-            "TVM's CUDA runtime does not load on this machine (no CUDA driver), so TVM keeps the "
-            "CUDA kernels as source instead of compiling them to a cubin: build on a machine "
-            "with a CUDA driver (or on the Jetson) for a library the board can load",
-            stacklevel=2,
-        )
+    if is_gpu(target):
+        why_not = cuda.enable_kernel_compilation()
+        if why_not is not None:
+            warnings.warn(
+                f"the CUDA kernels stay CUDA source, which TVM on the board cannot load: {why_not}",
+                stacklevel=2,
+            )
     fused = fused_module(mod, target)
     with target, tvm.transform.PassContext(opt_level=3):
         if database is not None:
             with database:
                 fused = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(fused)
         fused = _gpu_schedules(fused) if is_gpu(target) else default_schedules(fused)
-    backend = cuda if is_gpu(target) else cpu
+    backend = cuda_backend if is_gpu(target) else cpu
     lower = tvm.transform.Sequential(
         [*backend.dataflow_lower_passes(target), *backend.finalize_passes(target)]
     )
-    return tvm.compile(fused, target=target, relax_pipeline=lower)
+    with target:  # TVM's CUDA compile callback reads the arch from the current target
+        if not is_gpu(target):
+            return tvm.compile(fused, target=target, relax_pipeline=lower)
+        try:
+            return tvm.compile(fused, target=target, relax_pipeline=lower)
+        except Exception as err:  # TVM re-raises the compiler's failure with the whole source
+            lines = str(err).splitlines()
+            fatal = [line for line in lines if "fatal" in line] or [
+                line for line in lines if " error" in line
+            ]
+            if not fatal:
+                raise
+            raise QCompilerError(
+                f"compiling the CUDA kernels for {target.attrs['arch']} failed: {fatal[0].strip()}"
+            ) from None
 
 
 def _gpu_schedules(mod: tvm.IRModule) -> tvm.IRModule:

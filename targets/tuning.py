@@ -28,6 +28,7 @@ session and times out each measurement, instead of waiting forever for a session
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import logging
@@ -38,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,11 +268,48 @@ def open_database(records_dir: str | os.PathLike) -> ms.database.JSONDatabase:
     if path.exists() and not path.is_dir():
         raise QCompilerError(f"tuning records {str(path)!r} is a file, expected a directory")
     path.mkdir(parents=True, exist_ok=True)
+    for name in ("workloads.json", "records.json"):
+        _drop_broken_lines(path / name)
     return ms.database.JSONDatabase(
         path_workload=str(path / "workloads.json"),
         path_tuning_record=str(path / "records.json"),
         allow_missing=True,
     )
+
+
+def _drop_broken_lines(file: Path) -> None:
+    """Keep a JSON-lines file loadable after an interrupted append.
+
+    TVM appends one JSON line per record; a run killed mid-write leaves a partial last line,
+    and TVM then refuses the whole file. Lines that do not parse are moved to ``FILE.broken``
+    (nothing is lost) and the rest is kept, with a warning naming the file.
+    """
+    if not file.is_file():
+        return
+    text = file.read_text()
+    good, broken = [], []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            broken.append(line)
+        else:
+            good.append(line)
+    if not broken and (not text or text.endswith("\n")):
+        return
+    if broken:
+        with open(file.with_name(file.name + ".broken"), "a") as out:
+            out.write("\n".join(broken) + "\n")
+        warnings.warn(
+            f"{file}: {len(broken)} unreadable line(s) (an interrupted write?) moved to "
+            f"{file.name}.broken; {len(good)} kept",
+            stacklevel=3,
+        )
+    staging = file.with_name(f".{file.name}.tmp")
+    staging.write_text("".join(line + "\n" for line in good))
+    os.replace(staging, file)
 
 
 def load_database(records_dir: str | os.PathLike) -> ms.database.JSONDatabase:
@@ -477,6 +516,39 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
             raise QCompilerError(self.failure)
 
 
+@contextlib.contextmanager
+def records_lock(records_dir: str | os.PathLike, echo: Callable[[str], None] = print):
+    """Hold ``records_dir`` for one tuning run at a time (other processes wait).
+
+    Two runs appending to one database at once could interleave the halves of long lines;
+    the second also reads what the first measured once it gets the lock.
+    """
+    path = Path(records_dir)
+    if path.exists() and not path.is_dir():
+        raise QCompilerError(f"tuning records {str(path)!r} is a file, expected a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            echo(f"waiting for another tuning run that writes to {path}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _exclusive(func):
+    @functools.wraps(func)
+    def locked(mod, target, records_dir, *args, **kwargs):
+        with records_lock(records_dir, kwargs.get("echo", print)):
+            return func(mod, target, records_dir, *args, **kwargs)
+
+    return locked
+
+
+@_exclusive
 def tune(
     mod: tvm.IRModule,
     target: tvm.target.Target,

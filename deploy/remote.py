@@ -13,6 +13,7 @@ server. Latencies are measured on the board by TVM's time evaluator, not across 
 from __future__ import annotations
 
 import gc
+import threading
 
 import numpy as np
 import tvm
@@ -68,20 +69,56 @@ def check_board(manifest: dict, identity: tuple[str, str] | None, where: str) ->
         )
 
 
+def _bounded(call, seconds: float, what: str, endpoint: RPCEndpoint):
+    """``call()`` with a time limit: TVM's RPC client waits forever on a board that stopped
+    answering (a hung or frozen server still accepts connections). The call runs in a daemon
+    thread that is abandoned on timeout; errors become :class:`QCompilerError`."""
+    outcome: dict = {}
+
+    def work():
+        try:
+            outcome["value"] = call()
+        except BaseException as err:  # handed to the caller below
+            outcome["error"] = err
+
+    worker = threading.Thread(target=work, daemon=True, name=f"qc-rpc-{what}")
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise QCompilerError(
+            f"the board at {endpoint} did not answer within {seconds:.0f} s while {what}; "
+            "is its RPC server hung, or the network down? (raise the limit with --rpc-timeout)"
+        )
+    error = outcome.get("error")
+    if isinstance(error, QCompilerError):
+        raise error
+    if error is not None:
+        lines = str(error).strip().splitlines()
+        raise QCompilerError(
+            f"the board at {endpoint} failed while {what}: {lines[-1] if lines else error!r}"
+        ) from error
+    return outcome.get("value")
+
+
 class RemoteModel:
-    """An artifact loaded on a board reached through a tracker."""
+    """An artifact loaded on a board reached through a tracker.
+
+    Every remote step is bounded by the endpoint's ``timeout_s`` (uploading and loading by
+    twice that), so a board that stops answering ends the run with an error naming it.
+    """
 
     def __init__(self, artifact: Artifact, endpoint: RPCEndpoint, threads: int | None = None):
         self.artifact, self.endpoint, self.threads = artifact, endpoint, threads
-        self.session = None
+        self.session = self.vm = self.device = None
 
     def __enter__(self) -> RemoteModel:
-        manifest = self.artifact.manifest
         self.endpoint.check()
-        try:
-            self.session = self.endpoint.connect()
-        except (RuntimeError, OSError, tvm.error.TVMError) as err:
-            raise QCompilerError(f"cannot get a session on {self.endpoint}: {err}") from err
+        _bounded(self._load, 2 * self.endpoint.timeout_s, "loading the model", self.endpoint)
+        return self
+
+    def _load(self) -> None:
+        manifest = self.artifact.manifest
+        self.session = self.endpoint.connect()
         check_board(manifest, board_identity(self.session), str(self.endpoint))
         name = f"qc-{manifest['checksums'][manifest['library']][:16]}.so"
         self.session.upload(bytearray(self.artifact.library.read_bytes()), target=name)
@@ -89,7 +126,6 @@ class RemoteModel:
             self.session.get_function("runtime.config_threadpool")(0, self.threads)
         self.device = device_of(manifest, self.session)
         self.vm = relax.VirtualMachine(self.session.load_module(name), self.device)
-        return self
 
     def __exit__(self, *exc) -> None:
         # The session closes when its last reference goes (remote devices hold one too), and
@@ -98,11 +134,18 @@ class RemoteModel:
         gc.collect()
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        args = prepare_inputs(self.artifact.manifest, inputs, self.device)
-        return named_outputs(self.artifact.manifest, self.vm["main"](*args))
+        def call():
+            args = prepare_inputs(self.artifact.manifest, inputs, self.device)
+            return named_outputs(self.artifact.manifest, self.vm["main"](*args))
+
+        return _bounded(call, self.endpoint.timeout_s, "running the model", self.endpoint)
 
     def time(self, inputs: dict[str, np.ndarray], repeat: int = 20, number: int = 1) -> list:
         """Seconds per run, ``repeat`` measurements of ``number`` runs each, timed on the board."""
-        args = prepare_inputs(self.artifact.manifest, inputs, self.device)
-        timer = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat)
-        return list(timer(*args).results)
+
+        def call():
+            args = prepare_inputs(self.artifact.manifest, inputs, self.device)
+            timer = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat)
+            return list(timer(*args).results)
+
+        return _bounded(call, self.endpoint.timeout_s, "timing the model", self.endpoint)

@@ -82,7 +82,7 @@ def _endpoint(args):
         raise QCompilerError(f"--rpc-tracker must be HOST:PORT, got {args.rpc_tracker!r}")
     if not args.rpc_key:
         raise QCompilerError("--rpc-tracker needs --rpc-key (the key the board registered)")
-    return RPCEndpoint(host, int(port), args.rpc_key)
+    return RPCEndpoint(host, int(port), args.rpc_key, timeout_s=args.rpc_timeout)
 
 
 def cmd_tune(args) -> int:
@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=64, help="search trials for the whole model")
     p.add_argument("--rpc-tracker", help="HOST:PORT of a tracker (default: a local one)")
     p.add_argument("--rpc-key", help="key the board's RPC server registered under")
+    p.add_argument(
+        "--rpc-timeout", type=int, default=60, help="seconds a board may take per measurement"
+    )
     p.add_argument("--threads", type=int, help="threads of the local server (default: all)")
     p.add_argument("--float", action="store_true", help="tune the float model instead")
     p.set_defaults(func=cmd_tune)
@@ -242,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="threads to run on (default: one per core)")
     p.add_argument("--rpc-tracker", help="HOST:PORT of the tracker the board registered with")
     p.add_argument("--rpc-key", help="key the board's RPC server registered under")
+    p.add_argument(
+        "--rpc-timeout", type=int, default=60, help="seconds a board may take per step"
+    )
     p.add_argument("--repeat", type=int, default=20, help="timed runs (of the last sample)")
     p.set_defaults(func=cmd_run)
 

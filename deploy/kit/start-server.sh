@@ -14,6 +14,13 @@ fi
 TRACKER="$1"
 KEY="$2"
 VENV="${3:-$HOME/qc-runtime}"
+HOST="${QC_SERVER_HOST:-0.0.0.0}"
+case "$HOST" in
+    127.*|localhost) ;;
+    *) echo "warning: the RPC server listens on $HOST and runs any library sent to it;" \
+            "keep this board on a private network, or set QC_SERVER_HOST=127.0.0.1 and" \
+            "reach it through an SSH tunnel" >&2 ;;
+esac
 exec "$VENV/bin/python" -m tvm.exec.rpc_server --tracker="$TRACKER" --key="$KEY" \
-    --host="${QC_SERVER_HOST:-0.0.0.0}" --port="${QC_SERVER_PORT:-9090}" \
+    --host="$HOST" --port="${QC_SERVER_PORT:-9090}" \
     --port-end="${QC_SERVER_PORT_END:-9199}"

@@ -245,9 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="threads to run on (default: one per core)")
     p.add_argument("--rpc-tracker", help="HOST:PORT of the tracker the board registered with")
     p.add_argument("--rpc-key", help="key the board's RPC server registered under")
-    p.add_argument(
-        "--rpc-timeout", type=int, default=60, help="seconds a board may take per step"
-    )
+    p.add_argument("--rpc-timeout", type=int, default=60, help="seconds a board may take per step")
     p.add_argument("--repeat", type=int, default=20, help="timed runs (of the last sample)")
     p.set_defaults(func=cmd_run)
 

@@ -38,7 +38,7 @@ from qcompiler.passes.graph import (
 from qcompiler.passes.integerize import FALLBACK_ATTR, integerize
 from qcompiler.passes.prequantized import channels_last, prepare_prequantized
 from qcompiler.passes.scheme import QuantConfig
-from qcompiler.passes.verify import verify_integer_only
+from qcompiler.passes.verify import verify_accumulators, verify_integer_only
 
 
 def prepare(mod: tvm.IRModule) -> tvm.IRModule:
@@ -77,6 +77,7 @@ class Calibration:
         integer = integerize(annotated)
         _dump(dump_dir, "05-integerize", integer)
         verify_integer_only(integer)
+        verify_accumulators(integer)
         return integer
 
     def activation_params(self, config: QuantConfig) -> dict[str, tuple[float, int]]:
@@ -123,6 +124,7 @@ def lower_prequantized(
     integer = channels_last(integerize(mod, rounding=rounding))
     _dump(dump_dir, "05-integerize", integer)
     verify_integer_only(integer)
+    verify_accumulators(integer)
     return integer
 
 

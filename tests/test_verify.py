@@ -144,3 +144,69 @@ def test_declared_fallback_is_allowed_and_only_it():
 
     both = tvm.IRModule({"main": func.with_attr(FALLBACK_ATTR, ["e", "s"])})
     verify_integer_only(both)
+
+
+# -- accumulator overflow ------------------------------------------------------------------------
+def dense_module(k, weight, data_dtype="uint8"):
+    """matmul(x[1, k], const w[k, 2]) accumulated in int32, as integerize writes it."""
+    import numpy as np
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, k], data_dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            w = relax.const(np.full((k, 2), weight, np.int8))
+            out = bb.emit_output(relax.op.matmul(x, w, out_dtype="int32"))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize(
+    "k, weight, data_dtype",
+    [
+        (66_000, 127, "uint8"),  # 2_137_410_000: just fits
+        (67_000, 127, "uint8"),
+        (131_000, -128, "int8"),  # 2_146_304_000: just fits
+        (132_000, -128, "int8"),
+        (5_000, 127, "uint8"),
+    ],
+)
+def test_int32_accumulator_overflow_is_found_exactly(k, weight, data_dtype):
+    from qcompiler.passes.verify import accumulator_overflows, verify_accumulators
+
+    largest_code = 255 if data_dtype == "uint8" else 128
+    worst = k * abs(weight) * largest_code  # Python ints: exact
+    mod = dense_module(k, weight, data_dtype)
+    if worst <= 2**31 - 1:
+        assert accumulator_overflows(mod) == []
+        verify_accumulators(mod)
+        return
+    out = mod["main"].body.body.name
+    assert accumulator_overflows(mod) == [(out, "relax.matmul", k, worst)]
+    with pytest.raises(QCompilerError, match=f"matmul -> .*K={k}, worst \\|sum\\| {worst}"):
+        verify_accumulators(mod)
+
+
+def test_a_float_model_with_a_huge_reduction_is_refused_by_name():
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import qcompiler
+
+    k = 70_000
+    weight = numpy_helper.from_array(np.full((k, 2), 0.5, np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "wide",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    samples = [{"x": np.random.default_rng(i).random((1, k), np.float32)} for i in range(4)]
+    with pytest.raises(QCompilerError, match=f"K={k}"):
+        qcompiler.quantize(model, samples)

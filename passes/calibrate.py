@@ -8,6 +8,7 @@ fixed-size statistics, however many samples there are.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -43,6 +44,10 @@ def expose_points(func: relax.Function, points: list) -> relax.Function:
     body = relax.SeqExpr(blocks, relax.Tuple(fields))
     ret_ty = relax.TupleType([f.ty for f in fields])
     return relax.Function(func.params, body, ret_ty, attrs=func.attrs)
+
+
+# Fewer calibration samples than this gets a warning.
+FEW_SAMPLES = 10
 
 
 def calibrate(
@@ -81,4 +86,10 @@ def calibrate(
         seen += 1
     if seen == 0:
         raise QCompilerError("the calibration set is empty: give at least one sample")
+    if seen < FEW_SAMPLES:
+        warnings.warn(
+            f"calibrated on {seen} sample(s): activation ranges from so few are noisy "
+            f"(use {FEW_SAMPLES} or more; 100 is typical)",
+            stacklevel=2,
+        )
     return observers

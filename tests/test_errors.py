@@ -88,6 +88,11 @@ def test_nan_in_calibration_data():
         qcompiler.quantize(tiny_onnx(), data)
 
 
+def test_too_few_calibration_samples_warn_with_the_count():
+    with pytest.warns(UserWarning, match=r"calibrated on 3 sample\(s\)"):
+        qcompiler.quantize(tiny_onnx(), list(samples())[:3])
+
+
 def test_missing_calibration_file(tmp_path):
     with pytest.raises(QCompilerError, match="missing.npz"):
         qcompiler.quantize(tiny_onnx(), tmp_path / "missing.npz")

@@ -118,3 +118,17 @@ def test_unlowered_op_warns_and_stays_float():
     with pytest.warns(UserWarning, match="stay float.*softmax"):
         quant = qcompiler.quantize(model, list(samples()))
     assert quant.float_fallbacks
+
+
+def test_a_symbolic_batch_dimension_is_bound_to_one():
+    ort = pytest.importorskip("onnxruntime")
+    model = tiny_onnx()
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_param = "N"
+    artifact = qcompiler.quantize(model, list(samples(12))).build()
+    assert artifact.manifest["inputs"][0]["shape"] == [1, 2, 4, 4]
+    x = next(samples(1))["x"]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (expected,) = session.run(None, {"x": x})
+    got = next(iter(artifact.run({"x": x}).values()))
+    np.testing.assert_allclose(got, expected, atol=0.05 * np.abs(expected).max())

@@ -3,7 +3,7 @@
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 import qcompiler
 from qcompiler import QCompilerError
@@ -132,3 +132,16 @@ def test_a_symbolic_batch_dimension_is_bound_to_one():
     (expected,) = session.run(None, {"x": x})
     got = next(iter(artifact.run({"x": x}).values()))
     np.testing.assert_allclose(got, expected, atol=0.05 * np.abs(expected).max())
+
+
+def test_onnx_with_missing_external_data_names_the_file_and_tensor(tmp_path):
+    model = tiny_onnx()
+    weight = numpy_helper.to_array(model.graph.initializer[0])
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(weight, "w"))  # raw bytes
+    path = tmp_path / "m.onnx"
+    onnx.save_model(
+        model, path, save_as_external_data=True, location="weights.bin", size_threshold=0
+    )
+    (tmp_path / "weights.bin").unlink()
+    with pytest.raises(QCompilerError, match=r"m\.onnx.*tensor name: w.*weights\.bin"):
+        qcompiler.quantize(path, list(samples(12)))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import tvm
 from tvm import relax
 
 from qcompiler.passes.errors import QCompilerError
-from qcompiler.targets.boards import Board
+from qcompiler.targets.boards import Board, host_arch
 
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
@@ -58,10 +57,6 @@ def set_threads(threads: int) -> None:
     count = threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
     os.environ["TVM_NUM_THREADS"] = str(count)
     tvm.get_global_func("runtime.config_threadpool")(0, count)
-
-
-def host_arch() -> str:
-    return {"arm64": "aarch64", "amd64": "x86_64"}.get(platform.machine(), platform.machine())
 
 
 def check_cross_compiler(board: Board) -> None:

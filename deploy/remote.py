@@ -21,12 +21,8 @@ from tvm import relax
 
 from qcompiler.deploy.artifact import Artifact, device_of, named_outputs, prepare_inputs
 from qcompiler.passes.errors import QCompilerError
+from qcompiler.targets.boards import arch_of
 from qcompiler.targets.tuning import RPCEndpoint
-
-
-def _arch(triple: str) -> str:
-    machine = triple.split("-")[0]
-    return {"arm64": "aarch64", "amd64": "x86_64"}.get(machine, machine)
 
 
 def board_identity(session) -> tuple[str, str] | None:
@@ -49,10 +45,10 @@ def check_board(manifest: dict, identity: tuple[str, str] | None, where: str) ->
     triple, cpu = identity
     target = manifest["target"]
     built_for = f"{target['board']} ({target['arch']})"
-    if _arch(triple) != target["arch"]:
+    if arch_of(triple) != target["arch"]:
         raise QCompilerError(
             f"the artifact is built for {built_for} but the board at {where} is "
-            f"{_arch(triple)} ({triple}, CPU {cpu}): compile it with --target for that board"
+            f"{arch_of(triple)} ({triple}, CPU {cpu}): compile it with --target for that board"
         )
     host = target["tvm"].get("host", target["tvm"])
     if not host.get("feature.has_dotprod") or cpu in ("", "generic"):

@@ -26,7 +26,6 @@ from qcompiler.data import CalibrationSet, InputSpec, Preprocess, load_calibrati
 from qcompiler.deploy.artifact import (
     Artifact,
     check_cross_compiler,
-    host_arch,
     load_artifact,
     set_threads,
     why_not_here,
@@ -44,7 +43,7 @@ from qcompiler.passes.pipeline import (
 )
 from qcompiler.passes.prequantized import check_supported, io_quantization, is_prequantized
 from qcompiler.passes.scheme import CalibConfig, QuantConfig, QuantScheme, QuantSpec
-from qcompiler.targets.boards import resolve_board
+from qcompiler.targets.boards import host_arch, resolve_board
 from qcompiler.targets.build import build as build_executable
 from qcompiler.targets.tuning import LocalRPC, RPCEndpoint, TuneReport, load_database
 from qcompiler.targets.tuning import tune as tune_kernels

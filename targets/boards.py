@@ -89,7 +89,7 @@ class Board:
     def arch(self) -> str:
         """The machine the library is for, as ``platform.machine()`` names it."""
         triple = self.cpu_target.get("mtriple")
-        return _arch(triple.split("-")[0]) if triple else _arch(platform.machine())
+        return arch_of(triple) if triple else host_arch()
 
     @property
     def device(self) -> str:
@@ -108,8 +108,14 @@ class Board:
         }
 
 
-def _arch(machine: str) -> str:
+def arch_of(triple: str) -> str:
+    """The machine of an LLVM triple (or a bare machine name), as ``platform.machine()`` says."""
+    machine = triple.split("-")[0]
     return {"arm64": "aarch64", "amd64": "x86_64", "x86-64": "x86_64"}.get(machine, machine)
+
+
+def host_arch() -> str:
+    return arch_of(platform.machine())
 
 
 def host_cpu() -> str:
@@ -268,11 +274,12 @@ def boards(board_file: str | os.PathLike | None = None) -> dict[str, Board]:
     return found
 
 
-def _from_tag(tag: str) -> Board:
-    exported = target_json(tvm.target.Target(tag), derived=False)
-    cpu = exported.get("host", exported)
-    cross = AARCH64_GXX if str(cpu.get("mtriple", "")).startswith("aarch64") else None
-    return Board(tag, f"TVM target tag {tag}", exported, cross, rpc_key=tag, source="TVM tag")
+def _from_target(target: tvm.target.Target, name: str, description: str, source: str) -> Board:
+    """A board for a plain TVM target, cross-linked by Debian's g++ when it is aarch64."""
+    exported = target_json(target, derived=False)
+    triple = str(exported.get("host", exported).get("mtriple", ""))
+    cross = AARCH64_GXX if triple.startswith("aarch64") else None
+    return Board(name, description, exported, cross, rpc_key=name, source=source)
 
 
 def resolve_board(
@@ -282,16 +289,14 @@ def resolve_board(
     if isinstance(name, Board):
         return name
     if isinstance(name, tvm.target.Target):
-        exported = target_json(name, derived=False)
-        cpu = exported.get("host", exported)
-        cross = AARCH64_GXX if str(cpu.get("mtriple", "")).startswith("aarch64") else None
-        return Board(str(exported.get("mcpu", exported["kind"])), "a TVM target", exported, cross)
+        label = str(name.attrs.get("mcpu", name.kind.name))
+        return _from_target(name, label, "a TVM target", "a TVM target")
     known = boards(board_file)
     name = ALIASES.get(name, name)
     if name in known:
         return known[name]
     if name in tvm.target.tag.list_tags():
-        return _from_tag(name)
+        return _from_target(tvm.target.Target(name), name, f"TVM target tag {name}", "TVM tag")
     raise QCompilerError(
         f"unknown target {name!r}: boards are {sorted(known)} (see `qc targets`), or give a "
         "TVM target tag such as 'raspberry-pi/4b-aarch64'"

@@ -113,10 +113,9 @@ def _cudart_beside_nvcc() -> bool:
         return False
     root = Path(nvcc).resolve().parent.parent
     found = [*root.glob("lib/libcudart.so*"), *root.glob("lib64/libcudart.so*")]
-    for lib in found:  # make it loadable by name for the sidecar
-        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-        return True
-    return False
+    if found:  # load it by path, so that the sidecar finds it by name
+        ctypes.CDLL(str(found[0]), mode=ctypes.RTLD_GLOBAL)
+    return bool(found)
 
 
 def _has_nvrtc() -> bool:

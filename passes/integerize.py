@@ -47,6 +47,7 @@ from tvm.ir.expr import GenericConst
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from qcompiler.passes import qmath
+from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.graph import (
     CONV_OPS,
     MATMUL_OPS,
@@ -151,7 +152,13 @@ class _Integerizer(PyExprMutator):
 
     # -- walking -----------------------------------------------------------------------------
     def visit_var_binding_(self, binding):
-        var, value = binding.var, binding.value
+        try:
+            self._visit_binding(binding.var, binding.value)
+        except QCompilerError as err:
+            name = op_name(binding.value) or type(binding.value).__name__
+            raise QCompilerError(f"{binding.var.name} ({name}): {err}") from None
+
+    def _visit_binding(self, var, value):
         emit = (
             self.builder_.emit if isinstance(var, relax.DataflowVar) else self.builder_.emit_output
         )

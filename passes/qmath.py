@@ -75,20 +75,29 @@ def dequantize(q, scale, zero_point, axis: int | None = None) -> np.ndarray:
     return (scale * (q - zero_point)).astype(np.float32)
 
 
+def _check_ratios(m) -> np.ndarray:
+    m = np.asarray(m, dtype=np.float64)
+    bad = ~np.isfinite(m) | (m <= 0)
+    if np.any(bad):
+        raise QCompilerError(
+            f"requantization ratio must be finite and > 0, got {m[bad].flat[0]:g}: a scale is "
+            "zero, negative or not finite"
+        )
+    if np.any(m >= MAX_MULTIPLIER):
+        raise QCompilerError(
+            f"requantization ratio {np.max(m):g} is >= 2**29: the output scale is far too small "
+            "for the input scale"
+        )
+    return m
+
+
 def decompose_multiplier(m) -> tuple[np.ndarray, np.ndarray]:
     """Write each ratio ``m > 0`` as ``M0 * 2**-shift``, ``2**30 <= M0 < 2**31``.
 
     Ratios so small that the shift would pass :data:`MAX_SHIFT` keep ``shift = MAX_SHIFT`` and a
     smaller ``M0`` (possibly 0: the output is then the rounding of a value below 2**-31).
     """
-    m = np.asarray(m, dtype=np.float64)
-    if np.any(~np.isfinite(m)) or np.any(m <= 0):
-        raise QCompilerError(f"requantization ratio must be finite and > 0, got {m}")
-    if np.any(m >= MAX_MULTIPLIER):
-        raise QCompilerError(
-            f"requantization ratio {np.max(m):g} is >= 2**29: the output scale is far too small "
-            "for the input scale"
-        )
+    m = _check_ratios(m)
     mantissa, exponent = np.frexp(m)  # m = mantissa * 2**exponent, mantissa in [0.5, 1)
     multiplier = np.rint(mantissa * (1 << 31)).astype(np.int64)
     shift = (31 - exponent).astype(np.int64)
@@ -145,9 +154,7 @@ def tflite_multiplier(m) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     the left shift applied before the multiply (ratios >= 1), ``right`` the rounding right shift
     after it.
     """
-    m = np.asarray(m, dtype=np.float64)
-    if np.any(~np.isfinite(m)) or np.any(m <= 0):
-        raise QCompilerError(f"requantization ratio must be finite and > 0, got {m}")
+    m = _check_ratios(m)
     mantissa, exponent = np.frexp(m)
     multiplier = np.floor(mantissa * (1 << 31) + 0.5).astype(np.int64)
     carry = multiplier == (1 << 31)

@@ -119,6 +119,36 @@ def _normalize_onnx(model):
     return model
 
 
+def _check_onnx_values(model, where: str) -> None:
+    """Refuse NaN/Inf in float initializers and QuantizeLinear/DequantizeLinear scales that
+    are not finite and > 0, naming the tensor (see :func:`_check_tflite_values`)."""
+    from onnx import numpy_helper
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    qdq_scales = {
+        n.input[1]: n.name or n.op_type
+        for n in model.graph.node
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 1
+    }
+    for name, tensor in initializers.items():
+        if tensor.data_location == 1:  # external data: checked when it is loaded
+            continue
+        try:
+            value = numpy_helper.to_array(tensor)
+        except Exception as err:
+            raise QCompilerError(f"{where}: initializer {name!r} cannot be read: {err}") from None
+        if value.dtype.kind != "f":
+            continue
+        bad = value.size - int(np.count_nonzero(np.isfinite(value)))
+        if bad:
+            raise QCompilerError(f"{where}: initializer {name!r} holds {bad} NaN/Inf value(s)")
+        if name in qdq_scales and np.any(value <= 0):
+            raise QCompilerError(
+                f"{where}: {qdq_scales[name]} has scale {name!r} = {value[value <= 0].flat[0]}; "
+                "scales must be finite and > 0"
+            )
+
+
 def _explicit_pads(node, in_shape) -> None:
     attrs = {a.name: a for a in node.attribute}
     mode = attrs["auto_pad"].s.decode() if "auto_pad" in attrs else "NOTSET"
@@ -151,6 +181,7 @@ def _import_onnx(model, name: str, where: str, data: bytes) -> ImportedModel:
     if unknown:
         raise QCompilerError(f"{where}: unsupported ONNX op(s) {unknown}")
     inputs = _onnx_inputs(model)
+    _check_onnx_values(model, where)
     try:
         model = _normalize_onnx(model)
         mod = from_onnx(
@@ -182,6 +213,7 @@ def _import_tflite(data: bytes, name: str, where: str) -> ImportedModel:
             inputs.append(InputSpec(tensor.Name().decode(), shape, _TFLITE_DTYPES[tensor.Type()]))
     except Exception as err:
         raise QCompilerError(f"{where}: corrupt TFLite model: {err}") from None
+    _check_tflite_values(model, graph, where)
     try:
         mod = from_tflite(
             model,
@@ -194,6 +226,85 @@ def _import_tflite(data: bytes, name: str, where: str) -> ImportedModel:
     return ImportedModel(
         mod, name, "tflite", inputs, _relax_outputs(mod), hashlib.sha256(data).hexdigest()
     )
+
+
+# Ops whose bias (input 2) is int32 in units of input scale x weight scale.
+_TFLITE_BIASED = {3: "CONV_2D", 4: "DEPTHWISE_CONV_2D", 9: "FULLY_CONNECTED"}
+_TFLITE_FLOATS = {0: np.float32, 1: np.float16}
+
+
+def _check_tflite_values(model, graph, where: str) -> None:
+    """Refuse what no integer (or float) arithmetic can give a meaning to, naming the tensor:
+    NaN/Inf in float weights, quantization scales that are not finite and > 0, zero points
+    outside their dtype, and an int32 bias whose scale is not the input scale times the
+    weight scale (TFLite's kernels ignore the bias scale and read the codes in those units;
+    a model that says otherwise has been damaged)."""
+
+    def name(t: int) -> str:
+        return f"tensor {t} {graph.Tensors(t).Name().decode(errors='replace')!r}"
+
+    def scales(t: int) -> np.ndarray | None:
+        q = graph.Tensors(t).Quantization()
+        return None if q is None or q.ScaleIsNone() else q.ScaleAsNumpy().astype(np.float64)
+
+    for t in range(graph.TensorsLength()):
+        tensor = graph.Tensors(t)
+        s = scales(t)
+        if s is not None and s.size:
+            if not np.all(np.isfinite(s) & (s > 0)):
+                bad = s[~(np.isfinite(s) & (s > 0))][0]
+                raise QCompilerError(
+                    f"{where}: {name(t)} has quantization scale {bad}; "
+                    "scales must be finite and > 0"
+                )
+            zp = tensor.Quantization().ZeroPointAsNumpy()
+            dtype = _TFLITE_DTYPES.get(tensor.Type())
+            if isinstance(zp, np.ndarray) and dtype in ("int8", "uint8", "int16"):
+                info = np.iinfo(dtype)
+                if np.any((zp < info.min) | (zp > info.max)):
+                    raise QCompilerError(
+                        f"{where}: {name(t)} has a zero point outside {dtype}: "
+                        f"{zp[(zp < info.min) | (zp > info.max)][0]}"
+                    )
+        buffer = model.Buffers(tensor.Buffer())
+        if tensor.Type() in _TFLITE_FLOATS and not buffer.DataIsNone():
+            values = buffer.DataAsNumpy().view(_TFLITE_FLOATS[tensor.Type()])
+            bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+            if bad:
+                raise QCompilerError(f"{where}: {name(t)} holds {bad} NaN/Inf value(s)")
+    for i in range(graph.OperatorsLength()):
+        op = graph.Operators(i)
+        code = model.OperatorCodes(op.OpcodeIndex())
+        kind = _TFLITE_BIASED.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()))
+        inputs = op.InputsAsNumpy()
+        if kind is None or len(inputs) < 3 or inputs[2] < 0:
+            continue
+        data, weights, bias = (int(t) for t in inputs[:3])
+        s_x, s_w, s_b = scales(data), scales(weights), scales(bias)
+        if s_x is None or s_w is None or s_b is None or not (s_x.size and s_w.size and s_b.size):
+            continue
+        expected = (s_x.astype(np.float32) * s_w.astype(np.float32)).astype(np.float64)
+        codes = _tflite_codes(model, graph, bias)
+        if codes is None or codes.size != np.broadcast_shapes(s_b.shape, expected.shape)[0]:
+            continue
+        # Exact when |code * (s_b / expected - 1)| < 1/2: re-expressing the bias in
+        # accumulator units then gives back its codes.
+        drift = np.abs(codes * (s_b / expected - 1.0))
+        if np.any(drift >= 0.5):
+            raise QCompilerError(
+                f"{where}: operator {i} ({kind}) has bias {name(bias)} with scale "
+                f"{s_b[np.argmax(drift) % s_b.size]:g}, but its input scale x weight scale is "
+                f"{expected[np.argmax(drift) % expected.size]:g}; TFLite reads bias codes in "
+                "those units, so the model's quantization parameters are inconsistent"
+            )
+
+
+def _tflite_codes(model, graph, t: int) -> np.ndarray | None:
+    tensor = graph.Tensors(t)
+    buffer = model.Buffers(tensor.Buffer())
+    if tensor.Type() != 2 or buffer.DataIsNone():  # int32
+        return None
+    return buffer.DataAsNumpy().view(np.int32).astype(np.float64)
 
 
 _TFLITE_DTYPES = {

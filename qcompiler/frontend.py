@@ -213,7 +213,12 @@ def _import_tflite(data: bytes, name: str, where: str) -> ImportedModel:
             inputs.append(InputSpec(tensor.Name().decode(), shape, _TFLITE_DTYPES[tensor.Type()]))
     except Exception as err:
         raise QCompilerError(f"{where}: corrupt TFLite model: {err}") from None
-    _check_tflite_values(model, graph, where)
+    try:
+        _check_tflite_values(model, graph, where)
+    except QCompilerError:
+        raise
+    except Exception as err:  # offsets past the end of a damaged flatbuffer
+        raise QCompilerError(f"{where}: corrupt TFLite model: {err}") from None
     try:
         mod = from_tflite(
             model,

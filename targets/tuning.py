@@ -187,6 +187,10 @@ class LocalRPC:
         for proc in self.processes[1:]:
             _signal_group(proc, signal.SIGKILL)
 
+    def kill_tracker(self) -> None:
+        """Kill the tracker (the machine that hands out boards goes away)."""
+        _signal_group(self.processes[0], signal.SIGKILL)
+
     def stop(self) -> None:
         # TVM's server and tracker serve from child processes: signal the whole group.
         for proc in reversed(self.processes):
@@ -353,9 +357,16 @@ def create_session(rpc_config: ms.runner.RPCConfig) -> rpc.RPCSession:
     """A session with a server under the key, or an error when none is connected.
 
     The tracker queues a request for a key that has no server and never answers it, so TVM's
-    default (``tracker.request``) waits forever once the board is gone. This runs in the
+    default (``tracker.request``) waits forever once the board is gone; a tracker that is gone
+    is retried for minutes. This runs in the
     runner's worker process; its error message becomes the measurement's error.
     """
+    endpoint = RPCEndpoint(rpc_config.tracker_host, rpc_config.tracker_port, "")
+    if not _tracker_up(endpoint):  # TVM's client would retry for minutes per measurement
+        raise RuntimeError(
+            f"RPC: cannot reach the tracker at {endpoint.host}:{endpoint.port} (connection "
+            "refused or timed out)"
+        )
     tracker = rpc_config.connect_tracker()
     wanted = "server:" + rpc_config.tracker_key
     if not any(s.get("key") == wanted for s in tracker.summary().get("server_info", [])):

@@ -189,7 +189,8 @@ def test_tuning_over_local_rpc_keeps_outputs_and_records(tmp_path):
 
 
 @needs_vnni
-def test_killed_rpc_server_keeps_records_and_resumes(tmp_path):
+@pytest.mark.parametrize("lost", ["servers", "tracker"])
+def test_killed_rpc_server_or_tracker_keeps_records_and_resumes(tmp_path, lost):
     from qcompiler.passes.errors import QCompilerError
 
     mod = small_model()
@@ -199,7 +200,7 @@ def test_killed_rpc_server_keeps_records_and_resumes(tmp_path):
 
         def echo(line):
             if line.startswith("  ") and "us" in line:  # a default schedule was measured
-                rpc.kill_servers()
+                getattr(rpc, f"kill_{lost}")()
 
         with pytest.raises(QCompilerError, match=r"kill|records|RPC|answer"):
             tune(mod, HOST, tmp_path / "rec", endpoint, trials=8, echo=echo)

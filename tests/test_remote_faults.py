@@ -59,3 +59,26 @@ def test_a_hung_board_times_out_with_its_name(artifact, board):
     with pytest.raises(QCompilerError, match=r"key 'flaky'.* did not answer within 10 s"):
         api.run(artifact, SAMPLE, rpc=endpoint, repeat=1)
     assert time.monotonic() - start < 30
+
+
+def test_an_unreachable_tracker_is_named_before_anything_runs(artifact, board):
+    rpc, endpoint = board
+    rpc.kill_tracker()
+    start = time.monotonic()
+    with pytest.raises(
+        QCompilerError, match=rf"cannot reach the RPC tracker at 127\.0\.0\.1:{endpoint.port}"
+    ):
+        api.run(artifact, SAMPLE, rpc=endpoint, repeat=1)
+    assert time.monotonic() - start < 30
+
+
+def test_a_tracker_lost_mid_run_does_not_stop_the_run(artifact, board):
+    """The tracker only hands out the board: a session already open runs on without it."""
+    from qcompiler.deploy.remote import RemoteModel
+
+    rpc, endpoint = board
+    local = artifact.run(SAMPLE[0])
+    with RemoteModel(artifact, endpoint) as remote:
+        rpc.kill_tracker()
+        for name, value in remote.run(SAMPLE[0]).items():
+            np.testing.assert_array_equal(value, local[name])

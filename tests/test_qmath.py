@@ -368,3 +368,46 @@ def test_tflite_multiply_matches_gemmlowp(ratio):
     got = qmath.tflite_multiply(xs, ratio)
     expected = [_tflite_reference(int(x), ratio) for x in xs]
     np.testing.assert_array_equal(got, expected)
+
+
+# -- int4 packing, against a bit-by-bit reference on Python ints ------------------------------
+def _pack_reference(row: list[int]) -> list[int]:
+    row = row + [0] * (len(row) % 2)
+    two = [(c + 16) % 16 for c in row]  # two's complement nibble
+    return [two[i] + 16 * two[i + 1] for i in range(0, len(row), 2)]
+
+
+@given(st.lists(st.lists(st.integers(-8, 7), min_size=1, max_size=9), min_size=1, max_size=4))
+@example([[-8, 7, 0, -1, 1]])
+def test_pack_int4_matches_reference_and_round_trips(rows):
+    n = len(rows[0])
+    rows = [(r * n)[:n] for r in rows]  # equal lengths
+    codes = np.array(rows, dtype=np.int8)
+    packed = qmath.pack_int4(codes)
+    assert packed.dtype == np.uint8 and packed.shape == (len(rows), (n + 1) // 2)
+    assert packed.tolist() == [_pack_reference(r) for r in rows]
+    np.testing.assert_array_equal(qmath.unpack_int4(packed, n), codes)
+
+
+def test_pack_int4_refuses_codes_out_of_range():
+    with pytest.raises(QCompilerError, match=r"\[-8, 7\], got \[-9, 3\]"):
+        qmath.pack_int4(np.array([-9, 3]))
+    with pytest.raises(QCompilerError, match="cannot hold"):
+        qmath.unpack_int4(np.zeros(2, np.uint8), 7)
+
+
+# -- TFLite's arithmetic over the whole ratio range, including left shifts ---------------------
+@settings(max_examples=300)
+@given(
+    x=st.integers(-(2**24), 2**24),
+    m=st.floats(min_value=1e-8, max_value=1e4, allow_nan=False),
+)
+@example(x=-(2**24), m=1e4)
+@example(x=2**24 - 1, m=1e-8)
+@example(x=3, m=0.5)  # ties: 1.5 rounds away from zero on both signs
+@example(x=-3, m=0.5)
+def test_tflite_multiply_matches_gemmlowp_over_the_range(x, m):
+    _, shift = _tflite_quantize_multiplier(m)
+    if shift > 0:
+        x = x >> min(shift, 30)  # TFLite needs x * 2**left to fit int32
+    assert int(qmath.tflite_multiply(x, m)) == _tflite_reference(x, m)

@@ -6,11 +6,17 @@ arbitrary-precision integers, at the edges: multipliers near 2**31, shifts up to
 extremes, biases, zero points at the dtype ends.
 """
 
+import math
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import tvm
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tvm import relax
 
+from qcompiler.passes import qmath
 from qcompiler.passes.graph import bindings
 from qcompiler.targets.boards import resolve_target
 from qcompiler.targets.build import build, fused_module
@@ -150,3 +156,36 @@ def test_shared_intermediate_is_not_fused():
         bb.emit_func_output(out)
     mod = bb.get()
     assert not fused(mod)
+
+
+DTYPES = {"uint8": (0, 255), "int8": (-128, 127), "int16": (-32768, 32767)}
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    ratios=st.lists(st.floats(1e-8, 1e4), min_size=16, max_size=16),
+    dtype=st.sampled_from(sorted(DTYPES)),
+    zero_point_at=st.sampled_from(["min", "max", "zero"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_compiled_requantize_matches_exact_rationals(ratios, dtype, zero_point_at, seed):
+    """Ratios over the full range of scales (per channel, from decompose_multiplier), zero
+    points at the dtype's ends, int32 accumulators: the compiled kernel equals
+    ``clamp(floor(acc * M0 / 2**shift + 1/2) + z)`` computed with Fractions, and stays within
+    half a step (plus M0's 2**-30 relative error) of the real ``acc * ratio``."""
+    lo, hi = DTYPES[dtype]
+    zero_point = {"min": lo, "max": hi, "zero": 0}[zero_point_at]
+    multiplier, shift = qmath.decompose_multiplier(ratios)
+    shape = (1, 3, 16)
+    acc = np.random.default_rng(seed).integers(-(2**31), 2**31, shape, dtype=np.int64)
+    acc[0, 0, :4] = [2**31 - 1, -(2**31), 1, -1]
+    acc = acc.astype(np.int32)
+    m, s = multiplier.reshape(1, 1, 16), shift.reshape(1, 1, 16)
+    got = run(chain_module(shape, np.int32(0), m, s, zero_point, lo, hi, dtype), acc)
+    for (_, c, k), a in np.ndenumerate(acc):
+        value = Fraction(int(a) * int(m[0, 0, k]), 2 ** int(s[0, 0, k])) + Fraction(1, 2)
+        expected = min(max(math.floor(value) + zero_point, lo), hi)
+        assert int(got[0, c, k]) == expected, (int(a), ratios[k])
+        real = Fraction(int(a)) * Fraction(ratios[k]) + zero_point
+        if lo <= real <= hi:
+            assert abs(expected - real) <= Fraction(1, 2) + abs(real - zero_point) / 2**30

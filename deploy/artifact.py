@@ -230,7 +230,11 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
         raise QCompilerError(f"{str(manifest_path)!r} has no checksum for its library")
     for name, expected in checksums.items():
         file = path / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
+        if (
+            Path(name).is_absolute()
+            or ".." in Path(name).parts
+            or not file.resolve().is_relative_to(path.resolve())
+        ):
             raise QCompilerError(f"manifest names a file outside the artifact: {name!r}")
         if not file.is_file():
             raise QCompilerError(f"artifact {str(path)!r} lacks {name!r}")

@@ -86,6 +86,28 @@ def test_tampered_library_is_refused(compiled, tmp_path):
         qcompiler.load(copy)
 
 
+@pytest.mark.parametrize("escape", ["dotdot", "absolute", "symlink"])
+def test_manifest_pointing_outside_the_artifact_is_refused(compiled, tmp_path, escape):
+    """A received artifact cannot make qc load (and run) a library from elsewhere."""
+    import json
+    import shutil
+
+    _, out, _, _ = compiled
+    copy = tmp_path / "art"
+    shutil.copytree(out, copy)
+    outside = tmp_path / "elsewhere.so"
+    shutil.copy(copy / "model.so", outside)
+    name = {"dotdot": "../elsewhere.so", "absolute": str(outside), "symlink": "link.so"}[escape]
+    if escape == "symlink":
+        (copy / "link.so").symlink_to(outside)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["checksums"] = {name: manifest["checksums"]["model.so"]}
+    manifest["library"] = name
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(QCompilerError, match="outside the artifact"):
+        qcompiler.load(copy)
+
+
 def test_cli_reports_errors_without_traceback(tmp_path):
     result = subprocess.run(
         [

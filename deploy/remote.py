@@ -25,6 +25,15 @@ from qcompiler.targets.boards import arch_of
 from qcompiler.targets.tuning import RPCEndpoint
 
 
+class RunInterrupted(QCompilerError):
+    """A run that a board fault stopped after some samples finished; ``outputs`` holds the
+    outputs of those first samples, so no finished work is lost."""
+
+    def __init__(self, message: str, outputs: list[dict]):
+        super().__init__(message)
+        self.outputs = outputs
+
+
 def board_identity(session) -> tuple[str, str] | None:
     """(LLVM triple, CPU name) of the board behind ``session``, None if its TVM cannot tell.
 

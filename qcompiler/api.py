@@ -30,7 +30,7 @@ from qcompiler.deploy.artifact import (
     set_threads,
     why_not_here,
 )
-from qcompiler.deploy.remote import RemoteModel
+from qcompiler.deploy.remote import RemoteModel, RunInterrupted
 from qcompiler.frontend import ImportedModel, load_model
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.pipeline import (
@@ -56,6 +56,7 @@ __all__ = [
     "QuantScheme",
     "QuantSpec",
     "QuantizedModel",
+    "RunInterrupted",
     "calibrate",
     "compile",
     "compile_float",
@@ -276,7 +277,8 @@ def run(
     """Run ``samples`` (input dicts) here or on the board behind ``rpc``; time the last one.
 
     Returns the outputs of every sample and ``repeat`` latencies in seconds, measured on the
-    board itself when it is remote.
+    board itself when it is remote. A board lost after some samples finished raises
+    :class:`RunInterrupted`, which carries their outputs.
     """
     samples = list(samples)
     if not samples:
@@ -291,7 +293,16 @@ def run(
             model = artifact
         else:
             model = stack.enter_context(RemoteModel(artifact, rpc, threads=threads))
-        outputs = [model.run(sample) for sample in samples]
+        outputs = []
+        for sample in samples:
+            try:
+                outputs.append(model.run(sample))
+            except QCompilerError as err:
+                if not outputs:
+                    raise
+                raise RunInterrupted(
+                    f"{err} ({len(outputs)} of {len(samples)} samples had finished)", outputs
+                ) from err
         if rpc is not None:
             return outputs, model.time(samples[-1], repeat=repeat)
         times = []

@@ -2,7 +2,7 @@
 
 qc compile MODEL [--calib DATA] --target BOARD [--tuning-records DIR] [--cross-compiler CXX] -o OUT
 qc tune MODEL --calib DATA --target BOARD --trials N [--rpc-tracker HOST:PORT --rpc-key KEY] -o DIR
-qc run OUT [--inputs X.npz] [--output Y.npz] [--rpc-tracker HOST:PORT --rpc-key KEY] [--threads N]
+qc run OUT [--inputs X.npz] [--output Y.npz [--resume]] [--rpc-tracker HOST:PORT --rpc-key KEY]
 qc eval MODEL --calib DATA --data DATA --metric top1
 qc targets                     the boards (x86, rpi4, rpi5, jetson-orin-nano, ...) and their targets
 """
@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -104,6 +105,10 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def _output_specs(manifest: dict) -> list:
+    return [api.InputSpec(o["name"], tuple(o["shape"]), o["dtype"]) for o in manifest["outputs"]]
+
+
 def _random_inputs(manifest: dict) -> list[dict]:
     """One sample of random inputs in each input's dtype (for a latency check without data)."""
     rng = np.random.default_rng(0)
@@ -126,10 +131,36 @@ def cmd_run(args) -> int:
         api.InputSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in art.manifest["inputs"]
     ]
     samples = load_calibration(args.inputs, specs) if args.inputs else _random_inputs(art.manifest)
-    outputs, times = api.run(art, samples, rpc=endpoint, threads=args.threads, repeat=args.repeat)
+    samples, done = list(samples), []
+    partial = Path(f"{args.output}.partial.npz") if args.output else None
+    if args.resume:
+        if partial is None or not partial.is_file():
+            raise QCompilerError(f"--resume: there is no {partial or '<--output>.partial.npz'}")
+        done = list(load_calibration(partial, _output_specs(art.manifest)))
+        if len(done) >= len(samples):
+            raise QCompilerError(
+                f"--resume: {partial} holds {len(done)} outputs, the inputs only "
+                f"{len(samples)} samples; are these the same inputs?"
+            )
+        print(f"resuming after the {len(done)} sample(s) in {partial}")
+    try:
+        outputs, times = api.run(
+            art, samples[len(done) :], rpc=endpoint, threads=args.threads, repeat=args.repeat
+        )
+    except api.RunInterrupted as err:
+        if partial is None:
+            raise
+        save_npz_stream(partial, done + err.outputs)
+        raise QCompilerError(
+            f"{err}; the outputs of the first {len(done) + len(err.outputs)} sample(s) are "
+            f"kept in {partial}: run the same command with --resume to finish"
+        ) from None
+    outputs = done + outputs
     where = f"on {endpoint}" if endpoint else "here"
     if args.output:
         save_npz_stream(args.output, outputs)
+        if partial.exists():
+            partial.unlink()
         print(f"wrote {args.output} ({len(outputs)} sample(s))")
     else:
         for name, value in outputs[-1].items():
@@ -247,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpc-key", help="key the board's RPC server registered under")
     p.add_argument("--rpc-timeout", type=int, default=60, help="seconds a board may take per step")
     p.add_argument("--repeat", type=int, default=20, help="timed runs (of the last sample)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a run a board fault interrupted, after the outputs it kept",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("targets", help="list the boards and their TVM targets")

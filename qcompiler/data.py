@@ -737,10 +737,12 @@ def save_npz_stream(path: str | os.PathLike, samples: Iterable[Mapping]) -> Path
             columns.setdefault(key, []).append(np.asarray(value))
     if not columns:
         raise QCompilerError(f"nothing to save in {path}: no samples")
+    # Written next to ``path`` and renamed over it: an interrupted write leaves the old file.
+    staging = path.with_name(f".{path.name}.tmp")
     try:
         # Written member by member rather than np.savez(**arrays), whose own keyword names
         # ("file", "allow_pickle") would collide with outputs so named.
-        with zipfile.ZipFile(path, "w") as archive:
+        with zipfile.ZipFile(staging, "w") as archive:
             for key, arrays in columns.items():
                 try:
                     stacked = np.stack(arrays)
@@ -751,8 +753,11 @@ def save_npz_stream(path: str | os.PathLike, samples: Iterable[Mapping]) -> Path
                     ) from err
                 with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
                     np.lib.format.write_array(member, stacked, allow_pickle=False)
+        staging.replace(path)
     except OSError as err:
         raise QCompilerError(f"cannot write {path}: {err}") from err
+    finally:
+        staging.unlink(missing_ok=True)
     return path
 
 

@@ -82,3 +82,69 @@ def test_a_tracker_lost_mid_run_does_not_stop_the_run(artifact, board):
         rpc.kill_tracker()
         for name, value in remote.run(SAMPLE[0]).items():
             np.testing.assert_array_equal(value, local[name])
+
+
+def _kill_before_call(monkeypatch, rpc, call: int) -> None:
+    """Fault injection: the real board's servers are killed just before the ``call``-th
+    ``RemoteModel.run`` (a board losing power mid-way through a batch of inputs)."""
+    from qcompiler.deploy.remote import RemoteModel
+
+    real, calls = RemoteModel.run, []
+
+    def run(self, inputs):
+        calls.append(1)
+        if len(calls) == call:
+            rpc.kill_servers()
+        return real(self, inputs)
+
+    monkeypatch.setattr(RemoteModel, "run", run)
+
+
+def samples(n):
+    rng = np.random.default_rng(4)
+    return [
+        {"input_1_int8": rng.integers(-128, 128, (1, 32, 32, 3), dtype=np.int8)} for _ in range(n)
+    ]
+
+
+def test_an_interrupted_run_keeps_the_finished_outputs(artifact, board, monkeypatch):
+    rpc, endpoint = board
+    inputs = samples(5)
+    _kill_before_call(monkeypatch, rpc, 4)
+    with pytest.raises(api.RunInterrupted, match="3 of 5 samples had finished") as caught:
+        api.run(artifact, inputs, rpc=endpoint, repeat=1)
+    kept = caught.value.outputs
+    assert len(kept) == 3
+    for sample, out in zip(inputs, kept):
+        for name, value in artifact.run(sample).items():
+            np.testing.assert_array_equal(out[name], value)
+
+
+def test_qc_run_resume_finishes_an_interrupted_run(artifact, board, monkeypatch, tmp_path, capsys):
+    from qcompiler import cli
+    from qcompiler.data import save_npz_stream
+
+    rpc, endpoint = board
+    inputs = samples(5)
+    save_npz_stream(tmp_path / "x.npz", inputs)
+    out = tmp_path / "y.npz"
+    argv = [
+        "run", str(artifact.path), "--inputs", str(tmp_path / "x.npz"), "--output", str(out),
+        "--rpc-tracker", f"{endpoint.host}:{endpoint.port}", "--rpc-key", endpoint.key,
+        "--rpc-timeout", "5", "--repeat", "1",
+    ]  # fmt: skip
+    _kill_before_call(monkeypatch, rpc, 3)
+    assert cli.main(argv) == 2
+    assert "kept in" in capsys.readouterr().err and not out.exists()
+    monkeypatch.undo()
+    rpc.stop()  # a fresh board registers under the same key at a new tracker
+    with LocalRPC(key="flaky", threads=1) as fresh:
+        argv[argv.index("--rpc-tracker") + 1] = f"{fresh.host}:{fresh.port}"
+        assert cli.main([*argv, "--resume"]) == 0
+    assert "resuming after the 2 sample(s)" in capsys.readouterr().out
+    assert not (tmp_path / "y.npz.partial.npz").exists()
+    with np.load(out) as got:
+        (name,) = got.files
+        assert got[name].shape[0] == 5
+        for i, sample in enumerate(inputs):
+            np.testing.assert_array_equal(got[name][i], artifact.run(sample)[name])

@@ -1,0 +1,146 @@
+"""Task metrics for judging a quantized model: top-1, detection mAP@0.5, mask IoU.
+
+Without labels, the float model's own answers are the ground truth ("agreement"): its
+detections above a score threshold, its thresholded mask. Everything here is numpy.
+
+Detections are ``(boxes [N, 4] as x1, y1, x2, y2; scores [N]; classes [N])``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+YOLOX_STRIDES = (8, 16, 32)
+
+
+@dataclass
+class Detections:
+    boxes: np.ndarray  # [N, 4] x1, y1, x2, y2
+    scores: np.ndarray  # [N]
+    classes: np.ndarray  # [N] int
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def above(self, threshold: float) -> Detections:
+        keep = self.scores >= threshold
+        return Detections(self.boxes[keep], self.scores[keep], self.classes[keep])
+
+
+def decode_yolox(
+    output: np.ndarray,
+    input_hw: tuple[int, int],
+    strides=YOLOX_STRIDES,
+    score_threshold: float = 0.01,
+    iou_threshold: float = 0.45,
+) -> Detections:
+    """YOLOX's raw head output ``[1, A, 5 + classes]`` to boxes after class-aware NMS.
+
+    Per anchor: ``(x, y)`` offsets from its grid cell and ``log(w, h)``, both in units of the
+    stride, then objectness and class probabilities (already sigmoids in the exported model).
+    The score of a box is ``objectness x best class probability``.
+    """
+    pred = np.asarray(output, dtype=np.float64).reshape(-1, output.shape[-1])
+    grids, scale = [], []
+    for stride in strides:
+        h, w = input_hw[0] // stride, input_hw[1] // stride
+        ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        grids.append(np.stack([xs, ys], axis=-1).reshape(-1, 2))
+        scale.append(np.full((h * w, 1), stride))
+    grid, stride = np.concatenate(grids), np.concatenate(scale)
+    if len(grid) != len(pred):
+        raise ValueError(
+            f"{len(pred)} anchors in the output, but strides {strides} over {input_hw} give "
+            f"{len(grid)}"
+        )
+    centers = (pred[:, :2] + grid) * stride
+    sizes = np.exp(np.clip(pred[:, 2:4], -50, 50)) * stride
+    classes = np.argmax(pred[:, 5:], axis=1)
+    scores = pred[:, 4] * pred[np.arange(len(pred)), 5 + classes]
+    boxes = np.concatenate([centers - sizes / 2, centers + sizes / 2], axis=1)
+    found = Detections(boxes, scores, classes).above(score_threshold)
+    return nms(found, iou_threshold)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box in ``a`` [N, 4] with every box in ``b`` [M, 4] (x1, y1, x2, y2)."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
+    bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=2)
+    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
+    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def nms(found: Detections, iou_threshold: float = 0.45) -> Detections:
+    """Greedy non-maximum suppression within each class, highest score first."""
+    keep = []
+    for cls in np.unique(found.classes):
+        index = np.flatnonzero(found.classes == cls)
+        index = index[np.argsort(-found.scores[index], kind="stable")]
+        while len(index):
+            best, rest = index[0], index[1:]
+            keep.append(best)
+            overlap = box_iou(found.boxes[best], found.boxes[rest])[0]
+            index = rest[overlap <= iou_threshold]
+    keep = np.array(sorted(keep, key=lambda i: -found.scores[i]), dtype=np.int64)
+    return Detections(found.boxes[keep], found.scores[keep], found.classes[keep])
+
+
+def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
+    """Area under the precision/recall curve with precision made monotone (all points, as in
+    PASCAL VOC 2010+ and COCO's per-threshold AP without its 101-point sampling)."""
+    r = np.concatenate([[0.0], recall, [1.0]])
+    p = np.concatenate([[0.0], precision, [0.0]])
+    p = np.maximum.accumulate(p[::-1])[::-1]
+    steps = np.flatnonzero(r[1:] != r[:-1])
+    return float(np.sum((r[steps + 1] - r[steps]) * p[steps + 1]))
+
+
+def map50(truth: list[Detections], predicted: list[Detections], iou: float = 0.5) -> float:
+    """Mean over classes (those with ground truth) of AP at IoU ``iou``, over all images.
+
+    Each prediction, highest score first, matches the unmatched ground-truth box of its class
+    that it overlaps most, if that IoU reaches ``iou``; otherwise it is a false positive.
+    """
+    if len(truth) != len(predicted):
+        raise ValueError(f"{len(truth)} ground-truth images but {len(predicted)} predicted")
+    classes = np.unique(np.concatenate([t.classes for t in truth] + [np.zeros(0, int)]))
+    if not len(classes):
+        return float("nan")
+    aps = []
+    for cls in classes:
+        total = sum(int(np.sum(t.classes == cls)) for t in truth)
+        entries = []  # (score, is true positive)
+        for t, p in zip(truth, predicted):
+            gt = t.boxes[t.classes == cls]
+            mine = np.flatnonzero(p.classes == cls)
+            mine = mine[np.argsort(-p.scores[mine], kind="stable")]
+            used = np.zeros(len(gt), bool)
+            overlaps = box_iou(p.boxes[mine], gt) if len(gt) else np.zeros((len(mine), 0))
+            for row, i in enumerate(mine):
+                candidates = np.where(used, -1.0, overlaps[row]) if len(gt) else np.zeros(0)
+                j = int(np.argmax(candidates)) if len(gt) else -1
+                hit = j >= 0 and candidates[j] >= iou
+                if hit:
+                    used[j] = True
+                entries.append((float(p.scores[i]), hit))
+        entries.sort(key=lambda e: -e[0])
+        hits = np.array([h for _, h in entries], dtype=np.float64)
+        tp, fp = np.cumsum(hits), np.cumsum(1.0 - hits)
+        recall = tp / total if len(hits) else np.zeros(0)
+        precision = tp / np.maximum(tp + fp, 1e-12) if len(hits) else np.zeros(0)
+        aps.append(average_precision(recall, precision))
+    return float(np.mean(aps))
+
+
+def mask_iou(truth: np.ndarray, predicted: np.ndarray, threshold: float = 0.5) -> float:
+    """IoU of the masks ``truth >= threshold`` and ``predicted >= threshold`` (1.0 when both
+    are empty)."""
+    a, b = np.asarray(truth) >= threshold, np.asarray(predicted) >= threshold
+    union = np.count_nonzero(a | b)
+    return 1.0 if union == 0 else np.count_nonzero(a & b) / union

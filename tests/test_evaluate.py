@@ -1,0 +1,87 @@
+"""Task metrics (qcompiler.evaluate) against cases worked out by hand."""
+
+import numpy as np
+import pytest
+
+from qcompiler.evaluate import (
+    Detections,
+    average_precision,
+    box_iou,
+    decode_yolox,
+    map50,
+    mask_iou,
+    nms,
+)
+
+
+def dets(boxes, scores, classes):
+    return Detections(np.array(boxes, float).reshape(-1, 4), np.array(scores, float),
+                      np.array(classes, int))  # fmt: skip
+
+
+def test_box_iou_by_hand():
+    got = box_iou([[0, 0, 2, 2]], [[1, 1, 3, 3], [0, 0, 2, 2], [5, 5, 6, 6], [0, 0, 1, 2]])
+    np.testing.assert_allclose(got, [[1 / 7, 1.0, 0.0, 0.5]])
+
+
+def test_nms_suppresses_within_a_class_only():
+    found = dets(
+        [[0, 0, 10, 10], [1, 0, 11, 10], [1, 0, 11, 10], [20, 20, 30, 30]],
+        [0.6, 0.9, 0.8, 0.5],
+        [0, 0, 1, 0],
+    )
+    kept = nms(found, 0.45)
+    # box 0 overlaps box 1 (IoU 9/11) in class 0: suppressed; box 2 is another class.
+    np.testing.assert_array_equal(kept.scores, [0.9, 0.8, 0.5])
+    np.testing.assert_array_equal(kept.classes, [0, 1, 0])
+
+
+def test_average_precision_by_hand():
+    # Two objects; predictions TP (0.9), FP (0.8), TP (0.7): recall .5 .5 1, precision 1 .5 2/3.
+    ap = average_precision(np.array([0.5, 0.5, 1.0]), np.array([1.0, 0.5, 2 / 3]))
+    assert ap == pytest.approx(0.5 * 1.0 + 0.5 * 2 / 3)
+
+
+def test_map50_by_hand():
+    truth = [dets([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]], [1, 1, 1], [0, 0, 1])]
+    predicted = [
+        dets(
+            [[0, 0, 10, 11], [40, 40, 45, 45], [21, 21, 30, 30], [0, 0, 10, 10]],
+            [0.9, 0.8, 0.7, 0.6],
+            [0, 0, 0, 1],  # the last is the right box with the wrong class
+        )
+    ]
+    # class 0: TP, FP, TP (IoU 81/100) -> AP 0.8333; class 1: no hit -> 0.
+    assert map50(truth, predicted) == pytest.approx((0.5 + 0.5 * 2 / 3 + 0.0) / 2)
+    assert map50(truth, truth) == 1.0
+
+
+def test_a_duplicate_detection_is_a_false_positive():
+    truth = [dets([[0, 0, 10, 10]], [1], [3])]
+    predicted = [dets([[0, 0, 10, 10], [0, 0, 10, 10]], [0.9, 0.8], [3, 3])]
+    assert map50(truth, predicted) == 1.0  # the duplicate ranks below the full recall
+    predicted = [dets([[0, 0, 10, 10], [0, 0, 10, 10]], [0.8, 0.9], [3, 3])]
+    assert map50(truth, predicted) == 1.0
+
+
+def test_decode_yolox_by_hand():
+    # 64x64 input: 8x8 + 4x4 + 2x2 anchors. Anchor at stride 16, cell (x=1, y=2): 64 + 2*4 + 1.
+    out = np.zeros((1, 84, 5 + 4), np.float32)
+    out[0, :, 2:4] = -10.0  # tiny boxes elsewhere, scores 0
+    out[0, 73, :4] = [0.5, 0.25, np.log(2.0), np.log(2.0)]
+    out[0, 73, 4] = 0.9
+    out[0, 73, 5:] = [0.1, 0.2, 0.3, 0.5]
+    found = decode_yolox(out, (64, 64), score_threshold=0.01)
+    assert len(found) == 1
+    np.testing.assert_allclose(found.boxes[0], [24 - 16, 36 - 16, 24 + 16, 36 + 16], atol=1e-5)
+    assert found.scores[0] == pytest.approx(0.45)
+    assert found.classes[0] == 3
+    with pytest.raises(ValueError, match="84 anchors"):
+        decode_yolox(out, (416, 416))
+
+
+def test_mask_iou_by_hand():
+    a = np.array([[0.9, 0.8], [0.1, 0.6]])
+    b = np.array([[0.7, 0.2], [0.5, 0.4]])
+    assert mask_iou(a, b) == pytest.approx(1 / 4)  # a: 3 pixels, b: 2; both: 1, union 4
+    assert mask_iou(np.zeros((2, 2)), np.zeros((2, 2))) == 1.0

@@ -19,6 +19,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from qcompiler.passes import qmath
+from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.graph import (
     CONV_OPS,
     MATMUL_OPS,
@@ -34,7 +35,7 @@ from qcompiler.passes.scheme import QuantConfig, QuantSpec
 
 def activation_qparams(observer, config: QuantConfig) -> tuple[float, int]:
     """Scale and zero point of one activation from its calibration statistics."""
-    spec = config.scheme.activation
+    spec = config.activation_spec(observer.name)
     calib = config.calibration
     lo, hi = observer.range(calib.method, spec, percentile=calib.percentile)
     scale, zero_point = qmath.qparams_from_range(lo, hi, spec)
@@ -113,7 +114,7 @@ class _Annotator(PyExprMutator):
 
     def _insert_qdq(self, var, emit, value=None):
         scale, zero_point = self.qparams[var]
-        dtype = self.config.scheme.activation.dtype
+        dtype = self.config.activation_spec(var.name).dtype
         out = qdq(
             self.builder_,
             value if value is not None else var,
@@ -144,6 +145,13 @@ class _Annotator(PyExprMutator):
 
 def annotate(mod: tvm.IRModule, plan: QuantPlan, observers: dict, config: QuantConfig):
     """Insert the quantize/dequantize pairs of ``plan`` into ``mod["main"]``."""
+    wide = config.int16_activations
+    unknown = sorted(set(wide) - {p.name for p in plan.points}) if isinstance(wide, tuple) else []
+    if unknown:
+        raise QCompilerError(
+            f"int16_activations names {unknown}, which are not activation tensors of the model "
+            f"(those are {[p.name for p in plan.points][:8]} ...)"
+        )
     qparams = {p: activation_qparams(observers[p], config) for p in plan.points}
     annotator = _Annotator(mod, plan, qparams, config)
     out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)

@@ -42,6 +42,9 @@ PASS_THROUGH_OPS = {
     "relax.strided_slice",
 }
 
+# Ops that only move values: what flows through them to the outputs leaves the integers as is.
+EXIT_MOVES = PASS_THROUGH_OPS | {"relax.concat"}
+
 # Elementwise functions computed as a lookup table over the input codes. Binary ops count when
 # every operand but one is a scalar constant.
 UNARY_FUNCS = {
@@ -172,6 +175,20 @@ class Dataflow:
         flow.outputs = set(relax.analysis.free_vars(func.body.body))
         return flow
 
+    def exits(self) -> set:
+        """Vars whose value reaches the function's outputs only through data movement
+        (:data:`EXIT_MOVES`): quantizing them would only cost precision, as nothing integer
+        consumes them. A detector's boxes and scores concatenated into one output are the
+        typical case: one scale for both would leave the scores a handful of steps."""
+        found = set()
+        for var in reversed(list(self.producer)):
+            users = self.consumers.get(var, [])
+            if (var in self.outputs or users) and all(
+                op_name(self.producer[u]) in EXIT_MOVES and u in found for u in users
+            ):
+                found.add(var)
+        return found
+
     def sole_consumer(self, var):
         """The one binding that uses ``var``, if it is used exactly once and is not an output."""
         users = self.consumers.get(var, [])
@@ -236,6 +253,7 @@ def plan_quantization(func: relax.Function) -> QuantPlan:
             for user in flow.consumers.get(var, [])
         )
 
+    exits = flow.exits()
     points = [p for p in func.params if _is_float_tensor(p) and feeds_integer_ops(p)]
     quantized_inputs.update(points)
     chains = {}
@@ -255,9 +273,11 @@ def plan_quantization(func: relax.Function) -> QuantPlan:
             chains[chain[-1]] = chain
             if name in CONV_OPS | MATMUL_OPS and not feeds_integer_ops(chain[-1]):
                 continue  # an exit: the int32 accumulator is dequantized directly
+            if chain[-1] in exits:
+                continue  # computed from integers, kept in float to the output (see exits)
             points.append(chain[-1])
             quantized_inputs.add(chain[-1])
-        elif feeds_integer_ops(var):
+        elif feeds_integer_ops(var) and var not in exits:
             points.append(var)
             quantized_inputs.add(var)
     return QuantPlan(points=points, chains=chains, biases=biases)

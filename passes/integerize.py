@@ -218,7 +218,7 @@ class _Integerizer(PyExprMutator):
             ):
                 return None  # the bias add below takes the chain
         else:
-            return None
+            return self._float_table_exit(var, call)
         users = self.flow.consumers.get(var, [])
         if any(op_name(self.flow.producer[u]) == "relax.quantize" for u in users):
             return None
@@ -256,6 +256,27 @@ class _Integerizer(PyExprMutator):
             # Names of the re-emitted float bindings: what the verifier will see.
             self.fallback_vars.extend(self.get_var_remap(v).name for v in chain)
             return None
+
+    def _float_table_exit(self, var, call):
+        """An elementwise function of integer codes whose result is not quantized again (a
+        detector's sigmoid scores at the output): a table of its float values over all input
+        codes, looked up by code -- exactly the float function of the dequantized input, with
+        no float arithmetic at run time and no 8-bit rounding of the result."""
+        func = elementwise_func(call)
+        users = self.flow.consumers.get(var, [])
+        if func is None or any(op_name(self.flow.producer[u]) == "relax.quantize" for u in users):
+            return None
+        x = next((self.q[a] for a in call.args if a in self.q), None)
+        if x is None or not x.per_tensor or str(call.ty.dtype) != "float32":
+            return None
+        info = np.iinfo(x.dtype)
+        codes = np.arange(int(info.min), int(info.max) + 1)
+        with np.errstate(all="ignore"):
+            table = func(qmath.dequantize(codes, x.s, x.z).astype(np.float64)).astype(np.float32)
+        index = self._emit(relax.op.astype(x.expr, "int32"))
+        if info.min:
+            index = self._emit(relax.op.add(index, _const(-int(info.min), "int32")))
+        return relax.op.take(_const(table, "float32"), index, axis=0)
 
     def _from_integers(self, var) -> bool:
         """Does ``var`` (old graph) depend on a dequantized value?"""

@@ -441,3 +441,22 @@ def _weight_mse(flat: np.ndarray, lo: np.ndarray, hi: np.ndarray, spec: QuantSpe
         best_lo = np.where(better, c_lo, best_lo)
         best_hi = np.where(better, c_hi, best_hi)
     return best_lo, best_hi
+
+
+def quantization_sqnr(observer: ActivationObserver, lo: float, hi: float, spec: QuantSpec) -> float:
+    """Expected signal-to-quantization-noise ratio (dB) of the observed tensor quantized with
+    ``spec`` over ``[lo, hi]``: the histogram's bin centres, weighted by their counts, sent
+    through quantize/dequantize (clipping and rounding both count)."""
+    hist = observer.hist
+    edges = hist.edges
+    if edges is None:
+        return float("inf")
+    centres = (edges[:-1] + edges[1:]) / 2
+    scale, zero_point = qmath.qparams_from_range(lo, hi, spec)
+    codes = qmath.quantize(centres, scale, zero_point, spec)
+    error = centres - qmath.dequantize(codes, scale, zero_point).astype(np.float64)
+    noise = float(np.sum(hist.counts * error**2))
+    signal = float(np.sum(hist.counts * centres**2))
+    if noise == 0.0:
+        return float("inf")
+    return 10.0 * np.log10(max(signal, 1e-300) / noise)

@@ -16,6 +16,8 @@ Set ``dump_dir`` to write the IR after each phase (``01-prepare.py``, ...).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from qcompiler.passes.graph import (
     plan_quantization,
 )
 from qcompiler.passes.integerize import FALLBACK_ATTR, integerize
+from qcompiler.passes.observers import quantization_sqnr
 from qcompiler.passes.prequantized import channels_last, prepare_prequantized
 from qcompiler.passes.scheme import QuantConfig
 from qcompiler.passes.verify import verify_accumulators, verify_integer_only
@@ -72,6 +75,7 @@ class Calibration:
     observers: dict
 
     def quantize(self, config: QuantConfig, dump_dir: str | None = None) -> tvm.IRModule:
+        config = self.resolve(config)
         annotated = annotate(self.mod, self.plan, self.observers, config)
         _dump(dump_dir, "04-annotate", annotated)
         integer = integerize(annotated)
@@ -80,8 +84,27 @@ class Calibration:
         verify_accumulators(integer)
         return integer
 
+    def resolve(self, config: QuantConfig) -> QuantConfig:
+        """``config`` with a share of int16 activations turned into the tensors' names."""
+        share = config.int16_activations
+        if isinstance(share, tuple):
+            return config
+        count = math.ceil(share * len(self.observers)) if share > 0 else 0
+        return dataclasses.replace(config, int16_activations=self.noisiest(config, count))
+
+    def noisiest(self, config: QuantConfig, count: int) -> tuple[str, ...]:
+        """The ``count`` activation tensors whose 8-bit quantization (the scheme's spec and
+        range method) loses the most: lowest expected SQNR on the calibration data."""
+        spec, calib = config.scheme.activation, config.calibration
+        sqnr = {}
+        for point, observer in self.observers.items():
+            lo, hi = observer.range(calib.method, spec, percentile=calib.percentile)
+            sqnr[point.name] = quantization_sqnr(observer, lo, hi, spec)
+        return tuple(sorted(sqnr, key=sqnr.get)[:count])
+
     def activation_params(self, config: QuantConfig) -> dict[str, tuple[float, int]]:
         """``{tensor name: (scale, zero point)}`` of every quantization point."""
+        config = self.resolve(config)
         return {p.name: activation_qparams(o, config) for p, o in self.observers.items()}
 
 

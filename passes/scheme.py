@@ -147,15 +147,39 @@ class CalibConfig:
             raise QCompilerError(f"bins must be >= 128, got {self.bins}")
 
 
+# Activations that need more than 8 bits: asymmetric int16 codes.
+INT16_ACTIVATION = QuantSpec(16, signed=True, symmetric=False)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
-    """Everything the quantizer needs to know besides the model and the data."""
+    """Everything the quantizer needs to know besides the model and the data.
+
+    ``int16_activations``: names of activation tensors (quantization points) kept at 16 bits
+    (:data:`INT16_ACTIVATION`) instead of the scheme's activation spec, or a share in (0, 1]:
+    that fraction of the tensors whose 8-bit quantization is noisiest on the calibration data
+    (see :meth:`Calibration.noisiest <qcompiler.passes.pipeline.Calibration.noisiest>`).
+    """
 
     scheme: QuantScheme = field(default_factory=lambda: PRESETS["hybrid"])
     calibration: CalibConfig = field(default_factory=CalibConfig)
+    int16_activations: tuple[str, ...] | float = ()
 
     def __post_init__(self):
         if isinstance(self.scheme, str):
             object.__setattr__(self, "scheme", get_scheme(self.scheme))
         if isinstance(self.calibration, str):
             object.__setattr__(self, "calibration", CalibConfig(self.calibration))
+        wide = self.int16_activations
+        if isinstance(wide, int | float) and not isinstance(wide, bool):
+            if not 0.0 <= wide <= 1.0:
+                raise QCompilerError(f"int16_activations share must be in [0, 1], got {wide}")
+        else:
+            object.__setattr__(self, "int16_activations", tuple(str(n) for n in wide))
+
+    def activation_spec(self, name: str) -> QuantSpec:
+        """The spec of the activation tensor called ``name``."""
+        wide = self.int16_activations
+        return (
+            INT16_ACTIVATION if isinstance(wide, tuple) and name in wide else self.scheme.activation
+        )

@@ -21,7 +21,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from qcompiler import __version__
+from qcompiler import __version__, evaluate
 from qcompiler.data import CalibrationSet, InputSpec, Preprocess, load_calibration
 from qcompiler.deploy.artifact import (
     Artifact,
@@ -50,6 +50,7 @@ from qcompiler.targets.tuning import tune as tune_kernels
 
 __all__ = [
     "Artifact",
+    "agreement",
     "CalibConfig",
     "InputSpec",
     "QuantConfig",
@@ -365,3 +366,38 @@ def top1(artifact: Artifact, samples) -> float:
         hits += int(np.argmax(out.reshape(-1)) == label)
         total += 1
     return hits / max(total, 1)
+
+
+AGREEMENT_METRICS = ("top1", "map50", "miou")
+
+
+def agreement(reference: Artifact, candidate: Artifact, samples, metric: str, **options) -> float:
+    """How closely ``candidate`` answers like ``reference`` (e.g. the float model) on
+    ``samples`` (input dicts), with the reference's answers as the ground truth:
+
+    - ``top1``: share of samples with the same argmax of the first output;
+    - ``map50``: mAP@0.5 of the candidate's YOLOX detections against the reference's
+      detections scoring >= ``truth_score`` (0.3) after NMS (:mod:`qcompiler.evaluate`);
+    - ``miou``: mean IoU of the masks ``output >= 0.5``.
+    """
+    if metric not in AGREEMENT_METRICS:
+        raise QCompilerError(f"unknown metric {metric!r}, candidates are {list(AGREEMENT_METRICS)}")
+    truth_score = options.get("truth_score", 0.3)
+    shape = reference.manifest["inputs"][0]["shape"]
+    hw = tuple(shape[2:4]) if shape[1] in (1, 3) else tuple(shape[1:3])
+    scores, truth, found = [], [], []
+    for sample in samples:
+        ref = next(iter(reference.run(sample).values()))
+        out = next(iter(candidate.run(sample).values()))
+        if metric == "top1":
+            scores.append(float(np.argmax(ref.reshape(-1)) == np.argmax(out.reshape(-1))))
+        elif metric == "miou":
+            scores.append(evaluate.mask_iou(ref, out))
+        else:
+            truth.append(evaluate.decode_yolox(ref, hw).above(truth_score))
+            found.append(evaluate.decode_yolox(out, hw))
+    if metric == "map50":
+        return evaluate.map50(truth, found)
+    if not scores:
+        raise QCompilerError("no samples to compare")
+    return float(np.mean(scores))

@@ -3,7 +3,7 @@
 qc compile MODEL [--calib DATA] --target BOARD [--tuning-records DIR] [--cross-compiler CXX] -o OUT
 qc tune MODEL --calib DATA --target BOARD --trials N [--rpc-tracker HOST:PORT --rpc-key KEY] -o DIR
 qc run OUT [--inputs X.npz] [--output Y.npz [--resume]] [--rpc-tracker HOST:PORT --rpc-key KEY]
-qc eval MODEL --calib DATA --data DATA --metric top1
+qc eval MODEL --calib DATA --data DATA --metric top1|map50|miou
 qc targets                     the boards (x86, rpi4, rpi5, jetson-orin-nano, ...) and their targets
 """
 
@@ -26,7 +26,19 @@ from qcompiler.targets.tuning import RPCEndpoint
 
 
 def _config(args) -> QuantConfig:
-    return QuantConfig(args.scheme, CalibConfig(args.calib_method, args.percentile))
+    return QuantConfig(
+        args.scheme, CalibConfig(args.calib_method, args.percentile), _int16(args.int16)
+    )
+
+
+def _int16(text: str | None):
+    """``--int16``: a share of the activations (``0.05``) or tensor names (``lv12,lv40``)."""
+    if not text:
+        return ()
+    try:
+        return float(text)
+    except ValueError:
+        return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def _preprocess(args):
@@ -173,6 +185,22 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _images(args, model) -> list[dict]:
+    """Unlabelled inputs: every image of the ``--data`` folder (after ``--offset``)."""
+    from qcompiler.data import image_sample
+
+    files = sorted(
+        p
+        for p in Path(args.data).iterdir()
+        if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp")
+    )
+    files = files[args.offset : args.offset + args.count if args.count else None]
+    if not files:
+        raise QCompilerError(f"no images in {args.data} (after --offset {args.offset})")
+    spec = model.inputs[0]
+    return [{spec.name: image_sample(f, spec, _preprocess(args))} for f in files]
+
+
 def _labelled(args, model):
     """(inputs, label) pairs from an image folder (ImageNet naming) or an npz with labels."""
     spec = model.inputs[0]
@@ -198,8 +226,10 @@ def _labelled(args, model):
 
 
 def cmd_eval(args) -> int:
-    if args.metric != "top1":
-        raise QCompilerError(f"unknown metric {args.metric!r}, candidates are ['top1']")
+    if args.metric not in api.AGREEMENT_METRICS:
+        raise QCompilerError(
+            f"unknown metric {args.metric!r}, candidates are {list(api.AGREEMENT_METRICS)}"
+        )
     model = api.load_model(args.model)
     if api.is_prequantized(model.mod):
         # The baseline is the same quantized model run in float (TVM's dequantize/op/quantize).
@@ -213,6 +243,13 @@ def cmd_eval(args) -> int:
         quant = api.quantize(model, None, _config(args), calibration=calibration)
     float_art = api.compile_float(model, args.target)
     int_art = quant.build(args.target)
+    if args.metric != "top1":
+        # No labels: the float model's answers are the ground truth.
+        samples = _images(args, model)
+        score = api.agreement(float_art, int_art, samples, args.metric)
+        print(f"{model.name}: {args.metric} of the quantized model against the float model's "
+              f"answers on {len(samples)} image(s): {score:.4f}")  # fmt: skip
+        return 0
     fp32 = api.top1(float_art, _labelled(args, model))
     int8 = api.top1(int_art, _labelled(args, model))
     if quant.config is None:
@@ -242,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--scheme", default="hybrid", choices=sorted(PRESETS))
         p.add_argument("--calib-method", default="minmax", choices=CALIBRATION_METHODS)
         p.add_argument("--percentile", type=float, default=99.99)
+        p.add_argument(
+            "--int16",
+            help="16-bit activations: a share of the tensors whose 8-bit quantization is "
+            "noisiest on the calibration data (e.g. 0.05), or tensor names (lv12,lv40)",
+        )
         p.add_argument("--target", default="x86", help="board (see `qc targets`) or TVM target tag")
         p.add_argument("--boards", help="TOML file of extra board profiles")
 
@@ -292,7 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="fp32 vs quantized accuracy side by side")
     quant_options(p)
     p.add_argument(
-        "--data", required=True, help="labelled images folder, or .npz with 'images' and 'labels'"
+        "--data",
+        required=True,
+        help="labelled images folder, or .npz with 'images' and 'labels' (map50/miou: "
+        "any images folder)",
     )
     p.add_argument("--labels", help="synset list for an image folder (class = line number)")
     p.add_argument(
@@ -303,7 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--offset", type=int, default=0, help="skip this many evaluation samples")
     p.add_argument("--count", type=int, help="evaluate at most this many samples")
-    p.add_argument("--metric", default="top1")
+    p.add_argument(
+        "--metric",
+        default="top1",
+        choices=api.AGREEMENT_METRICS,
+        help="top1 (labels), or against the float model's answers: map50 (YOLOX "
+        "detections, mAP@0.5), miou (masks >= 0.5)",
+    )
     p.set_defaults(func=cmd_eval)
     return parser
 

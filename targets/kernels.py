@@ -307,12 +307,20 @@ class _Int8Kernels(PyExprMutator):
             return None
         if int(attrs.groups) != 1:
             return self._depthwise(call)
+        if self._is_int16_data(call):
+            return self._split_int16(call, self._conv2d)
         data, w = self._int8_operands(call)
         if data is None or not self.dot_product:
             return None
         bb = self.builder_
-        if any(int(p) for p in call.attrs.padding) and str(data.ty.dtype) == "int8":
-            return None  # zero padding of int8 codes is not zero padding of the uint8 ones
+        padding = [int(p) for p in attrs.padding]
+        if any(padding) and str(data.ty.dtype) == "int8":
+            # The uint8 codes x + 128 are padded with 128, i.e. with the int8 code 0.
+            top, left, bottom, right = padding
+            data = bb.emit(
+                relax.op.nn.pad(data, [0, 0, top, bottom, left, right, 0, 0], pad_value=0.0)
+            )
+            padding = [0, 0, 0, 0]
         data, shifted = self._as_uint8(data)
         packed = pack_conv_weight(w)
         data = _pad_channels(bb, data, packed.shape[3] * GROUP)
@@ -321,12 +329,44 @@ class _Int8Kernels(PyExprMutator):
             data,
             relax.const(packed, "int8"),
             strides=[int(s) for s in attrs.strides],
-            padding=[int(p) for p in attrs.padding],
+            padding=padding,
             dilation=[int(d) for d in attrs.dilation],
             primfunc_name_hint="qc_conv2d_int8",
         )
         out = _slice_channels(bb, out, w.shape[0])
         return self._unshift(out, w, (1, 2, 3), (1, 1, 1, -1)) if shifted else out
+
+    def _is_int16_data(self, call) -> bool:
+        w = const_value(call.args[1])
+        return (
+            self.dot_product
+            and str(call.args[0].ty.dtype) == "int16"
+            and w is not None
+            and w.dtype == np.int8
+            and str(call.ty.dtype) == "int32"
+        )
+
+    def _split_int16(self, call, lower):
+        """An int16-activation conv/matmul as two int8 ones on the dot-product kernels:
+        ``x = 256 * hi + lo`` with ``lo = x & 255`` (uint8) and ``hi = x >> 8`` (int8), so
+        ``f(x) = 256 * f(hi) + f(lo)`` for the linear ``f``, exactly. Zero padding stays zero
+        padding in both halves. Each half's sum is bounded by the whole one's, which the
+        accumulator check already bounded by 2**31."""
+        bb = self.builder_
+        data = call.args[0]
+        lo = bb.emit(
+            relax.op.astype(relax.op.bitwise_and(data, relax.const(255, "int16")), "uint8")
+        )
+        hi = bb.emit(relax.op.astype(relax.op.right_shift(data, relax.const(8, "int16")), "int8"))
+        parts = []
+        for half in (lo, hi):
+            half_call = relax.Call(call.op, [half, *call.args[1:]], call.attrs, call.ty_args)
+            part = lower(bb.normalize(half_call))
+            if part is None:
+                return None
+            parts.append(bb.emit(part))
+        high = bb.emit(relax.op.multiply(parts[1], relax.const(256, "int32")))
+        return relax.op.add(parts[0], high)
 
     def _depthwise(self, call):
         data, weight = call.args[0], call.args[1]
@@ -350,6 +390,8 @@ class _Int8Kernels(PyExprMutator):
         )
 
     def _matmul(self, call):
+        if self._is_int16_data(call):
+            return self._split_int16(call, self._matmul)
         data, w = self._int8_operands(call)
         if data is None or not self.dot_product or w.ndim != 2 or len(_shape(data)) != 2:
             return None

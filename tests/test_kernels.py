@@ -263,3 +263,38 @@ def test_a_board_farm_measures_on_several_servers_at_once(shared, tmp_path):
     first, second = (sessions(log) for log in logs)
     assert first and second, "both servers must have served measurements"
     assert any(a0 < b1 and b0 < a1 for a0, a1 in first for b0, b1 in second)
+
+
+@needs_vnni
+@pytest.mark.parametrize(("dtype", "pad"), [("int16", 1), ("int16", 0), ("int8", 1)])
+def test_int16_and_padded_int8_convs_on_the_dot_product_kernels(dtype, pad):
+    """int16 activations run as two int8 halves (256 * hi + lo) and padded int8 ones with an
+    explicit pad of their uint8 form: exact against numpy's int64 convolution."""
+    from qcompiler.targets.build import fused_module
+
+    rng = np.random.default_rng(7)
+    info = np.iinfo(dtype)
+    x = rng.integers(info.min, info.max + 1, (1, 7, 7, 20)).astype(dtype)
+    w = rng.integers(-127, 128, (12, 3, 3, 20)).astype(np.int8)
+    bb = relax.BlockBuilder()
+    var = relax.Var("x", relax.TensorType(x.shape, dtype))
+    with bb.function("main", [var]):
+        with bb.dataflow():
+            conv = relax.op.nn.conv2d(
+                var, relax.const(w), padding=[pad] * 4, data_layout="NHWC",
+                kernel_layout="OHWI", out_dtype="int32",
+            )  # fmt: skip
+            out = bb.emit_output(conv)
+        bb.emit_func_output(out)
+    mod = bb.get()
+    kernels = [gv.name_hint for gv in fused_module(mod, HOST).get_global_vars()]
+    assert any("qc_conv2d_int8" in k for k in kernels)
+    got = relax.VirtualMachine(build(mod, HOST), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    padded = np.pad(x.astype(np.int64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    size = padded.shape[1] - 2
+    expected = np.zeros((1, size, size, 12), np.int64)
+    for i in range(size):
+        for j in range(size):
+            window = padded[0, i : i + 3, j : j + 3]
+            expected[0, i, j] = np.einsum("hwc,ohwc->o", window, w.astype(np.int64))
+    np.testing.assert_array_equal(got, expected)

@@ -276,7 +276,7 @@ class _Integerizer(PyExprMutator):
         index = self._emit(relax.op.astype(x.expr, "int32"))
         if info.min:
             index = self._emit(relax.op.add(index, _const(-int(info.min), "int32")))
-        return relax.op.take(_const(table, "float32"), index, axis=0)
+        return relax.op.take(_const(table, "float32"), index, axis=0, mode="clip")
 
     def _from_integers(self, var) -> bool:
         """Does ``var`` (old graph) depend on a dequantized value?"""
@@ -617,7 +617,7 @@ class _Integerizer(PyExprMutator):
         index = self._emit(relax.op.astype(x.expr, "int32"))
         if info.min:
             index = self._emit(relax.op.add(index, _const(-int(info.min), "int32")))
-        return relax.op.take(_const(table, out.dtype), index, axis=0)
+        return relax.op.take(_const(table, out.dtype), index, axis=0, mode="clip")
 
     def _mean(self, call, out: OutParams):
         (x,) = self._inputs(call, 1)

@@ -173,9 +173,17 @@ def _explicit_pads(node, in_shape) -> None:
 
 
 def _import_onnx(model, name: str, where: str, data: bytes) -> ImportedModel:
+    from onnx.defs import onnx_opset_version
     from tvm.relax.frontend.onnx import from_onnx
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
+    latest = onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > latest:
+            raise QCompilerError(
+                f"{where}: the model uses ONNX opset {opset.version}, newer than the {latest} "
+                "this installation knows; export it with an older opset"
+            )
     known = _get_convert_map()
     unknown = sorted({n.op_type for n in model.graph.node if n.op_type not in known})
     if unknown:

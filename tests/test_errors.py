@@ -70,6 +70,15 @@ def test_unsupported_op_is_named(tmp_path):
         qcompiler.quantize(path, list(samples()))
 
 
+def test_an_opset_from_the_future_is_refused(tmp_path):
+    model = tiny_onnx()
+    model.opset_import[0].version = 99
+    path = tmp_path / "future.onnx"
+    onnx.save(model, path)
+    with pytest.raises(QCompilerError, match=r"future\.onnx: the model uses ONNX opset 99"):
+        qcompiler.quantize(path, list(samples()))
+
+
 def test_calibration_wrong_shape_names_input():
     bad = [{"x": np.zeros((1, 3, 4, 4), np.float32)}]
     with pytest.raises(QCompilerError, match="'x'.*shape"):

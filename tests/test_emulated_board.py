@@ -75,6 +75,7 @@ def test_emulated_pi_refuses_an_x86_artifact(quantized, board, tmp_path):
         api.run(api.load(host), [{"input_1_int8": np.zeros((1, 32, 32, 3), np.int8)}], rpc=board)
 
 
+@pytest.mark.slow  # about 3.5 minutes; .ci/run runs it after the default suite
 def test_tuning_through_the_emulated_pi(shared, quantized, board, tmp_path):
     records = tmp_path / "records"
     report = api.tune(quantized, records, "rpi4", trials=16, rpc=board, echo=lambda _: None)

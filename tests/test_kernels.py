@@ -189,7 +189,10 @@ def test_tuning_over_local_rpc_keeps_outputs_and_records(tmp_path):
 
 
 @needs_vnni
-@pytest.mark.parametrize("lost", ["servers", "tracker"])
+@pytest.mark.parametrize(
+    "lost",
+    ["servers", pytest.param("tracker", marks=pytest.mark.slow)],  # ~2 min; .ci/run runs it
+)
 def test_killed_rpc_server_or_tracker_keeps_records_and_resumes(tmp_path, lost):
     from qcompiler.passes.errors import QCompilerError
 

@@ -269,14 +269,19 @@ class _Integerizer(PyExprMutator):
         x = next((self.q[a] for a in call.args if a in self.q), None)
         if x is None or not x.per_tensor or str(call.ty.dtype) != "float32":
             return None
+        real, index = self._table_inputs(x, func)
+        return relax.op.take(_const(real, "float32"), index, axis=0, mode="clip")
+
+    def _table_inputs(self, x: QTensor, func) -> tuple[np.ndarray, relax.Expr]:
+        """``func`` at every code of ``x``'s dtype (float64), and the index expr into it."""
         info = np.iinfo(x.dtype)
         codes = np.arange(int(info.min), int(info.max) + 1)
         with np.errstate(all="ignore"):
-            table = func(qmath.dequantize(codes, x.s, x.z).astype(np.float64)).astype(np.float32)
+            real = func(qmath.dequantize(codes, x.s, x.z).astype(np.float64))
         index = self._emit(relax.op.astype(x.expr, "int32"))
         if info.min:
             index = self._emit(relax.op.add(index, _const(-int(info.min), "int32")))
-        return relax.op.take(_const(table, "float32"), index, axis=0, mode="clip")
+        return real, index
 
     def _from_integers(self, var) -> bool:
         """Does ``var`` (old graph) depend on a dequantized value?"""
@@ -606,17 +611,14 @@ class _Integerizer(PyExprMutator):
         (x,) = [self.q[a] for a in call.args if a in self.q][:1] or [None]
         if x is None or not x.per_tensor:
             raise _NoLowering("the input of the elementwise function is not quantized per tensor")
-        info = np.iinfo(x.dtype)
-        codes = np.arange(int(info.min), int(info.max) + 1)
-        with np.errstate(all="ignore"):
-            real = np.clip(func(qmath.dequantize(codes, x.s, x.z).astype(np.float64)), lo, hi)
+        real, index = self._table_inputs(x, func)
         real = np.nan_to_num(
-            real, nan=0.0, posinf=np.finfo(np.float32).max, neginf=np.finfo(np.float32).min
+            np.clip(real, lo, hi),
+            nan=0.0,
+            posinf=np.finfo(np.float32).max,
+            neginf=np.finfo(np.float32).min,
         )
         table = np.clip(np.rint(real / out.scale) + out.zero_point, out.qlo, out.qhi)
-        index = self._emit(relax.op.astype(x.expr, "int32"))
-        if info.min:
-            index = self._emit(relax.op.add(index, _const(-int(info.min), "int32")))
         return relax.op.take(_const(table, out.dtype), index, axis=0, mode="clip")
 
     def _mean(self, call, out: OutParams):

@@ -108,6 +108,7 @@ class QuantizedModel:
         return {
             "scheme": asdict(self.config.scheme),
             "calibration": asdict(self.config.calibration),
+            "int16_activations": list(self.config.int16_activations),
             "rounding": self.rounding,
             "float_fallbacks": self.float_fallbacks,
             "activations": {
@@ -183,6 +184,7 @@ def quantize(
         model, calibration = calibrate(
             model, calib, preprocess, limit, offset, bins=config.calibration.bins
         )
+    config = calibration.resolve(config)  # a share of int16 activations becomes their names
     mod = calibration.quantize(config)
     return QuantizedModel(mod, model, config, calibration.activation_params(config))
 

@@ -89,6 +89,8 @@ def test_int16_activations_by_name_and_by_share():
                   if op_name(b.value) == "relax.astype"}  # fmt: skip
         assert ("int16" in dtypes) == (wide == 1.0)
         artifact = quantized.build()
+        recorded = artifact.manifest["quantization"]["int16_activations"]
+        assert sorted(recorded) == (sorted(names) if wide == 1.0 else [])
         x = samples(1, seed=5)[0]
         errors[wide] = np.abs(artifact.run(x)["output"] - reference(model, x)).max()
     assert errors[1.0] < errors[()] / 2  # finer activations; the int8 weights stay

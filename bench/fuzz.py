@@ -90,33 +90,11 @@ def _inputs(model, count: int, seed: int) -> list[dict]:
 
 def qdq_mnist(source: Path, folder: Path) -> Path:
     """MNIST quantized by onnxruntime's ``quantize_static`` (QDQ, per-channel int8 weights,
-    uint8 activations, opset 13), calibrated on 50 test images."""
-    import onnx
-    from onnx import version_converter
-    from onnxruntime import quantization
-
+    uint8 activations, MinMax), calibrated on 50 test images."""
     with np.load(SHARED / "data" / "mnist_test.npz") as data:
         images = data["images"][:50].astype(np.float32).reshape(-1, 1, 1, 28, 28)
-    float_path, qdq_path = folder / "mnist13.onnx", folder / "mnist_qdq.onnx"
-    onnx.save(version_converter.convert_version(onnx.load(source), 13), float_path)
-
-    class Reader(quantization.CalibrationDataReader):
-        def __init__(self):
-            self.samples = iter({"Input3": x} for x in images)
-
-        def get_next(self):
-            return next(self.samples, None)
-
-    quantization.quantize_static(
-        str(float_path),
-        str(qdq_path),
-        Reader(),
-        quant_format=quantization.QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=quantization.QuantType.QUInt8,
-        weight_type=quantization.QuantType.QInt8,
-    )
-    return qdq_path
+    calib = [{"Input3": x} for x in images]
+    return accuracy.ort_quantized(source, calib, "minmax", 99.99, folder)
 
 
 def _reference(path: Path, samples: list[dict]) -> list[np.ndarray]:

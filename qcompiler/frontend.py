@@ -209,6 +209,8 @@ def _import_tflite(data: bytes, name: str, where: str) -> ImportedModel:
     import tflite
     from tvm.relax.frontend.tflite import from_tflite
 
+    from qcompiler.tflite_ops import CustomOpConverter
+
     if len(data) < 8 or data[4:8] != b"TFL3":
         raise QCompilerError(f"{where} is not a TFLite flatbuffer (no 'TFL3' identifier)")
     try:
@@ -232,6 +234,7 @@ def _import_tflite(data: bytes, name: str, where: str) -> ImportedModel:
             model,
             shape_dict={i.name: i.shape for i in inputs},
             dtype_dict={i.name: i.dtype for i in inputs},
+            op_converter=CustomOpConverter,
         )
     except Exception as err:
         raise QCompilerError(f"{where}: TVM could not import the TFLite model: {err}") from None

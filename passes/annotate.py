@@ -18,7 +18,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from qcompiler.passes import qmath
+from qcompiler.passes import qmath, rounding
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.graph import (
     CONV_OPS,
@@ -82,8 +82,10 @@ def dequantized_constant(codes, scale, zero_point, axis) -> relax.Expr:
 
 @mutator
 class _Annotator(PyExprMutator):
-    def __init__(self, mod, plan: QuantPlan, qparams: dict, config: QuantConfig):
+    def __init__(self, mod, plan: QuantPlan, qparams: dict, config: QuantConfig, layers: dict):
         super().__init__(mod)
+        self.layers = layers
+        self.shifts = {}  # conv/matmul var -> mean output error of its rounded weights
         self.plan = plan
         self.points = set(plan.points)
         self.qparams = qparams
@@ -98,8 +100,10 @@ class _Annotator(PyExprMutator):
                 if param in self.params:
                     self._insert_qdq(param, self.builder_.emit)
         value = binding.value
-        if isinstance(value, relax.Call) and binding.var not in self.plan.biases and is_head(value):
-            value = self._quantize_constant_operands(value)
+        if binding.var in self.plan.biases:
+            value = self._corrected_bias(value)
+        elif isinstance(value, relax.Call) and is_head(value):
+            value = self._quantize_constant_operands(value, binding.var)
         new_value = self.visit_expr(value)
         var = binding.var
         emit = (
@@ -125,7 +129,7 @@ class _Annotator(PyExprMutator):
         )
         self.set_var_remap(var, out)
 
-    def _quantize_constant_operands(self, call):
+    def _quantize_constant_operands(self, call, var):
         name = op_name(call)
         args = list(call.args)
         scheme = self.config.scheme
@@ -133,6 +137,8 @@ class _Annotator(PyExprMutator):
             weight = const_value(args[1])
             if weight is not None:
                 codes, scale, zp, axis = quantize_constant(weight, scheme.weight, weight_axis(call))
+                if var in self.layers and scheme.weight.symmetric:
+                    codes = self._refine_weights(var, weight, codes, scale)
                 args[1] = self.builder_.emit(dequantized_constant(codes, scale, zp, axis), "w_dq")
         elif name != "relax.concat":
             for i, arg in enumerate(args):
@@ -142,8 +148,44 @@ class _Annotator(PyExprMutator):
                     args[i] = self.builder_.emit(dequantized_constant(codes, scale, zp, None))
         return relax.Call(call.op, args, call.attrs, call.ty_args)
 
+    def _refine_weights(self, var, weight, codes, scale):
+        """Optimized rounding and/or the bias shift of one layer (see :mod:`rounding`)."""
+        config, stats = self.config, self.layers[var]
+        if stats.count == 0:
+            return codes
+        call = stats.call
+        w = rounding.weight_groups(call, np.asarray(weight, dtype=np.float64))
+        s = np.broadcast_to(
+            np.asarray(scale, dtype=np.float64).reshape(-1), (w.shape[0] * w.shape[1],)
+        )
+        s = s.reshape(w.shape[:2])
+        q = rounding.weight_groups(call, codes)
+        if config.weight_rounding == "optimized":
+            spec = config.scheme.weight
+            q = rounding.round_weights(w, s, spec.qmin, spec.qmax, stats.second_moment)
+            codes = rounding.from_groups(call, q, codes.shape).astype(codes.dtype)
+        if config.bias_correction:
+            self.shifts[var] = rounding.bias_shift(w, q, s, stats.mean).reshape(-1)
+        return codes
 
-def annotate(mod: tvm.IRModule, plan: QuantPlan, observers: dict, config: QuantConfig):
+    def _corrected_bias(self, call):
+        """The bias add after a conv/matmul, less the mean error of its rounded weights."""
+        shift = self.shifts.get(call.args[0])
+        bias = const_value(call.args[1])
+        if shift is None or bias is None or bias.size != shift.size:
+            return call
+        sign = 1.0 if op_name(call) == "relax.add" else -1.0
+        fixed = (bias.astype(np.float64) - sign * shift.reshape(bias.shape)).astype(bias.dtype)
+        return relax.Call(call.op, [call.args[0], relax.const(fixed)], call.attrs, call.ty_args)
+
+
+def annotate(
+    mod: tvm.IRModule,
+    plan: QuantPlan,
+    observers: dict,
+    config: QuantConfig,
+    layers: dict | None = None,
+):
     """Insert the quantize/dequantize pairs of ``plan`` into ``mod["main"]``."""
     wide = config.int16_activations
     unknown = sorted(set(wide) - {p.name for p in plan.points}) if isinstance(wide, tuple) else []
@@ -153,7 +195,8 @@ def annotate(mod: tvm.IRModule, plan: QuantPlan, observers: dict, config: QuantC
             f"(those are {[p.name for p in plan.points][:8]} ...)"
         )
     qparams = {p: activation_qparams(observers[p], config) for p in plan.points}
-    annotator = _Annotator(mod, plan, qparams, config)
+    layers = (layers or {}) if config.needs_layer_inputs else {}
+    annotator = _Annotator(mod, plan, qparams, config, layers)
     out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
     out["main"] = annotator.visit_expr(mod["main"])
     return out

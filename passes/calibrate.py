@@ -16,7 +16,7 @@ import tvm
 from tvm import relax
 
 from qcompiler.passes.errors import QCompilerError
-from qcompiler.passes.graph import QuantPlan
+from qcompiler.passes.graph import QuantPlan, bindings
 from qcompiler.passes.observers import ActivationObserver
 
 
@@ -56,8 +56,12 @@ def calibrate(
     samples: Iterable[dict[str, np.ndarray]],
     bins: int = 2048,
     target: tvm.target.Target | None = None,
+    layers: dict | None = None,
 ) -> dict:
     """Observe every point of ``plan`` over ``samples``.
+
+    ``layers`` maps conv2d/matmul vars to :class:`~qcompiler.passes.rounding.LayerStats`, fed
+    with the layer's (float) input from the same runs.
 
     Returns
     -------
@@ -66,8 +70,15 @@ def calibrate(
     """
     func = mod["main"]
     observers = {p: ActivationObserver(p.name, bins=bins) for p in plan.points}
+    layers = layers or {}
+    producer = {b.var: b.value for b in bindings(func)}
+    layer_inputs = {var: producer[var].args[0] for var in layers}
+    params = list(func.params)
+    exposed = list(plan.points)
+    exposed += [x for x in dict.fromkeys(layer_inputs.values()) if x not in set(exposed)]
+    exposed = [x for x in exposed if x not in set(params)]
     calib_mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
-    calib_mod["main"] = expose_points(func, plan.points)
+    calib_mod["main"] = expose_points(func, exposed)
     target = target or tvm.target.Target({"kind": "llvm"})
     executable = tvm.compile(calib_mod, target=target)
     vm = relax.VirtualMachine(executable, tvm.cpu())
@@ -79,10 +90,14 @@ def calibrate(
             raise QCompilerError(
                 f"calibration sample {seen} lacks model input(s) {missing}; it has {sorted(sample)}"
             )
-        args = [tvm.runtime.tensor(np.ascontiguousarray(sample[n])) for n in names]
-        results = vm["main"](*args)
-        for point, value in zip(plan.points, list(results)[1:]):
-            observers[point].update(value.numpy())
+        args = [np.ascontiguousarray(sample[n]) for n in names]
+        results = vm["main"](*[tvm.runtime.tensor(a) for a in args])
+        values = dict(zip(params, args))
+        values.update((x, v.numpy()) for x, v in zip(exposed, list(results)[1:]))
+        for point in plan.points:
+            observers[point].update(values[point])
+        for var, stats in layers.items():
+            stats.update(values[layer_inputs[var]])
         seen += 1
     if seen == 0:
         raise QCompilerError("the calibration set is empty: give at least one sample")

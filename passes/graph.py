@@ -28,6 +28,10 @@ from tvm.ir import Op
 from tvm.ir.expr import Constant, GenericConst
 
 CONV_OPS = {"relax.nn.conv2d"}
+# Layouts ConvertLayout asks for (channels innermost, for the int8 dot-product instructions).
+# The transposed conv stays NCHW: it would otherwise follow its input to NHWC, where TVM 0.27
+# cannot legalize it.
+CHANNELS_LAST = {"relax.nn.conv2d": ["NHWC", "OHWI"], "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
 MATMUL_OPS = {"relax.matmul"}
 BINARY_OPS = {"relax.add", "relax.subtract", "relax.multiply"}
 CLAMP_OPS = {"relax.nn.relu", "relax.nn.relu6", "relax.clip", "relax.maximum", "relax.minimum"}
@@ -133,6 +137,111 @@ def elementwise_func(call):
     return None
 
 
+@dataclass
+class Region:
+    """``end = func(source)`` through elementwise ops only; ``inner`` are the vars between."""
+
+    source: object
+    func: object
+    inner: list
+
+
+def elementwise_region(var, flow: Dataflow, is_source, depth: int = 24) -> Region | None:
+    """``var`` as one elementwise function of a single tensor, if it is one and at least one
+    step combines two tensors: e.g. hard-swish as imported, ``x * clip(x + 3, 0, 6) / 6``, or
+    ``x * sigmoid(x)``. Such a value is one lookup table over the source's codes instead of a
+    rounding after every step. The walk goes back through producers until ``is_source(v)``.
+    """
+
+    def walk(v, budget):
+        if is_source(v):
+            return v, (lambda x: x), [], False
+        call = flow.producer.get(v)
+        if call is None or budget == 0 or not isinstance(call, relax.Call):
+            return None
+        func = elementwise_func(call)
+        if func is not None:
+            (operand,) = activation_operands(call) or [None]
+            inner = walk(operand, budget - 1) if operand is not None else None
+            if inner is None:
+                return None
+            src, g, seen, mixed = inner
+            return src, (lambda x: func(g(x))), [*seen, v], mixed
+        name = op_name(call)
+        if (
+            name not in SCALAR_FUNCS
+            or len(call.args) != 2
+            or not all(_same_shape(a, v) for a in call.args)
+        ):
+            return None
+        parts = [walk(a, budget - 1) for a in call.args]
+        if any(p is None for p in parts) or not parts[0][0].same_as(parts[1][0]):
+            return None
+        (src, fa, seen_a, _), (_, fb, seen_b, _) = parts
+        op = SCALAR_FUNCS[name]
+        return src, (lambda x: op(fa(x), fb(x))), [*seen_a, *seen_b, v], True
+
+    found = walk(var, depth)
+    if found is None or not found[3]:
+        return None
+    src, func, seen, _ = found
+    inner = [u for u in dict.fromkeys(seen) if not u.same_as(var)]
+    return Region(src, func, inner)
+
+
+def constant_operands_only(call) -> bool:
+    """Elementwise in one tensor, every other operand a constant (a bias add counts)."""
+    if elementwise_func(call) is not None:
+        return True
+    return (
+        op_name(call) in SCALAR_FUNCS
+        and len(activation_operands(call)) == 1
+        and all(isinstance(a, relax.Var | GenericConst) for a in call.args)
+    )
+
+
+def _same_shape(a, b) -> bool:
+    ta, tb = a.ty, b.ty
+    if not isinstance(ta, relax.TensorType) or ta.shape is None or tb.shape is None:
+        return False
+    try:
+        return [int(d) for d in ta.shape] == [int(d) for d in tb.shape]
+    except TypeError:  # symbolic dims
+        return False
+
+
+def _composable(call, var) -> bool:
+    if not isinstance(call, relax.Call):
+        return False
+    if elementwise_func(call) is not None:
+        return True
+    return (
+        op_name(call) in SCALAR_FUNCS
+        and len(call.args) == 2
+        and all(isinstance(a, relax.Var) and _same_shape(a, var) for a in call.args)
+    )
+
+
+def region_inner_vars(func: relax.Function, flow: Dataflow) -> set:
+    """Vars computed inside an :func:`elementwise_region` and used only there: they are not
+    quantized, the region's end is (one lookup table)."""
+
+    def is_source(v):
+        return not _composable(flow.producer.get(v), v)
+
+    inner = set()
+    for binding in bindings(func):
+        region = elementwise_region(binding.var, flow, is_source)
+        if region is None:
+            continue
+        members = {*region.inner, binding.var}
+        for u in region.inner:
+            users = flow.consumers.get(u, [])
+            if u not in flow.outputs and all(c in members for c in users):
+                inner.add(u)
+    return inner
+
+
 def activation_operands(call) -> list:
     """The operands of a call that carry data (tensors that are not constants)."""
     args = call.args
@@ -185,6 +294,23 @@ class Dataflow:
             users = self.consumers.get(var, [])
             if (var in self.outputs or users) and all(
                 op_name(self.producer[u]) in EXIT_MOVES and u in found for u in users
+            ):
+                found.add(var)
+        return found
+
+    def tail(self) -> set:
+        """Like :meth:`exits`, also through elementwise ops with constant operands (a bias
+        add, a sigmoid): what a float op computes there can stay float to the outputs."""
+        found = set()
+        for var in reversed(list(self.producer)):
+            users = self.consumers.get(var, [])
+            if (var in self.outputs or users) and all(
+                u in found
+                and (
+                    op_name(self.producer[u]) in EXIT_MOVES
+                    or constant_operands_only(self.producer[u])
+                )
+                for u in users
             ):
                 found.add(var)
         return found
@@ -254,6 +380,8 @@ def plan_quantization(func: relax.Function) -> QuantPlan:
         )
 
     exits = flow.exits()
+    tail = flow.tail()
+    inner = region_inner_vars(func, flow)
     points = [p for p in func.params if _is_float_tensor(p) and feeds_integer_ops(p)]
     quantized_inputs.update(points)
     chains = {}
@@ -261,9 +389,18 @@ def plan_quantization(func: relax.Function) -> QuantPlan:
     absorbed = set()
     for binding in bindings(func):
         var, value = binding.var, binding.value
-        if var in absorbed or not _is_float_tensor(var):
+        if var in absorbed or var in inner or not _is_float_tensor(var):
             continue
         name = op_name(value)
+        if (
+            var in tail
+            and isinstance(value, relax.Call)
+            and (
+                not is_head(value)
+                or not any(a in quantized_inputs for a in activation_operands(value))
+            )
+        ):
+            continue  # a float op (no integer lowering) or its float result, on the way out
         if name in PASS_THROUGH_OPS and value.args[0] in quantized_inputs:
             quantized_inputs.add(var)
             continue

@@ -50,12 +50,16 @@ from qcompiler.passes import qmath
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.graph import (
     CONV_OPS,
+    EXIT_MOVES,
     MATMUL_OPS,
     PASS_THROUGH_OPS,
     Dataflow,
+    bindings,
     clamp_interval,
     const_value,
+    constant_operands_only,
     elementwise_func,
+    elementwise_region,
     op_name,
 )
 
@@ -327,9 +331,14 @@ class _Integerizer(PyExprMutator):
             # form misses 1 in 80); its convolutions round twice.
             twice = self.tflite and name in CONV_OPS
             return self._requantize(acc, acc_scale / out.scale, out, axis=axis, tflite=twice)
+        region = elementwise_region(node, self.flow, lambda v: v in self.q)
+        if region is not None:
+            chain.extend(region.inner)
+            return self._lookup_table(self.q[region.source], region.func, out, lo, hi)
         func = elementwise_func(call)
         if func is not None:
-            return self._lookup_table(call, func, out, lo, hi)
+            (x,) = [self.q[a] for a in call.args if a in self.q][:1] or [None]
+            return self._lookup_table(x, func, out, lo, hi)
         if name in ("relax.add", "relax.subtract"):
             a, b = self._inputs(call, 2)
             sign = -1.0 if name == "relax.subtract" else 1.0
@@ -607,8 +616,7 @@ class _Integerizer(PyExprMutator):
         acc = self._emit(relax.op.add(acc, _const(bias_codes, "int32")))
         return acc, acc_scale, len(acc.ty.shape) - 1
 
-    def _lookup_table(self, call, func, out: OutParams, lo: float, hi: float):
-        (x,) = [self.q[a] for a in call.args if a in self.q][:1] or [None]
+    def _lookup_table(self, x: QTensor | None, func, out: OutParams, lo: float, hi: float):
         if x is None or not x.per_tensor:
             raise _NoLowering("the input of the elementwise function is not quantized per tensor")
         real, index = self._table_inputs(x, func)
@@ -679,7 +687,50 @@ def integerize(mod: tvm.IRModule, rounding: str = "half_up") -> tvm.IRModule:
     if lowering.fallbacks:
         listed = "; ".join(f"{op} -> {name} ({why})" for name, op, why in lowering.fallbacks)
         warnings.warn(f"{len(lowering.fallbacks)} op(s) stay float: {listed}", stacklevel=2)
-    new_func = new_func.with_attr(FALLBACK_ATTR, lowering.fallback_vars)
     out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
     out["main"] = new_func
-    return relax.transform.DeadCodeElimination(["main"])(out)
+    out = relax.transform.DeadCodeElimination(["main"])(out)
+    tail = _float_compute_after_integers(out["main"])
+    if tail:
+        listed = "; ".join(f"{op} -> {name}" for name, op in tail)
+        warnings.warn(f"{len(tail)} op(s) run in float after the integers: {listed}", stacklevel=2)
+    fallbacks = lowering.fallback_vars + [name for name, _ in tail]
+    out["main"] = out["main"].with_attr(FALLBACK_ATTR, fallbacks)
+    return out
+
+
+# Float ops after the integers end that are not float compute: the exit's dequantize and
+# accumulator scaling, data movement.
+_EXIT_OPS = EXIT_MOVES | {"relax.dequantize", "relax.quantize", "relax.astype"}
+
+
+def _float_compute_after_integers(func: relax.Function) -> list[tuple[str, str]]:
+    """``(var, op)`` of float ops computed from integers that never return to them, doing more
+    than move values or apply an elementwise function (a transposed conv with no integer
+    lowering, say): outside any integer region, so the verifier allows them, but float all
+    the same, so they are counted and reported with the fallbacks."""
+    flow = Dataflow.of(func)
+    order = [b.var for b in bindings(func)]
+    to_int = set()
+    for var in reversed(order):
+        if any(op_name(flow.producer[u]) == "relax.quantize" or u in to_int
+               for u in flow.consumers.get(var, [])):  # fmt: skip
+            to_int.add(var)
+    from_int, found = set(), []
+    for var in order:
+        value = flow.producer[var]
+        name = op_name(value)
+        if name != "relax.dequantize" and not any(
+            v in from_int for v in relax.analysis.free_vars(value)
+        ):
+            continue
+        from_int.add(var)
+        if (
+            var not in to_int
+            and name is not None
+            and name not in _EXIT_OPS
+            and not constant_operands_only(value)
+            and str(getattr(var.ty, "dtype", "")).startswith("float")
+        ):
+            found.append((var.name, name))
+    return found

@@ -26,10 +26,13 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from qcompiler.passes import rounding
 from qcompiler.passes.annotate import activation_qparams, annotate
 from qcompiler.passes.calibrate import calibrate
 from qcompiler.passes.canonicalize import canonicalize
+from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.graph import (
+    CHANNELS_LAST,
     CONV_OPS,
     MATMUL_OPS,
     bindings,
@@ -55,7 +58,7 @@ def prepare(mod: tvm.IRModule) -> tvm.IRModule:
             # Channels last: the int8 dot-product instructions (x86 VNNI, ARM SDOT) reduce four
             # neighbouring input channels at once, so channels must be the innermost axis. Layout
             # transforms are left only at the model's edges.
-            relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
+            relax.transform.ConvertLayout(CHANNELS_LAST),
             relax.transform.FoldConstant(),  # the transposed weights become constants again
         ]
     )
@@ -73,10 +76,16 @@ class Calibration:
     mod: tvm.IRModule
     plan: object
     observers: dict
+    layers: dict = dataclasses.field(default_factory=dict)
 
     def quantize(self, config: QuantConfig, dump_dir: str | None = None) -> tvm.IRModule:
         config = self.resolve(config)
-        annotated = annotate(self.mod, self.plan, self.observers, config)
+        if config.needs_layer_inputs and not self.layers:
+            raise QCompilerError(
+                "weight_rounding='optimized' and bias_correction need the layers' input "
+                "statistics: calibrate with layer_inputs=True"
+            )
+        annotated = annotate(self.mod, self.plan, self.observers, config, self.layers)
         _dump(dump_dir, "04-annotate", annotated)
         integer = integerize(annotated)
         _dump(dump_dir, "05-integerize", integer)
@@ -113,13 +122,21 @@ def run_calibration(
     samples: Iterable[dict[str, np.ndarray]],
     bins: int = 2048,
     dump_dir: str | None = None,
+    layer_inputs: bool = False,
 ) -> Calibration:
     """Phases 1-3: prepare, plan and calibrate."""
     mod = prepare(mod)
     _dump(dump_dir, "01-prepare", mod)
     plan = plan_quantization(mod["main"])
-    observers = calibrate(mod, plan, samples, bins=bins)
-    return Calibration(mod, plan, observers)
+    layers = {}
+    for binding in bindings(mod["main"]) if layer_inputs else []:
+        call, weight = binding.value, None
+        if op_name(call) in CONV_OPS | MATMUL_OPS:
+            weight = const_value(call.args[1])
+        if rounding.supported(call, weight):
+            layers[binding.var] = rounding.LayerStats(call, weight.shape)
+    observers = calibrate(mod, plan, samples, bins=bins, layers=layers)
+    return Calibration(mod, plan, observers, layers)
 
 
 def quantize_module(

@@ -30,7 +30,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from qcompiler.passes import qmath
 from qcompiler.passes.canonicalize import canonicalize
 from qcompiler.passes.errors import QCompilerError
-from qcompiler.passes.graph import Dataflow, bindings, const_value, op_name
+from qcompiler.passes.graph import CHANNELS_LAST, Dataflow, bindings, const_value, op_name
 from qcompiler.passes.scheme import QuantSpec
 
 QDQ_OPS = ("relax.quantize", "relax.dequantize")
@@ -246,7 +246,7 @@ def channels_last(mod: tvm.IRModule) -> tvm.IRModule:
     """NHWC activations and OHWI weights for the integer convs, constants folded."""
     return tvm.transform.Sequential(
         [
-            relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
+            relax.transform.ConvertLayout(CHANNELS_LAST),
             relax.transform.FoldConstant(),
         ]
     )(mod)

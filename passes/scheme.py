@@ -147,6 +147,8 @@ class CalibConfig:
             raise QCompilerError(f"bins must be >= 128, got {self.bins}")
 
 
+WEIGHT_ROUNDINGS = ("nearest", "optimized")
+
 # Activations that need more than 8 bits: asymmetric int16 codes.
 INT16_ACTIVATION = QuantSpec(16, signed=True, symmetric=False)
 
@@ -159,23 +161,40 @@ class QuantConfig:
     (:data:`INT16_ACTIVATION`) instead of the scheme's activation spec, or a share in (0, 1]:
     that fraction of the tensors whose 8-bit quantization is noisiest on the calibration data
     (see :meth:`Calibration.noisiest <qcompiler.passes.pipeline.Calibration.noisiest>`).
+
+    ``weight_rounding``: ``nearest``, or ``optimized``: each weight rounded down or up to
+    reduce the layer's output error on the calibration data (:mod:`~qcompiler.passes.rounding`).
+    ``bias_correction``: remove the mean output shift that weight rounding causes, per channel.
+    Both need symmetric weights and apply to conv2d/matmul layers with constant weights.
     """
 
     scheme: QuantScheme = field(default_factory=lambda: PRESETS["hybrid"])
     calibration: CalibConfig = field(default_factory=CalibConfig)
     int16_activations: tuple[str, ...] | float = ()
+    weight_rounding: str = "nearest"
+    bias_correction: bool = False
 
     def __post_init__(self):
         if isinstance(self.scheme, str):
             object.__setattr__(self, "scheme", get_scheme(self.scheme))
         if isinstance(self.calibration, str):
             object.__setattr__(self, "calibration", CalibConfig(self.calibration))
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise QCompilerError(
+                f"unknown weight rounding {self.weight_rounding!r}, candidates are "
+                f"{list(WEIGHT_ROUNDINGS)}"
+            )
         wide = self.int16_activations
         if isinstance(wide, int | float) and not isinstance(wide, bool):
             if not 0.0 <= wide <= 1.0:
                 raise QCompilerError(f"int16_activations share must be in [0, 1], got {wide}")
         else:
             object.__setattr__(self, "int16_activations", tuple(str(n) for n in wide))
+
+    @property
+    def needs_layer_inputs(self) -> bool:
+        """Whether quantizing needs each layer's input statistics from calibration."""
+        return self.weight_rounding != "nearest" or self.bias_correction
 
     def activation_spec(self, name: str) -> QuantSpec:
         """The spec of the activation tensor called ``name``."""

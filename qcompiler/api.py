@@ -144,14 +144,22 @@ def _by_param(model: ImportedModel, samples):
         yield {p: sample[i.name] for p, i in zip(params, model.inputs)}
 
 
-def calibrate(model, calib, preprocess=None, limit=None, offset=0, bins=2048) -> tuple:
+def calibrate(
+    model, calib, preprocess=None, limit=None, offset=0, bins=2048, layer_inputs=False
+) -> tuple:
     """Import ``model`` and collect calibration statistics once; see :meth:`Calibration.quantize`.
+
+    ``layer_inputs``: also gather each conv/matmul's input statistics, which
+    ``QuantConfig.weight_rounding="optimized"`` and ``bias_correction`` need (more time and
+    memory: up to a few hundred MB on an EfficientNet).
 
     Returns ``(ImportedModel, Calibration)``; one calibration serves every scheme and method.
     """
     model = model if isinstance(model, ImportedModel) else load_model(model)
     samples = _samples(model, calib, preprocess, limit, offset)
-    return model, run_calibration(model.mod, _by_param(model, samples), bins=bins)
+    return model, run_calibration(
+        model.mod, _by_param(model, samples), bins=bins, layer_inputs=layer_inputs
+    )
 
 
 def quantize(
@@ -182,7 +190,13 @@ def quantize(
     config = _as_config(config)
     if calibration is None:
         model, calibration = calibrate(
-            model, calib, preprocess, limit, offset, bins=config.calibration.bins
+            model,
+            calib,
+            preprocess,
+            limit,
+            offset,
+            bins=config.calibration.bins,
+            layer_inputs=config.needs_layer_inputs,
         )
     config = calibration.resolve(config)  # a share of int16 activations becomes their names
     mod = calibration.quantize(config)

@@ -215,6 +215,8 @@ def _schedule_injective(sch, block) -> None:
     row in each lane (a pad's bounds test, say) costs more than the vector saves.
     """
     loops = sch.get_loops(block)
+    if not loops:  # a scalar: nothing to spread
+        return
     lanes = _lanes(sch, block)
     inner = loops[-1]
     extent = _extent(sch, inner) or 1

@@ -126,3 +126,86 @@ def test_expected_sqnr_from_the_histogram_matches_quantizing_the_data(outliers):
     assert quantization_sqnr(observer, lo, hi, spec) == pytest.approx(direct, abs=0.5)
     # outliers stretch the range: ~20 dB worse than the 8-bit ~35 dB of a clean Gaussian
     assert (direct < 25) == outliers
+
+
+def hard_swish_model():
+    """x -> Conv -> hard-swish as TFLite's importer writes it, x * clip(x + 3, 0, 6) / 6 ->
+    Conv -> y."""
+    rng = np.random.default_rng(4)
+    w1 = rng.normal(scale=0.6, size=(6, 3, 3, 3)).astype(np.float32)
+    w2 = rng.normal(scale=0.4, size=(4, 6, 1, 1)).astype(np.float32)
+    scalars = {"three": 3.0, "zero": 0.0, "six": 6.0}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c", "three"], ["c3"]),
+        helper.make_node("Clip", ["c3", "zero", "six"], ["r6"]),
+        helper.make_node("Mul", ["c", "r6"], ["m"]),
+        helper.make_node("Div", ["m", "six"], ["h"]),
+        helper.make_node("Conv", ["h", "w2"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]
+    inits += [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in scalars.items()]
+    graph = helper.make_graph(
+        nodes,
+        "hswish",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_hard_swish_steps_are_one_table_not_four_roundings():
+    """The add, clip, multiply and divide of hard-swish depend on one tensor: one lookup table
+    over its codes, so only the conv output and the hard-swish output are quantized."""
+    model = hard_swish_model()
+    rng = np.random.default_rng(6)
+    data = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(16)]
+    imported, calibration = qcompiler.calibrate(qcompiler.api.load_model(model), data)
+    ops = {p.name: op_name(b.value) for b in bindings(calibration.mod["main"])
+           for p in calibration.plan.points if b.var.same_as(p)}  # fmt: skip
+    # the input, the conv output, the hard-swish output (the divide); nothing in between
+    assert sorted(ops.values()) == ["relax.divide", "relax.nn.conv2d"]
+    quantized = qcompiler.quantize(imported, None, calibration=calibration)
+    assert quantized.float_fallbacks == []
+    takes = [b for b in bindings(quantized.mod["main"]) if op_name(b.value) == "relax.take"]
+    assert len(takes) == 1
+    artifact = quantized.build()
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for sample in data[:4]:
+        expected = session.run(None, sample)[0]
+        got = artifact.run(sample)["output"]
+        assert np.abs(got - expected).max() < 0.03 * np.abs(expected).max()
+
+
+def test_after_a_float_fallback_the_way_out_stays_float():
+    """Conv -> ConvTranspose (no integer lowering) -> Sigmoid -> y: the transposed conv is a
+    reported fallback, and nothing after it is rounded to 8 bits again (the selfie
+    segmentation model's head: its logits quantized to 8 bits cost 0.05 mask IoU)."""
+    rng = np.random.default_rng(7)
+    w = rng.normal(scale=0.5, size=(4, 3, 3, 3)).astype(np.float32)
+    wt = rng.normal(scale=2.0, size=(4, 1, 2, 2)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("ConvTranspose", ["c", "wt"], ["t"], strides=[2, 2]),
+            helper.make_node("Sigmoid", ["t"], ["y"]),
+        ],
+        "up",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 12, 12])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(wt, "wt")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    data = [{"x": rng.normal(size=(1, 3, 6, 6)).astype(np.float32)} for _ in range(16)]
+    with pytest.warns(UserWarning, match="conv2d_transpose"):
+        quantized = qcompiler.quantize(model, data)
+    assert len(quantized.float_fallbacks) == 1
+    ops = [op_name(b.value) for b in bindings(quantized.mod["main"])]
+    assert ops.count("relax.quantize") == 1  # the entry: nothing after the transposed conv
+    assert ops.index("relax.nn.conv2d_transpose") > ops.index("relax.dequantize")
+    artifact = quantized.build()
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for sample in data[:4]:
+        expected = session.run(None, sample)[0]
+        np.testing.assert_allclose(artifact.run(sample)["output"], expected, atol=0.05)

@@ -1,0 +1,216 @@
+"""Weight rounding and bias correction from the statistics of each layer's input.
+
+Rounding every weight to its nearest code minimizes the error of the *weights*; what matters is
+the error of the layer's *output*. For a conv2d or matmul whose input patches ``x`` have second
+moment ``H = E[x xᵀ]`` and mean ``μ = E[x]``, quantizing the weights of output channel ``o`` to
+``ŵ`` adds the output error ``(ŵ - w)·x``, whose mean square is ``rᵀ H r`` and whose mean is
+``r·μ``, with ``r = ŵ - w``. Both are known after calibration:
+
+- :func:`round_weights` chooses the codes to reduce ``rᵀ H r`` (AdaRound's objective, which
+  AdaRound minimizes by gradient descent on a relaxation): GPTQ's sequential rounding and
+  coordinate descent, every output channel at once, in numpy, with no training framework.
+- :func:`bias_shift` is ``r·μ`` per output channel, which bias correction subtracts from the
+  bias (Nagel et al., "Data-Free Quantization", the empirical variant).
+
+:class:`LayerStats` accumulates ``H`` and ``μ`` over calibration samples from a bounded sample
+of patch positions, so its cost and memory do not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qcompiler.passes.graph import op_name
+
+# Patch positions sampled per calibration sample and layer: enough for H of a 1x1 conv with a
+# thousand input channels after a few dozen samples, and a bounded cost per sample.
+POSITIONS_PER_SAMPLE = 512
+# Longest patch whose second moment is gathered (3x3 over 256 channels; H is 42 MB): wider
+# layers keep round-to-nearest.
+MAX_PATCH = 2304
+
+
+def _conv_attrs(call):
+    attrs = call.attrs
+    return {
+        "data_layout": str(attrs.data_layout),
+        "kernel_layout": str(attrs.kernel_layout),
+        "strides": [int(s) for s in attrs.strides],
+        "padding": [int(p) for p in attrs.padding],
+        "dilation": [int(d) for d in attrs.dilation],
+        "groups": int(attrs.groups),
+    }
+
+
+def supported(call, weight: np.ndarray | None) -> bool:
+    """Whether ``call`` is a layer whose input statistics this module can gather."""
+    if weight is None:
+        return False
+    name = op_name(call)
+    if name == "relax.nn.conv2d":
+        a = _conv_attrs(call)
+        if a["data_layout"] not in ("NCHW", "NHWC") or a["kernel_layout"] not in ("OIHW", "OHWI"):
+            return False
+        return weight[0].size <= MAX_PATCH
+    return name == "relax.matmul" and weight.ndim == 2 and weight.shape[0] <= MAX_PATCH
+
+
+def weight_groups(call, weight: np.ndarray) -> np.ndarray:
+    """The weights as ``(groups, out channels per group, patch length)``, patch order
+    ``(input channel, kernel row, kernel column)``; :func:`from_groups` inverts it."""
+    if op_name(call) == "relax.matmul":
+        return weight.T[None]
+    a = _conv_attrs(call)
+    w = weight if a["kernel_layout"] == "OIHW" else weight.transpose(0, 3, 1, 2)
+    groups = a["groups"]
+    return w.reshape(groups, w.shape[0] // groups, -1)
+
+
+def from_groups(call, grouped: np.ndarray, shape: tuple) -> np.ndarray:
+    if op_name(call) == "relax.matmul":
+        return grouped[0].T
+    a = _conv_attrs(call)
+    if a["kernel_layout"] == "OIHW":
+        return grouped.reshape(shape)
+    o, kh, kw, i = shape
+    return grouped.reshape(o, i, kh, kw).transpose(0, 2, 3, 1)
+
+
+def _channel_axis(call, ndim: int) -> int:
+    if op_name(call) == "relax.matmul":
+        return ndim - 1
+    return 1 if _conv_attrs(call)["data_layout"] == "NCHW" else 3
+
+
+def _patches(call, x: np.ndarray, weight_shape: tuple) -> np.ndarray:
+    """Input patches as ``(positions, groups, patch length)``."""
+    if op_name(call) == "relax.matmul":
+        return x.reshape(-1, 1, x.shape[-1])
+    a = _conv_attrs(call)
+    if a["data_layout"] == "NHWC":
+        x = x.transpose(0, 3, 1, 2)
+    kh, kw = weight_shape[2:] if a["kernel_layout"] == "OIHW" else weight_shape[1:3]
+    top, left, bottom, right = a["padding"]
+    x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    (sh, sw), (dh, dw) = a["strides"], a["dilation"]
+    win = np.lib.stride_tricks.sliding_window_view(
+        x, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3)
+    )[:, :, ::sh, ::sw, ::dh, ::dw]
+    n, c, oh, ow = win.shape[:4]
+    groups = a["groups"]
+    win = win.transpose(0, 2, 3, 1, 4, 5)  # N, OH, OW, C, kh, kw
+    return win.reshape(n * oh * ow, groups, (c // groups) * kh * kw)
+
+
+class LayerStats:
+    """Running ``E[x]`` and ``E[x xᵀ]`` of one layer's input patches, per group."""
+
+    def __init__(self, call, weight_shape: tuple, seed: int = 0):
+        self.call = call
+        self.weight_shape = tuple(weight_shape)
+        self.count = 0
+        self.sum = None
+        self.outer = None
+        self.channel_max = None  # largest |x| per input channel
+        self._rng = np.random.default_rng(seed)
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x)
+        channel = _channel_axis(self.call, x.ndim)
+        peak = np.abs(x).max(axis=tuple(a for a in range(x.ndim) if a != channel))
+        self.channel_max = peak if self.channel_max is None else np.maximum(self.channel_max, peak)
+        # Index the positions on the (lazy) window view first: only the sample is copied.
+        p = _patches(self.call, x, self.weight_shape)
+        if p.shape[0] > POSITIONS_PER_SAMPLE:
+            p = p[np.sort(self._rng.choice(p.shape[0], POSITIONS_PER_SAMPLE, replace=False))]
+        p = np.ascontiguousarray(p, dtype=np.float64)
+        if self.sum is None:
+            g, k = p.shape[1:]
+            self.sum, self.outer = np.zeros((g, k)), np.zeros((g, k, k))
+        self.sum += p.sum(axis=0)
+        self.outer += np.einsum("ngk,ngl->gkl", p, p)
+        self.count += p.shape[0]
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / max(self.count, 1)
+
+    @property
+    def second_moment(self) -> np.ndarray:
+        return self.outer / max(self.count, 1)
+
+
+def round_weights(w, scale, qmin: int, qmax: int, hessian, sweeps: int = 4) -> np.ndarray:
+    """Integer codes of ``w`` (``(groups, out, k)``, symmetric scales ``(groups, out)``) that
+    reduce the output error ``rᵀ H r`` of each output channel.
+
+    Two starts, each polished by coordinate descent (moving single codes by ±1 while that
+    lowers the error): round-to-nearest, and GPTQ's sequential rounding (round one weight,
+    spread its error over the weights not yet rounded through the inverse of ``H``), which
+    handles strongly correlated inputs where single moves stall. Per channel the better one
+    is kept, so the result is never worse on ``H`` than nearest rounding.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    s = np.asarray(scale, dtype=np.float64)
+    h = np.asarray(hessian, dtype=np.float64)
+    nearest = np.clip(np.rint(w / s[..., None]), qmin, qmax)
+    best = _descend(w, s, nearest, qmin, qmax, h, sweeps)
+    sequential = _descend(w, s, _gptq(w, s, qmin, qmax, h), qmin, qmax, h, sweeps)
+    better = output_error(w, sequential, s, h) < output_error(w, best, s, h)
+    return np.where(better[..., None], sequential, best).astype(np.int64)
+
+
+def _gptq(w, s, qmin, qmax, h, damping: float = 0.01) -> np.ndarray:
+    k = w.shape[-1]
+    diag = np.einsum("gkk->gk", h).mean(axis=-1)
+    damped = h + (damping * np.maximum(diag, 1e-12))[:, None, None] * np.eye(k)
+    # Upper Cholesky factor of H⁻¹ (GPTQ's formulation): row i holds the weights that
+    # absorb the error of rounding weight i.
+    upper = np.linalg.cholesky(np.linalg.inv(damped)).transpose(0, 2, 1)
+    work = w.copy()
+    q = np.zeros_like(w)
+    for i in range(k):
+        q[..., i] = np.clip(np.rint(work[..., i] / s), qmin, qmax)
+        err = (work[..., i] - q[..., i] * s) / upper[:, None, i, i]
+        work[..., i + 1 :] -= err[..., None] * upper[:, None, i, i + 1 :]
+    return q
+
+
+def _descend(w, s, q, qmin, qmax, h, sweeps) -> np.ndarray:
+    """Coordinate descent on ``rᵀ H r``: move single codes by ±1 while the error drops."""
+    q = q.copy()
+    r = q * s[..., None] - w
+    grad = np.einsum("gok,gkl->gol", r, h)  # H r, kept current as r changes
+    diag = np.einsum("gkk->gk", h)[:, None, :]
+    for _ in range(sweeps):
+        changed = False
+        for i in range(w.shape[-1]):
+            for direction in (1.0, -1.0):
+                step = direction * s
+                gain = 2 * step * grad[..., i] + step * step * diag[..., i]
+                moved = q[..., i] + direction
+                take = (gain < -1e-12 * np.abs(step) * np.abs(grad[..., i]).max(initial=1.0)) & (
+                    (moved >= qmin) & (moved <= qmax)
+                )
+                if not take.any():
+                    continue
+                changed = True
+                delta = np.where(take, step, 0.0)
+                q[..., i] = np.where(take, moved, q[..., i])
+                r[..., i] += delta
+                grad += delta[..., None] * h[:, None, i, :]
+        if not changed:
+            break
+    return q
+
+
+def bias_shift(w, codes, scale, mean) -> np.ndarray:
+    """``r·μ`` per output channel, ``(groups, out)``: the mean output error the rounding adds."""
+    r = codes * np.asarray(scale, dtype=np.float64)[..., None] - np.asarray(w, dtype=np.float64)
+    return np.einsum("gok,gk->go", r, mean)
+
+
+def output_error(w, codes, scale, hessian) -> np.ndarray:
+    """``rᵀ H r`` per output channel: the mean squared output error of these codes."""
+    r = codes * np.asarray(scale, dtype=np.float64)[..., None] - np.asarray(w, dtype=np.float64)
+    return np.einsum("gok,gkl,gol->go", r, hessian, r)

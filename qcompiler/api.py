@@ -45,6 +45,7 @@ from qcompiler.passes.prequantized import check_supported, io_quantization, is_p
 from qcompiler.passes.scheme import CalibConfig, QuantConfig, QuantScheme, QuantSpec
 from qcompiler.targets.boards import host_arch, resolve_board
 from qcompiler.targets.build import build as build_executable
+from qcompiler.targets.sensitivity import SensitivityProbe
 from qcompiler.targets.tuning import LocalRPC, RPCEndpoint, TuneReport, load_database
 from qcompiler.targets.tuning import tune as tune_kernels
 
@@ -201,6 +202,18 @@ def quantize(
     config = calibration.resolve(config)  # a share of int16 activations becomes their names
     mod = calibration.quantize(config)
     return QuantizedModel(mod, model, config, calibration.activation_params(config))
+
+
+def activation_sensitivity(calibration: Calibration, samples, config=None, target="x86"):
+    """Output SQNR (dB, against the float model) with each activation alone rounded to 8 bits,
+    measured on ``samples`` (input dicts) with one compiled fake-quantized model: which
+    activations deserve ``int16_activations`` (see :mod:`qcompiler.targets.sensitivity`)."""
+    probe = SensitivityProbe(calibration, _as_config(config), list(samples), _tvm_target(target))
+    return probe.measure()
+
+
+def _tvm_target(target):
+    return resolve_board(target).tvm_target
 
 
 def quantize_prequantized(model) -> QuantizedModel:

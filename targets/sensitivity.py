@@ -1,0 +1,171 @@
+"""Which activations need 16 bits: measured on the model's outputs, not guessed per tensor.
+
+A tensor's own 8-bit SQNR says little about what its rounding does to the answer: in MediaPipe's
+selfie segmentation the first layers' activations, each fine on its own, decide the mask, while
+YOLOX's box coordinates shrug off noise its scores cannot. So this module compiles the model once
+with every activation fake-quantized behind a switch,
+
+    p' = p + switch[k] * (dequantize(quantize(p)) - p)
+
+(weights quantized as they will be), and measures on calibration samples:
+
+1. the output error when activation ``k`` alone is rounded to 8 bits (its *sensitivity*);
+2. the output error with every activation at 8 bits except the ``m`` most sensitive ones, for
+   the smallest ``m`` that meets the target (a binary search: a handful of runs).
+
+Activations kept out (``switch = 0``) stand for int16 ones: 16-bit rounding is ~48 dB below
+8-bit, well under what is measured here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from qcompiler.passes.annotate import annotate
+from qcompiler.passes.errors import QCompilerError
+from qcompiler.passes.graph import op_name
+from qcompiler.passes.scheme import QuantConfig
+from qcompiler.targets.build import build as build_executable
+
+
+def output_sqnr(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float:
+    """SQNR in dB of ``candidate`` against ``reference`` (one list of output arrays per
+    sample), with each output column (last axis) measured against its own peak: a detector's
+    box coordinates (hundreds) and scores (0 to 1) share one output tensor, and an error of 0.1
+    is nothing in the first and much in the second. Outputs without such columns are taken
+    whole, against their peak."""
+    noise = signal = 0.0
+    for out in range(len(reference[0])):
+        ref = np.stack([np.asarray(r[out], dtype=np.float64) for r in reference])
+        got = np.stack([np.asarray(c[out], dtype=np.float64) for c in candidate])
+        columns = ref.ndim >= 3 and ref.shape[-1] > 1 and ref[..., 0].size >= 64
+        ref = ref.reshape(-1, ref.shape[-1]) if columns else ref.reshape(-1, 1)
+        got = got.reshape(ref.shape)
+        peak = np.maximum(np.abs(ref).max(axis=0), 1e-20) ** 2
+        noise += float((((ref - got) ** 2).mean(axis=0) / peak).sum())
+        signal += float(((ref**2).mean(axis=0) / peak).sum())
+    if noise == 0:
+        return float("inf")
+    return float(10.0 * np.log10(max(signal, 1e-30) / noise))
+
+
+@mutator
+class _Switches(PyExprMutator):
+    """Puts every activation's quantize/dequantize pair behind ``switch[k]``."""
+
+    def __init__(self, mod, names: list[str], switch: relax.Var):
+        super().__init__(mod)
+        self.index = {f"{n}_dq": k for k, n in enumerate(names)}
+        self.switch = switch
+        self.quantized = {}
+
+    def visit_var_binding_(self, binding):
+        var, value = binding.var, binding.value
+        if op_name(value) == "relax.quantize":
+            self.quantized[var] = value.args[0]
+        k = self.index.get(var.name)
+        if k is None or op_name(value) != "relax.dequantize" or value.args[0] not in self.quantized:
+            return super().visit_var_binding_(binding)
+        exact = self.visit_expr(self.quantized[value.args[0]])
+        rounded = self.builder_.emit(self.visit_expr(value))
+        on = self.builder_.emit(relax.op.take(self.switch, relax.const(k, "int64"), axis=0))
+        noise = self.builder_.emit(relax.op.subtract(rounded, exact))
+        mixed = relax.op.add(exact, relax.op.multiply(on, noise))
+        emit = (
+            self.builder_.emit if isinstance(var, relax.DataflowVar) else self.builder_.emit_output
+        )
+        self.set_var_remap(var, emit(mixed, var.name))
+
+
+def switchable(annotated: tvm.IRModule, names: list[str]) -> tvm.IRModule:
+    """``annotated`` (quantize/dequantize pairs) with an extra last input ``qc_switch``: one
+    float per name in ``names``, 1 to round that activation, 0 to leave it exact."""
+    func = annotated["main"]
+    switch = relax.Var("qc_switch", relax.TensorType((len(names),), "float32"))
+    body = _Switches(annotated, names, switch).visit_expr(func).body
+    out = tvm.IRModule(dict(annotated.functions), attrs=annotated.attrs)
+    out["main"] = relax.Function([*func.params, switch], body, func.ret_ty, attrs=func.attrs)
+    return out
+
+
+@dataclasses.dataclass
+class Sensitivity:
+    """Output SQNR (dB, against the float model) with each activation alone at 8 bits."""
+
+    names: list[str]
+    alone_db: dict[str, float]
+    all_db: float  # every activation at 8 bits
+    weights_db: float  # weights quantized, activations exact
+
+    def ranked(self) -> list[str]:
+        """Most sensitive first."""
+        return sorted(self.names, key=lambda n: self.alone_db[n])
+
+
+class SensitivityProbe:
+    """One compiled fake-quantized model, run with any set of activations rounded."""
+
+    def __init__(self, calibration, config: QuantConfig, samples: list[dict], target):
+        if not samples:
+            raise QCompilerError("sensitivity needs at least one calibration sample")
+        config = dataclasses.replace(config, int16_activations=())
+        self.names = [p.name for p in calibration.plan.points]
+        annotated = annotate(
+            calibration.mod, calibration.plan, calibration.observers, config, calibration.layers
+        )
+        self._probe = self._vm(switchable(annotated, self.names), target)
+        params = [p.name for p in calibration.mod["main"].params]
+        self._inputs = [
+            [tvm.runtime.tensor(np.ascontiguousarray(s[n])) for n in params] for s in samples
+        ]
+        reference = self._vm(calibration.mod, target)
+        self.reference = [self._outputs(reference(*args)) for args in self._inputs]
+
+    @staticmethod
+    def _vm(mod, target):
+        vm = relax.VirtualMachine(build_executable(mod, target, None), tvm.cpu())
+        return vm["main"]
+
+    @staticmethod
+    def _outputs(result) -> list[np.ndarray]:
+        items = [result] if hasattr(result, "numpy") else list(result)
+        return [r.numpy() for r in items]
+
+    def run(self, eight_bit: set[str]) -> float:
+        """Output SQNR (dB) with the activations named in ``eight_bit`` rounded to 8 bits."""
+        switch = np.array([n in eight_bit for n in self.names], dtype="float32")
+        flag = tvm.runtime.tensor(switch)
+        got = [self._outputs(self._probe(*args, flag)) for args in self._inputs]
+        return output_sqnr(self.reference, got)
+
+    def measure(self) -> Sensitivity:
+        alone = {n: self.run({n}) for n in self.names}
+        return Sensitivity(self.names, alone, self.run(set(self.names)), self.run(set()))
+
+    def widest_needed(self, sensitivity: Sensitivity, target_db: float, limit: int):
+        """The fewest most-sensitive activations (at most ``limit``) kept out of 8 bits for the
+        output SQNR to reach ``target_db``; returns ``(names, SQNR reached)``. Bisects on the
+        count, assuming more 16-bit activations never hurt."""
+        ranked = sensitivity.ranked()
+        reached = {0: sensitivity.all_db}
+
+        def db(m):
+            if m not in reached:
+                reached[m] = self.run(set(ranked[m:]))
+            return reached[m]
+
+        if db(0) >= target_db:
+            return (), db(0)
+        lo, hi = 0, min(limit, len(ranked))
+        if db(hi) < target_db:
+            return tuple(ranked[:hi]), db(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if db(mid) < target_db else (lo, mid)
+        return tuple(ranked[:hi]), db(hi)

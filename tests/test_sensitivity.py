@@ -1,0 +1,71 @@
+"""Measured activation sensitivity: the fake-quantized probe against onnxruntime and against
+the compiled integer model."""
+
+import numpy as np
+import pytest
+from onnx import numpy_helper
+from test_detector_exits import head_model, samples
+
+import qcompiler
+from qcompiler.targets.sensitivity import output_sqnr
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def test_output_sqnr_holds_each_column_to_its_own_peak():
+    rng = np.random.default_rng(0)
+    ref = [[rng.normal(size=(1, 100, 3)) * np.array([100.0, 1.0, 0.01])] for _ in range(2)]
+    noise = [[r[0] + 0.001 * rng.normal(size=r[0].shape)] for r in ref]
+    stacked = np.concatenate([r[0] for r in ref]).reshape(-1, 3)
+    got = np.concatenate([n[0] for n in noise]).reshape(-1, 3)
+    peak = np.abs(stacked).max(axis=0) ** 2
+    expected = 10 * np.log10(((stacked**2).mean(0) / peak).sum()
+                             / (((stacked - got) ** 2).mean(0) / peak).sum())  # fmt: skip
+    assert output_sqnr(ref, noise) == pytest.approx(expected, rel=1e-9)
+    # the 0.01-scale column drowns in noise of 0.001: its share dominates the ratio
+    assert output_sqnr(ref, noise) < 25
+    flat = [[np.ones((1, 10))]]
+    assert output_sqnr(flat, [[np.ones((1, 10)) * 1.01]]) == pytest.approx(40.0)
+    assert output_sqnr(flat, flat) == float("inf")
+
+
+def _fake_quantized_weights(model):
+    """The model with every conv weight rounded as qcompiler's default scheme does (symmetric,
+    per output channel, codes in [-127, 127]), in numpy."""
+    out = type(model)()
+    out.CopyFrom(model)
+    for init in out.graph.initializer:
+        w = numpy_helper.to_array(init).astype(np.float64)
+        scale = np.abs(w).reshape(len(w), -1).max(axis=1) / 127
+        shape = (-1,) + (1,) * (w.ndim - 1)
+        q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127) * scale.reshape(shape)
+        init.CopyFrom(numpy_helper.from_array(q.astype(np.float32), init.name))
+    return out
+
+
+def test_probe_matches_onnxruntime_and_the_integer_build():
+    model = head_model()
+    calib = samples(16)
+    imported, calibration = qcompiler.calibrate(qcompiler.api.load_model(model), calib)
+    probe_samples = samples(3, seed=11)
+    result = qcompiler.api.activation_sensitivity(calibration, probe_samples)
+    assert sorted(result.alone_db) == sorted(p.name for p in calibration.plan.points)
+
+    def sqnr_against_float(session):
+        float_session = ort.InferenceSession(model.SerializeToString(),
+                                             providers=["CPUExecutionProvider"])  # fmt: skip
+        ref = [float_session.run(None, s) for s in probe_samples]
+        return output_sqnr(ref, [session(s) for s in probe_samples])
+
+    # activations exact, weights rounded: what onnxruntime computes with numpy-rounded weights
+    fq = ort.InferenceSession(_fake_quantized_weights(model).SerializeToString(),
+                              providers=["CPUExecutionProvider"])  # fmt: skip
+    assert result.weights_db == pytest.approx(sqnr_against_float(lambda s: fq.run(None, s)),
+                                              abs=0.1)  # fmt: skip
+    # every activation at 8 bits: what the compiled integer model computes, to rounding order
+    artifact = qcompiler.quantize(imported, None, calibration=calibration).build()
+    integer_db = sqnr_against_float(lambda s: [artifact.run(s)["output"]])
+    assert result.all_db == pytest.approx(integer_db, abs=2.0)
+    assert result.all_db < result.weights_db
+    assert all(result.all_db - 0.5 <= db for db in result.alone_db.values())
+    assert result.ranked()[0] == min(result.alone_db, key=result.alone_db.get)

@@ -566,6 +566,16 @@ def render_markdown(report: Report) -> str:
     return "\n".join(out) + "\n"
 
 
+def print_agreement_table(title: str, metric: str, threads: int, rows) -> None:
+    """Markdown table of ``(build, metric value, latency ms, build s or None)`` rows, then the
+    process's peak RSS."""
+    print(f"\n| {title} build | {metric} | latency ms ({threads} thread) | build s |")
+    print("|---|---:|---:|---:|")
+    for name, value, ms, built in rows:
+        print(f"| {name} | {value:.4f} | {ms:.2f} | {'' if built is None else f'{built:.0f}'} |")
+    print(f"\npeak RSS {_peak_rss_mib():.0f} MiB")
+
+
 def _peak_rss_mib() -> float:
     # ru_maxrss is in KiB on Linux.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -114,11 +114,7 @@ def main(argv=None) -> int:
             f"{name} ({fallbacks} float fallbacks)", lambda s, a=artifact: a.run(s)["output"], built
         )
 
-    print(f"\n| {MODEL} build | mAP@0.5 vs fp32 | latency ms ({args.threads} thread) | build s |")
-    print("|---|---:|---:|---:|")
-    for name, value, ms, built in rows:
-        print(f"| {name} | {value:.4f} | {ms:.2f} | {'' if built is None else f'{built:.0f}'} |")
-    print(f"\npeak RSS {accuracy._peak_rss_mib():.0f} MiB")
+    accuracy.print_agreement_table(MODEL, "mAP@0.5 vs fp32", args.threads, rows)
     return 0
 
 

@@ -700,8 +700,12 @@ def integerize(mod: tvm.IRModule, rounding: str = "half_up") -> tvm.IRModule:
 
 
 # Float ops after the integers end that are not float compute: the exit's dequantize and
-# accumulator scaling, data movement.
-_EXIT_OPS = EXIT_MOVES | {"relax.dequantize", "relax.quantize", "relax.astype"}
+# accumulator scaling, float tables looked up by code, data movement.
+_EXIT_OPS = EXIT_MOVES | {"relax.dequantize", "relax.quantize", "relax.astype", "relax.take"}
+
+
+def _is_int(var) -> bool:
+    return str(getattr(var.ty, "dtype", "")).startswith(("int", "uint"))
 
 
 def _float_compute_after_integers(func: relax.Function) -> list[tuple[str, str]]:
@@ -720,9 +724,8 @@ def _float_compute_after_integers(func: relax.Function) -> list[tuple[str, str]]
     for var in order:
         value = flow.producer[var]
         name = op_name(value)
-        if name != "relax.dequantize" and not any(
-            v in from_int for v in relax.analysis.free_vars(value)
-        ):
+        inputs = relax.analysis.free_vars(value)
+        if name != "relax.dequantize" and not any(v in from_int or _is_int(v) for v in inputs):
             continue
         from_int.add(var)
         if (

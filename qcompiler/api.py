@@ -110,6 +110,8 @@ class QuantizedModel:
             "scheme": asdict(self.config.scheme),
             "calibration": asdict(self.config.calibration),
             "int16_activations": list(self.config.int16_activations),
+            "weight_rounding": self.config.weight_rounding,
+            "bias_correction": self.config.bias_correction,
             "rounding": self.rounding,
             "float_fallbacks": self.float_fallbacks,
             "activations": {

@@ -20,14 +20,24 @@ import numpy as np
 from qcompiler import api
 from qcompiler.data import Preprocess, labelled_images, load_calibration, save_npz_stream
 from qcompiler.passes.errors import QCompilerError
-from qcompiler.passes.scheme import CALIBRATION_METHODS, PRESETS, CalibConfig, QuantConfig
+from qcompiler.passes.scheme import (
+    CALIBRATION_METHODS,
+    PRESETS,
+    WEIGHT_ROUNDINGS,
+    CalibConfig,
+    QuantConfig,
+)
 from qcompiler.targets.boards import boards, resolve_board, target_json
 from qcompiler.targets.tuning import RPCEndpoint
 
 
 def _config(args) -> QuantConfig:
     return QuantConfig(
-        args.scheme, CalibConfig(args.calib_method, args.percentile), _int16(args.int16)
+        args.scheme,
+        CalibConfig(args.calib_method, args.percentile),
+        _int16(args.int16),
+        weight_rounding=args.weight_rounding,
+        bias_correction=args.bias_correction,
     )
 
 
@@ -237,10 +247,15 @@ def cmd_eval(args) -> int:
     else:
         if not args.calib:
             raise QCompilerError(f"{args.model} is a float model: eval needs --calib DATA")
+        config = _config(args)
         model, calibration = api.calibrate(
-            model, args.calib, preprocess=_preprocess(args), limit=args.limit
+            model,
+            args.calib,
+            preprocess=_preprocess(args),
+            limit=args.limit,
+            layer_inputs=config.needs_layer_inputs,
         )
-        quant = api.quantize(model, None, _config(args), calibration=calibration)
+        quant = api.quantize(model, None, config, calibration=calibration)
     float_art = api.compile_float(model, args.target)
     int_art = quant.build(args.target)
     if args.metric != "top1":
@@ -283,6 +298,18 @@ def build_parser() -> argparse.ArgumentParser:
             "--int16",
             help="16-bit activations: a share of the tensors whose 8-bit quantization is "
             "noisiest on the calibration data (e.g. 0.05), or tensor names (lv12,lv40)",
+        )
+        p.add_argument(
+            "--weight-rounding",
+            default="nearest",
+            choices=WEIGHT_ROUNDINGS,
+            help="optimized: round each weight to reduce its layer's output error on the "
+            "calibration data (GPTQ + coordinate descent)",
+        )
+        p.add_argument(
+            "--bias-correction",
+            action="store_true",
+            help="remove the mean output shift weight rounding causes, per channel",
         )
         p.add_argument("--target", default="x86", help="board (see `qc targets`) or TVM target tag")
         p.add_argument("--boards", help="TOML file of extra board profiles")

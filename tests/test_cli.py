@@ -126,3 +126,20 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "none.onnx" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_compile_with_optimized_rounding_and_bias_correction(compiled, shared):
+    tmp, _, images, labels = compiled
+    model = shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"
+    out = tmp / "art_rounded"
+    cmd = [sys.executable, "-m", "qcompiler.cli", "compile", str(model),
+           "--calib", str(tmp / "calib.npz"), "--weight-rounding", "optimized",
+           "--bias-correction", "-o", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"]["weight_rounding"] == "optimized"
+    assert manifest["quantization"]["bias_correction"] is True
+    art = qcompiler.load(out)
+    hits = sum(int(np.argmax(art.run({"Input3": x[None]})["output"]) == y)
+               for x, y in zip(images, labels))  # fmt: skip
+    assert hits == len(labels)  # these six digits are read right in float too

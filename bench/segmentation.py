@@ -60,8 +60,7 @@ def main(argv=None) -> int:
     spec = model.inputs[0]
     pre = Preprocess.parse(PREPROCESS)
     files = sorted((shared / "data" / "coco_val2017_50").glob("*.jpg"))
-    extra = sorted(p for p in (shared / "data" / "misc_images").iterdir() if p.suffix != "")
-    extra = [p for p in extra if p.name != "COPYRIGHT"]
+    extra = sorted(p for p in (shared / "data" / "misc_images").iterdir() if p.suffix)
     calib = [{spec.name: image_sample(f, spec, pre)} for f in files[: args.calib]]
     score = [{spec.name: image_sample(f, spec, pre)} for f in files[args.calib :] + extra]
     print(

@@ -74,9 +74,8 @@ def calibrate(
     producer = {b.var: b.value for b in bindings(func)}
     layer_inputs = {var: producer[var].args[0] for var in layers}
     params = list(func.params)
-    exposed = list(plan.points)
-    exposed += [x for x in dict.fromkeys(layer_inputs.values()) if x not in set(exposed)]
-    exposed = [x for x in exposed if x not in set(params)]
+    # every point and layer input, once, in order; parameters come from the sample itself
+    exposed = [x for x in dict.fromkeys([*plan.points, *layer_inputs.values()]) if x not in params]
     calib_mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
     calib_mod["main"] = expose_points(func, exposed)
     target = target or tvm.target.Target({"kind": "llvm"})

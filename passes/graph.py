@@ -289,28 +289,32 @@ class Dataflow:
         (:data:`EXIT_MOVES`): quantizing them would only cost precision, as nothing integer
         consumes them. A detector's boxes and scores concatenated into one output are the
         typical case: one scale for both would leave the scores a handful of steps."""
-        found = set()
-        for var in reversed(list(self.producer)):
-            users = self.consumers.get(var, [])
-            if (var in self.outputs or users) and all(
-                op_name(self.producer[u]) in EXIT_MOVES and u in found for u in users
-            ):
-                found.add(var)
-        return found
+        return self._to_outputs_through(lambda call: op_name(call) in EXIT_MOVES)
 
     def tail(self) -> set:
         """Like :meth:`exits`, also through elementwise ops with constant operands (a bias
         add, a sigmoid): what a float op computes there can stay float to the outputs."""
+        return self._to_outputs_through(
+            lambda call: op_name(call) in EXIT_MOVES or constant_operands_only(call)
+        )
+
+    def _to_outputs_through(self, allowed) -> set:
         found = set()
         for var in reversed(list(self.producer)):
             users = self.consumers.get(var, [])
             if (var in self.outputs or users) and all(
-                u in found
-                and (
-                    op_name(self.producer[u]) in EXIT_MOVES
-                    or constant_operands_only(self.producer[u])
-                )
-                for u in users
+                u in found and allowed(self.producer[u]) for u in users
+            ):
+                found.add(var)
+        return found
+
+    def reaches_quantize(self) -> set:
+        """Float vars whose value flows (through float ops) into a quantize."""
+        found = set()
+        for var in reversed(list(self.producer)):
+            if _is_float_tensor(var) and any(
+                op_name(self.producer[u]) == "relax.quantize" or u in found
+                for u in self.consumers.get(var, [])
             ):
                 found.add(var)
         return found

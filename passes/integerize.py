@@ -54,7 +54,6 @@ from qcompiler.passes.graph import (
     MATMUL_OPS,
     PASS_THROUGH_OPS,
     Dataflow,
-    bindings,
     clamp_interval,
     const_value,
     constant_operands_only,
@@ -714,14 +713,9 @@ def _float_compute_after_integers(func: relax.Function) -> list[tuple[str, str]]
     lowering, say): outside any integer region, so the verifier allows them, but float all
     the same, so they are counted and reported with the fallbacks."""
     flow = Dataflow.of(func)
-    order = [b.var for b in bindings(func)]
-    to_int = set()
-    for var in reversed(order):
-        if any(op_name(flow.producer[u]) == "relax.quantize" or u in to_int
-               for u in flow.consumers.get(var, [])):  # fmt: skip
-            to_int.add(var)
+    to_int = flow.reaches_quantize()
     from_int, found = set(), []
-    for var in order:
+    for var in flow.producer:
         value = flow.producer[var]
         name = op_name(value)
         inputs = relax.analysis.free_vars(value)

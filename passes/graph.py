@@ -308,13 +308,13 @@ class Dataflow:
                 found.add(var)
         return found
 
-    def reaches_quantize(self) -> set:
-        """Float vars whose value flows (through float ops) into a quantize."""
+    def reaches_integers(self) -> set:
+        """Float vars whose value flows (through float ops) into an integer tensor: a
+        quantize, or a cast back to integers (a requantization computed in float)."""
         found = set()
         for var in reversed(list(self.producer)):
             if _is_float_tensor(var) and any(
-                op_name(self.producer[u]) == "relax.quantize" or u in found
-                for u in self.consumers.get(var, [])
+                _is_integer_tensor(u) or u in found for u in self.consumers.get(var, [])
             ):
                 found.add(var)
         return found
@@ -427,3 +427,8 @@ def plan_quantization(func: relax.Function) -> QuantPlan:
 def _is_float_tensor(var) -> bool:
     ty = var.ty
     return isinstance(ty, relax.TensorType) and str(ty.dtype).startswith("float")
+
+
+def _is_integer_tensor(var) -> bool:
+    ty = var.ty
+    return isinstance(ty, relax.TensorType) and str(ty.dtype).startswith(("int", "uint"))

@@ -146,6 +146,7 @@ class _Integerizer(PyExprMutator):
     def __init__(self, mod, func, rounding: str = "half_up"):
         super().__init__(mod)
         self.tflite = rounding == "tflite"
+        self.ort = rounding == "onnxruntime"
         self.flow = Dataflow.of(func)
         self.params = set(func.params)
         self.q: dict = {}
@@ -329,6 +330,9 @@ class _Integerizer(PyExprMutator):
             # matches a single rounding on every output where the doubling-high-multiply
             # form misses 1 in 80); its convolutions round twice.
             twice = self.tflite and name in CONV_OPS
+            if self.ort:  # QLinearConv / QGemm: float32(s_x * s_w) / s_y
+                scale = acc_scale.astype(np.float32) / np.float32(out.scale)
+                return self._float32_requantize(acc, scale, out, axis)
             return self._requantize(acc, acc_scale / out.scale, out, axis=axis, tflite=twice)
         region = elementwise_region(node, self.flow, lambda v: v in self.q)
         if region is not None:
@@ -343,6 +347,8 @@ class _Integerizer(PyExprMutator):
             sign = -1.0 if name == "relax.subtract" else 1.0
             if self.tflite:
                 return self._tflite_add(a, b, sign, out)
+            if self.ort and sign > 0:
+                return self._onnxruntime_add(a, b, out)
             return self._rescale([(a, a.s / out.scale), (b, sign * b.s / out.scale)], out)
         if name == "relax.multiply":
             a, b = self._inputs(call, 2)
@@ -418,6 +424,65 @@ class _Integerizer(PyExprMutator):
             multiplier, shift = multiplier.reshape(shape), shift.reshape(shape)
         scaled = self._emit(relax.op.multiply(acc, _const(multiplier, "int64")))
         return self._round_shift(scaled, shift, out)
+
+    # -- onnxruntime's arithmetic (x86 MLAS kernels) ------------------------------------------
+    def _float32_requantize(self, acc, scale, out: OutParams, axis: int | None = None):
+        """MLAS's ``MlasRequantizeOutput``, which onnxruntime's QLinearConv, QGemm and
+        QLinearGlobalAveragePool share: the int32 value converted to float32, times a float32
+        scale (per channel along ``axis``), clamped, rounded half to even, plus the zero point.
+        Clamping before rounding is exact (the bounds are integers) and keeps the conversion
+        back to int32 in range."""
+        scale = np.asarray(scale, dtype=np.float32)
+        if axis is not None and scale.size > 1:
+            scale = scale.reshape(_channel_shape(len(acc.ty.shape), axis))
+        real = self._emit(relax.op.astype(acc, "float32"))
+        scaled = self._emit(relax.op.multiply(real, _const(scale, "float32")))
+        return self._round_to_codes(scaled, out, offset=out.zero_point)
+
+    def _round_to_codes(self, x, out: OutParams, offset: int = 0):
+        """``clamp(rint(x) + offset)`` in ``out``'s dtype for a float32 ``x``: the clamp runs
+        in float first, on bounds shifted by ``offset``, as MLAS does."""
+        bounds = (
+            relax.prim_value(float(out.qlo - offset)),
+            relax.prim_value(float(out.qhi - offset)),
+        )
+        x = self._emit(relax.op.round(self._emit(relax.op.clip(x, *bounds))))
+        x = self._emit(relax.op.astype(x, "int32"))
+        if offset:
+            x = self._emit(relax.op.add(x, _const(offset, "int32")))
+        return relax.op.astype(x, out.dtype)
+
+    def _fma32(self, codes, ratio: np.float32, addend):
+        """float32 ``fma(float(codes), ratio, addend)`` (one rounding), as the AVX2 kernels
+        compute it. Evaluated in float64, where the product of an 8- or 16-bit code and a
+        float32 ratio is exact and so is its sum with a float32 of similar magnitude, then
+        rounded once to float32 -- the same value on any target, FMA unit or not."""
+        product = self._emit(
+            relax.op.multiply(relax.op.astype(codes, "float64"), _const(ratio, "float64"))
+        )
+        if isinstance(addend, relax.Var):
+            addend = self._emit(relax.op.astype(addend, "float64"))
+        else:
+            addend = _const(addend, "float64")
+        return self._emit(relax.op.astype(relax.op.add(product, addend), "float32"))
+
+    def _onnxruntime_add(self, a: QTensor, b: QTensor, out: OutParams):
+        """onnxruntime's QLinearAdd on x86 (``MlasQLinearAddKernelAvx2Helper``)::
+
+            r_a = f32(s_a / s_y)   r_b = f32(s_b / s_y)   k = z_y - fma(r_a, z_a, r_b z_b)
+            y = clamp(rint(fma(q_a, r_a, fma(q_b, r_b, k))))
+
+        on the raw codes (the zero points are in ``k``). Its ARM kernels compute in fixed
+        point instead and can differ by one step: onnxruntime is not bit-identical across
+        CPUs, and this reproduces the x86 one."""
+        f32 = np.float32
+        r_a, r_b = f32(f32(a.s) / f32(out.scale)), f32(f32(b.s) / f32(out.scale))
+        # k as its compiler contracts it: z_y - fma(r_a, z_a, r_b * z_b) (measured: the plain
+        # product sum misses about 1 output in 20000 that this matches).
+        fused = np.float64(r_a) * a.z + np.float64(f32(r_b * f32(b.z)))  # exact in float64
+        k = f32(f32(out.zero_point) - f32(fused))
+        inner = self._fma32(b.expr, r_b, k)
+        return self._round_to_codes(self._fma32(a.expr, r_a, inner), out)
 
     # -- TFLite's arithmetic ---------------------------------------------------------------
     def _tflite_multiply(self, x, ratio, axis: int | None = None):
@@ -660,13 +725,18 @@ class _Integerizer(PyExprMutator):
             positive = self._emit(relax.op.greater_equal(total, _const(0, "int64")))
             codes = self._emit(relax.op.where(positive, up, down))  # already output codes
             return self._saturate(codes, dataclasses.replace(out, zero_point=0))
+        if self.ort:  # QLinearGlobalAveragePool: f32(s_x / f32(s_y * f32(count)))
+            f32 = np.float32
+            centered = self._emit(relax.op.add(total, _const(-count * x.z, "int32")))
+            scale = f32(f32(x.s) / f32(f32(out.scale) * f32(count)))
+            return self._float32_requantize(centered, scale, out)
         centered = self._emit(
             relax.op.add(relax.op.astype(total, "int64"), _const(-count * x.z, "int64"))
         )
         return self._requantize(centered, np.float64(x.s / (count * out.scale)), out)
 
 
-ROUNDINGS = ("half_up", "tflite")
+ROUNDINGS = ("half_up", "tflite", "onnxruntime")
 
 
 def integerize(mod: tvm.IRModule, rounding: str = "half_up") -> tvm.IRModule:
@@ -676,7 +746,9 @@ def integerize(mod: tvm.IRModule, rounding: str = "half_up") -> tvm.IRModule:
     ``"tflite"`` (TFLite's integer kernels, for models quantized by TFLite: the doubling high
     multiply and rounding shift of each requantization, float32 products of input and weight
     scales, and its ADD/SUB and average-pool arithmetic), so that an imported model computes
-    what LiteRT computes.
+    what LiteRT computes, or ``"onnxruntime"`` (for ONNX QDQ models: onnxruntime's x86 MLAS
+    kernels, which requantize in float32 -- int32 to float32, times a float32 scale, rounded
+    half to even -- and add with float32 FMAs).
     """
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
@@ -713,7 +785,7 @@ def _float_compute_after_integers(func: relax.Function) -> list[tuple[str, str]]
     lowering, say): outside any integer region, so the verifier allows them, but float all
     the same, so they are counted and reported with the fallbacks."""
     flow = Dataflow.of(func)
-    to_int = flow.reaches_quantize()
+    to_int = flow.reaches_integers()
     from_int, found = set(), []
     for var in flow.producer:
         value = flow.producer[var]

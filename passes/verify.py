@@ -36,7 +36,7 @@ def float_ops_in_integer_regions(func: relax.Function) -> list[tuple[str, str]]:
             v in from_int for v in relax.analysis.free_vars(value)
         ):
             from_int.add(var)
-    to_int = flow.reaches_quantize()
+    to_int = flow.reaches_integers()
     allowed = {str(n) for n in (func.attrs or {}).get(FALLBACK_ATTR, [])}
     return [
         (var.name, op_name(flow.producer[var]) or type(flow.producer[var]).__name__)

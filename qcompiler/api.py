@@ -222,7 +222,7 @@ def quantize_prequantized(model) -> QuantizedModel:
     """The integer module of a model that arrived quantized (no calibration)."""
     model = model if isinstance(model, ImportedModel) else load_model(model)
     check_supported(model.mod, model.name)
-    rounding = "tflite" if model.format == "tflite" else "half_up"
+    rounding = "tflite" if model.format == "tflite" else "onnxruntime"
     mod = lower_prequantized(model.mod, rounding)
     return QuantizedModel(mod, model, None, {}, rounding)
 

@@ -37,9 +37,14 @@ def transposed_conv_padding(size_in: int, size_out: int, kernel: int, stride: in
 
 
 class CustomOpConverter(OperatorConverter):
-    """TVM's converter plus MediaPipe's ``Convolution2DTransposeBias``."""
+    """TVM's converter plus MediaPipe's ``Convolution2DTransposeBias``, and quantized
+    ARG_MAX/ARG_MIN (DeepLabV3's last op), which TVM refuses on quantized tensors although its
+    conversion is already right for them: the index of the largest code is the index of the
+    largest value, since dequantization is increasing (its scale is positive, which import
+    checks), ties included."""
 
     _CONVERTERS = {b"Convolution2DTransposeBias": "MEDIAPIPE_TRANSPOSE_CONV_BIAS"}
+    _SUPPORTED_QUANTIZED_OPS = OperatorConverter._SUPPORTED_QUANTIZED_OPS | {"ARG_MAX", "ARG_MIN"}
 
     def __init__(self, model, subgraph, exp_tab, bb):
         super().__init__(model, subgraph, exp_tab, bb)

@@ -275,20 +275,22 @@ def test_float_model_without_calibration_is_a_clear_error(shared):
         qcompiler.compile(str(path), target="x86")
 
 
-@pytest.mark.xfail(
-    raises=QCompilerError,
-    strict=True,
-    reason="TVM 0.27's TFLite frontend refuses quantized ARG_MAX (DeepLabV3's last op)",
-)
 def test_deeplabv3_uint8_matches_litert(shared):
+    """DeepLabV3 (uint8, 513x513) ends in a quantized ARG_MAX, which TVM's importer refuses and
+    qcompiler's converter takes (the argmax of the codes). Its three bilinear resizes stay
+    float, so a few labels on class borders may differ from LiteRT's reference kernels; the
+    issue's goal is 99.9% equal (measured: 99.994%, 16 of 263169 pixels)."""
     path = shared / "models" / "deeplabv3_quant" / "deeplabv3_mnv2_pascal_quant.tflite"
     artifact = qcompiler.compile(str(path), target="x86")
+    assert len(artifact.manifest["quantization"]["float_fallbacks"]) == 3
     from PIL import Image
 
     image = Image.open(shared / "models" / "deeplabv3_quant" / "bird_segmentation.bmp")
     x = np.asarray(image.convert("RGB").resize((513, 513)), dtype=np.uint8)[None]
     got = next(iter(artifact.run({artifact.input_names[0]: x}).values()))
     ref = litert_outputs(path, "BUILTIN_REF", [x])[0]
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    assert len(np.unique(ref)) > 1  # a bird and a background, not a blank mask
     assert (got == ref).mean() >= 0.999
 
 

@@ -309,6 +309,8 @@ class _Int8Kernels(PyExprMutator):
             return self._depthwise(call)
         if self._is_int16_data(call):
             return self._split_int16(call, self._conv2d)
+        if self._offset_split(call) is not None:
+            return self._split_weight_offset(call, self._conv2d)
         data, w = self._int8_operands(call)
         if data is None or not self.dot_product:
             return None
@@ -368,6 +370,70 @@ class _Int8Kernels(PyExprMutator):
         high = bb.emit(relax.op.multiply(parts[1], relax.const(256, "int32")))
         return relax.op.add(parts[0], high)
 
+    def _offset_split(self, call) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """``(w8, offset, out_axis)`` with ``w = w8 + offset`` (one offset per output channel,
+        ``w8`` int8) for an 8-bit-activation conv/matmul whose constant weights need more than
+        8 bits only because they are not centred: uint8 weights minus a zero point (TFLite's
+        uint8 models) span up to 255 codes per channel, just not around 0."""
+        w = const_value(call.args[1])
+        if (
+            not self.dot_product
+            or w is None
+            or w.dtype.kind != "i"
+            or w.dtype.itemsize == 1
+            or str(call.args[0].ty.dtype) not in ("uint8", "int8")
+            or str(call.ty.dtype) != "int32"
+        ):
+            return None
+        out_axis = 0 if op_name(call) == "relax.nn.conv2d" else w.ndim - 1
+        axes = tuple(a for a in range(w.ndim) if a != out_axis)
+        low, high = w.min(axis=axes).astype(np.int64), w.max(axis=axes).astype(np.int64)
+        if np.any(high - low > 255):
+            return None
+        # any offset in [high - 127, low + 128] works; the one nearest 0 keeps the sums small
+        offset = np.clip(0, high - 127, low + 128)
+        shape = [1] * w.ndim
+        shape[out_axis] = -1
+        return (w - offset.reshape(shape)).astype(np.int8), offset, out_axis
+
+    def _split_weight_offset(self, call, lower):
+        """``f(x, w8 + c) = f(x, w8) + c * f(x, 1)`` for the linear ``f`` (conv or matmul),
+        exactly: the int8 part runs on the dot-product kernels, and ``f(x, 1)`` -- the sum of
+        ``x`` over each output's window, one channel -- is a cheap reduction, shared by all
+        output channels. Padding contributes zero to both, as to ``f(x, w)``."""
+        bb = self.builder_
+        w8, offset, _ = self._offset_split(call)
+        data, attrs = call.args[0], call.attrs
+        int8_call = relax.Call(call.op, [data, relax.const(w8, "int8")], attrs, call.ty_args)
+        main = lower(bb.normalize(int8_call))
+        if main is None:
+            return None
+        main = bb.emit(main)
+        if not np.any(offset):
+            return main
+        wide = bb.emit(relax.op.astype(data, "int32"))
+        if op_name(call) == "relax.matmul":
+            window = relax.op.sum(wide, axis=[-1], keepdims=True)
+        elif w8.shape[1:3] == (1, 1) and not any(
+            int(s) != 1 or int(p) for s, p in zip(attrs.strides, attrs.padding)
+        ):
+            window = relax.op.sum(wide, axis=[3], keepdims=True)  # 1x1: the channel sum
+        else:
+            ones = np.ones((1, *w8.shape[1:]), np.int32)
+            window = relax.op.nn.conv2d(
+                wide,
+                relax.const(ones, "int32"),
+                strides=attrs.strides,
+                padding=attrs.padding,
+                dilation=attrs.dilation,
+                data_layout="NHWC",
+                kernel_layout="OHWI",
+                out_dtype="int32",
+            )
+        window = bb.emit(window)
+        scaled = bb.emit(relax.op.multiply(window, relax.const(offset.astype(np.int32), "int32")))
+        return relax.op.add(main, scaled)
+
     def _depthwise(self, call):
         data, weight = call.args[0], call.args[1]
         w = const_value(weight)
@@ -392,6 +458,8 @@ class _Int8Kernels(PyExprMutator):
     def _matmul(self, call):
         if self._is_int16_data(call):
             return self._split_int16(call, self._matmul)
+        if self._offset_split(call) is not None:
+            return self._split_weight_offset(call, self._matmul)
         data, w = self._int8_operands(call)
         if data is None or not self.dot_product or w.ndim != 2 or len(_shape(data)) != 2:
             return None

@@ -301,3 +301,47 @@ def test_int16_and_padded_int8_convs_on_the_dot_product_kernels(dtype, pad):
             window = padded[0, i : i + 3, j : j + 3]
             expected[0, i, j] = np.einsum("hwc,ohwc->o", window, w.astype(np.int64))
     np.testing.assert_array_equal(got, expected)
+
+
+@needs_vnni
+@pytest.mark.parametrize(
+    ("k", "stride", "pad"), [(1, 1, 0), (3, 2, 1), (1, 2, 0)], ids=["1x1", "3x3s2", "1x1s2"]
+)
+def test_uncentred_9_bit_weights_run_on_the_dot_product_kernels(k, stride, pad):
+    """uint8 weights minus a zero point (TFLite's uint8 models) span 255 codes but not around
+    0, so they are int16: split into int8 weights plus a per-channel offset times the window
+    sum of the input, exact against numpy's int64 convolution."""
+    from qcompiler.targets.build import fused_module
+
+    rng = np.random.default_rng(11)
+    x = rng.integers(0, 256, (1, 9, 9, 24)).astype(np.uint8)
+    codes = rng.integers(0, 256, (16, k, k, 24))
+    zero_points = rng.integers(0, 256, (16, 1, 1, 1))
+    zero_points[0] = 128  # a channel that is already centred (offset 0)
+    w = (codes - zero_points).astype(np.int16)
+    assert w.min() < -128 or w.max() > 127
+    mod = conv_module(x.shape, w, (stride, stride), (pad,) * 4)
+    kernels = [gv.name_hint for gv in fused_module(mod, HOST).get_global_vars()]
+    assert any("qc_conv2d_int8" in name for name in kernels)
+    got = run(mod, HOST, x)
+    np.testing.assert_array_equal(got, conv_reference(x, w, (stride, stride), (pad,) * 4))
+
+
+@needs_vnni
+def test_uncentred_9_bit_dense_weights_run_on_the_dot_product_kernels():
+    rng = np.random.default_rng(12)
+    x = rng.integers(0, 256, (2, 300), dtype=np.uint8)
+    w = (rng.integers(0, 256, (300, 40)) - rng.integers(0, 256, 40)).astype(np.int16)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "uint8"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(xv, relax.const(w, "int16"), out_dtype="int32"))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    from qcompiler.targets.build import fused_module
+
+    kernels = [gv.name_hint for gv in fused_module(bb.get(), HOST).get_global_vars()]
+    assert any("qc_dense_int8" in name for name in kernels)
+    got = run(bb.get(), HOST, x)
+    np.testing.assert_array_equal(got, x.astype(np.int64) @ w.astype(np.int64))

@@ -10,10 +10,14 @@ images, in one process:
 - latency (median of ``--runs``, 1 thread) of qcompiler's untuned build and of LiteRT with its
   default XNNPACK delegate and with its optimized builtin kernels.
 
+and for ONNX QDQ models made here by onnxruntime's ``quantize_static`` (per-channel int8
+weights, uint8 activations, calibrated on 16 ImageNet samples), the same against onnxruntime
+(its x86 integer kernels are the reference there), with onnxruntime's latency beside ours.
+
 Run from the repository root::
 
-    python bench/prequantized.py                       # resnet8, mobilenet_v2, vww
-    python bench/prequantized.py --models deeplabv3 --images 1
+    python bench/prequantized.py                       # resnet8, mobilenet_v2, vww + ONNX QDQ
+    python bench/prequantized.py --models deeplabv3 --images 1 --onnx ""
 """
 
 from __future__ import annotations
@@ -101,11 +105,14 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="resnet8,mobilenet_v2,vww")
     parser.add_argument("--images", type=int, default=50, help="images compared per model")
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument(
+        "--onnx", default="efficientnet_lite0", help="float ONNX models to quantize as QDQ"
+    )
     args = parser.parse_args(argv)
     shared = Path(os.environ.get("QC_SHARED", accuracy.REPO.parent / "shared")).resolve()
     print("\n".join(accuracy.preamble(shared)[:5]))
     set_threads(1)
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):
         relative, source = MODELS[name]
         path = shared / "models" / relative
         start = time.perf_counter()
@@ -137,7 +144,72 @@ def main(argv=None) -> int:
         print(
             f"\nfloat fallbacks: {fallbacks or 'none'}; peak RSS {accuracy._peak_rss_mib():.0f} MiB"
         )
+    for name in filter(None, args.onnx.split(",")):
+        onnx_qdq(shared, name, args)
     return 0
+
+
+def onnx_qdq(shared: Path, name: str, args) -> None:
+    """An ONNX QDQ model made by onnxruntime from ``name``'s float model, against onnxruntime."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime import quantization
+
+    source = shared / "models" / name / f"{name}_fp32.onnx"
+    spec = qcompiler.api.load_model(str(source)).inputs[0]
+    images = inputs_for(shared, "imagenet", [1, *spec.shape[2:], 3], "uint8", 16 + args.images)
+    floats = [((x[0].astype(np.float32) - 127) / 128).transpose(2, 0, 1)[None] for x in images]
+
+    class Reader(quantization.CalibrationDataReader):
+        def __init__(self):
+            self.samples = iter({spec.name: x} for x in floats[:16])
+
+        def get_next(self):
+            return next(self.samples, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        qdq = Path(tmp) / f"{name}.qdq.onnx"
+        quantization.quantize_static(
+            str(source),
+            str(qdq),
+            Reader(),
+            quant_format=quantization.QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=quantization.QuantType.QUInt8,
+            weight_type=quantization.QuantType.QInt8,
+        )
+        start = time.perf_counter()
+        artifact = qcompiler.compile(str(qdq), target="x86")
+        build_s = time.perf_counter() - start
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(str(qdq), options, providers=["CPUExecutionProvider"])
+        model = onnx.load(qdq)
+    last = next(n for n in model.graph.node if n.output[0] == model.graph.output[0].name)
+    step = next(
+        onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == last.input[1]
+    )
+    evaluated = floats[16:]
+    ours = [next(iter(artifact.run({spec.name: x}).values())) for x in evaluated]
+    ref = [session.run(None, {spec.name: x})[0] for x in evaluated]
+    steps = np.rint(np.abs(np.stack(ours) - np.stack(ref)) / step)
+    top1 = np.mean([np.argmax(o) == np.argmax(r) for o, r in zip(ours, ref)])
+    feed = {spec.name: evaluated[0]}
+    ours_ms = median_ms(lambda: artifact.run(feed), args.runs)
+    theirs_ms = median_ms(lambda: session.run(None, feed), args.runs)
+    print(
+        f"\n### {name} ONNX QDQ by quantize_static ({len(evaluated)} images, build {build_s:.1f} s)"
+    )
+    print("\n| vs | equal elements | max diff (LSB) | same top-1 | onnxruntime ms | qcompiler ms |")
+    print("|---|---|---|---|---|---|")
+    print(
+        f"| onnxruntime (CPU, 1 thread) | {100 * (steps == 0).mean():.3f}% | {steps.max():.0f} | "
+        f"{100 * top1:.0f}% | {theirs_ms:.3f} | {ours_ms:.3f} |"
+    )
+    fallbacks = artifact.manifest["quantization"]["float_fallbacks"]
+    print(f"\nfloat fallbacks: {fallbacks or 'none'}; peak RSS {accuracy._peak_rss_mib():.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from tvm import relax
 from tvm.ir.expr import GenericConst
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from qcompiler.passes import qmath
+from qcompiler.passes import qmath, softmax
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.graph import (
     CONV_OPS,
@@ -362,6 +362,8 @@ class _Integerizer(PyExprMutator):
             return relax.op.concat(relax.Tuple([self._emit(c) for c in codes]), call.attrs.axis)
         if name in ("relax.mean", "relax.nn.avg_pool2d"):
             return self._mean(call, out)
+        if name == "relax.nn.softmax" and self.tflite:
+            return self._tflite_softmax(call, out)
         raise _NoLowering(f"no integer lowering for {name}")
 
     # -- helpers -------------------------------------------------------------------------------
@@ -508,6 +510,23 @@ class _Integerizer(PyExprMutator):
         x = self._emit(relax.op.add(high, _const(half, "int64")))
         x = self._emit(relax.op.add(x, negative))
         return self._emit(relax.op.right_shift(x, _const(right, "int64")))
+
+    def _tflite_softmax(self, call, out: OutParams):
+        """TFLite's integer SOFTMAX over the last axis (:mod:`qcompiler.passes.softmax`)."""
+        (x,) = self._inputs(call, 1)
+        ndim = len(call.ty.shape)
+        info = np.iinfo(out.dtype) if out.dtype in ("uint8", "int8") else None
+        if int(call.attrs.axis) % ndim != ndim - 1:
+            raise _NoLowering("softmax over an inner axis")
+        if (
+            info is None
+            or x.dtype not in ("uint8", "int8")
+            or not math.isclose(out.scale, 1 / 256, rel_tol=1e-6)
+            or out.zero_point != info.min
+            or (out.qlo, out.qhi) != (info.min, info.max)
+        ):
+            raise _NoLowering("an 8-bit softmax needs TFLite's output scale 1/256 and zero point")
+        return softmax.lower(self._emit, x.expr, x.s, out.dtype)
 
     def _saturate(self, x, out: OutParams):
         """``clamp(x + z_out)`` in ``out``'s dtype."""

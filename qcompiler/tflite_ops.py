@@ -62,6 +62,23 @@ class CustomOpConverter(OperatorConverter):
             )
         return super().get_op_code_str(op)
 
+    def convert_softmax(self, op):
+        """TVM's conversion drops SOFTMAX's ``beta``; refuse the models where that matters."""
+        from tflite.SoftmaxOptions import SoftmaxOptions
+
+        options = SoftmaxOptions()
+        table = op.BuiltinOptions()
+        if table is not None:
+            options.Init(table.Bytes, table.Pos)
+            beta = options.Beta()
+            if beta != 1.0:
+                (output,) = self.get_output_tensors(op)
+                raise QCompilerError(
+                    f"SOFTMAX {output.tensor.Name().decode()!r} has beta={beta}: only beta=1 "
+                    "is supported"
+                )
+        return super().convert_softmax(op)
+
     def _value_or_expr(self, tensor):
         if self.has_expr(tensor.tensor_idx):
             return self.get_expr(tensor.tensor_idx), None

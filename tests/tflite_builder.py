@@ -1,4 +1,4 @@
-"""A minimal TFLite flatbuffer writer for one-operator float test models.
+"""A minimal TFLite flatbuffer writer for one-operator test models (float, or 8-bit quantized).
 
 The ``tflite`` package only reads flatbuffers, and TensorFlow is not a dependency; this writes the
 few tables a one-op model needs (slots as numbered in TFLite's schema.fbs), so a test can hand the
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import flatbuffers
 import numpy as np
 
-_TYPES = {np.dtype("float32"): 0, np.dtype("int32"): 2}
+_TYPES = {np.dtype("float32"): 0, np.dtype("int32"): 2, np.dtype("uint8"): 3, np.dtype("int8"): 9}
 
 
 @dataclass
@@ -21,6 +21,7 @@ class Tensor:
     shape: tuple[int, ...]
     dtype: str = "float32"
     value: np.ndarray | None = None  # constant data, or None for a runtime tensor
+    quantization: tuple[float, int] | None = None  # (scale, zero point) of a quantized tensor
 
 
 @dataclass
@@ -66,8 +67,18 @@ def build(tensors: list[Tensor], ops: list[Op], inputs: list[int], outputs: list
     for i, t in enumerate(tensors):
         name = b.CreateString(t.name)
         shape = _ints(b, t.shape)
+        quantization = None
+        if t.quantization is not None:
+            scale = _ints(b, [t.quantization[0]], "Float32")
+            zero_point = _ints(b, [t.quantization[1]], "Int64", 8)
+            b.StartObject(7)  # QuantizationParameters: scale (slot 2), zero_point (slot 3)
+            b.PrependUOffsetTRelativeSlot(2, scale, 0)
+            b.PrependUOffsetTRelativeSlot(3, zero_point, 0)
+            quantization = b.EndObject()
         b.StartObject(8)
         b.PrependUOffsetTRelativeSlot(0, shape, 0)
+        if quantization is not None:
+            b.PrependUOffsetTRelativeSlot(4, quantization, 0)
         b.PrependInt8Slot(1, _TYPES[np.dtype(t.dtype)], 0)
         b.PrependUint32Slot(2, i + 1 if t.value is not None else 0, 0)
         b.PrependUOffsetTRelativeSlot(3, name, 0)

@@ -38,6 +38,7 @@ from speed import time_call  # noqa: E402
 
 import qcompiler  # noqa: E402
 from qcompiler.deploy.artifact import set_threads  # noqa: E402
+from qcompiler.evaluate import label_miou  # noqa: E402
 
 MODELS = {
     "resnet8": ("resnet8_cifar10/pretrainedResnet_quant.tflite", "cifar"),
@@ -122,7 +123,8 @@ def main(argv=None) -> int:
         inputs = inputs_for(shared, source, spec["shape"], spec["dtype"], args.images)
         ours = [next(iter(artifact.run({spec["name"]: x}).values())) for x in inputs]
         print(f"\n### {name} ({relative}, {len(inputs)} input(s), build {build_s:.1f} s)\n")
-        print("| vs | equal elements | max diff (LSB) | same top-1 | LiteRT ms | qcompiler ms |")
+        agreement = "same top-1" if ours[0].ndim <= 2 else "mIoU"
+        print(f"| vs | equal elements | max diff (LSB) | {agreement} | LiteRT ms | qcompiler ms |")
         print("|---|---|---|---|---|---|")
         feed = {spec["name"]: inputs[0]}
         ours_ms = median_ms(lambda art=artifact, feed=feed: art.run(feed), args.runs)
@@ -130,15 +132,15 @@ def main(argv=None) -> int:
             it = interpreter(path, kind)
             ref = [litert_call(it, x)().copy() for x in inputs]
             diff = np.abs(np.stack(ours).astype(np.int64) - np.stack(ref).astype(np.int64))
-            top1 = np.mean(
-                [np.argmax(o) == np.argmax(r) for o, r in zip(ours, ref)]
-                if ours[0].ndim <= 2
-                else [1.0]
-            )
+            if ours[0].ndim <= 2:  # class scores: the same top-1
+                top1 = np.mean([np.argmax(o) == np.argmax(r) for o, r in zip(ours, ref)])
+            else:  # a label map (DeepLab's argmax): mIoU against the reference's labels
+                top1 = np.mean([label_miou(r, o) for o, r in zip(ours, ref)])
             theirs_ms = median_ms(litert_call(it, inputs[0]), args.runs)
+            digits = 0 if ours[0].ndim <= 2 else 3
             print(
                 f"| {label} | {100 * (diff == 0).mean():.3f}% | {diff.max()} | "
-                f"{100 * top1:.0f}% | {theirs_ms:.3f} | {ours_ms:.3f} |"
+                f"{100 * top1:.{digits}f}% | {theirs_ms:.3f} | {ours_ms:.3f} |"
             )
         fallbacks = artifact.manifest["quantization"]["float_fallbacks"]
         print(

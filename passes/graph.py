@@ -49,6 +49,22 @@ PASS_THROUGH_OPS = {
 # Ops that only move values: what flows through them to the outputs leaves the integers as is.
 EXIT_MOVES = PASS_THROUGH_OPS | {"relax.concat"}
 
+
+def moves_codes(call) -> bool:
+    """Does ``call`` only move (select, reorder, repeat) the values of its first operand?
+    Then it commutes with dequantization and runs on the codes: the ops of
+    :data:`PASS_THROUGH_OPS`, and nearest-neighbour resizing (YOLO's upsampling)."""
+    name = op_name(call)
+    if name in PASS_THROUGH_OPS:
+        return True
+    return name == "relax.image.resize2d" and str(call.attrs.method) == "nearest_neighbor"
+
+
+def is_exit_move(call) -> bool:
+    """An op of :data:`EXIT_MOVES` or a nearest-neighbour resize."""
+    return op_name(call) in EXIT_MOVES or moves_codes(call)
+
+
 # Elementwise functions computed as a lookup table over the input codes. Binary ops count when
 # every operand but one is a scalar constant.
 UNARY_FUNCS = {
@@ -289,13 +305,13 @@ class Dataflow:
         (:data:`EXIT_MOVES`): quantizing them would only cost precision, as nothing integer
         consumes them. A detector's boxes and scores concatenated into one output are the
         typical case: one scale for both would leave the scores a handful of steps."""
-        return self._to_outputs_through(lambda call: op_name(call) in EXIT_MOVES)
+        return self._to_outputs_through(is_exit_move)
 
     def tail(self) -> set:
         """Like :meth:`exits`, also through elementwise ops with constant operands (a bias
         add, a sigmoid): what a float op computes there can stay float to the outputs."""
         return self._to_outputs_through(
-            lambda call: op_name(call) in EXIT_MOVES or constant_operands_only(call)
+            lambda call: is_exit_move(call) or constant_operands_only(call)
         )
 
     def _to_outputs_through(self, allowed) -> set:
@@ -379,7 +395,7 @@ def plan_quantization(func: relax.Function) -> QuantPlan:
 
     def feeds_integer_ops(var) -> bool:
         return any(
-            is_head(flow.producer[user]) or op_name(flow.producer[user]) in PASS_THROUGH_OPS
+            is_head(flow.producer[user]) or moves_codes(flow.producer[user])
             for user in flow.consumers.get(var, [])
         )
 
@@ -405,7 +421,7 @@ def plan_quantization(func: relax.Function) -> QuantPlan:
             )
         ):
             continue  # a float op (no integer lowering) or its float result, on the way out
-        if name in PASS_THROUGH_OPS and value.args[0] in quantized_inputs:
+        if moves_codes(value) and value.args[0] in quantized_inputs:
             quantized_inputs.add(var)
             continue
         if value is not None and is_head(value):

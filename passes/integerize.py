@@ -52,13 +52,13 @@ from qcompiler.passes.graph import (
     CONV_OPS,
     EXIT_MOVES,
     MATMUL_OPS,
-    PASS_THROUGH_OPS,
     Dataflow,
     clamp_interval,
     const_value,
     constant_operands_only,
     elementwise_func,
     elementwise_region,
+    moves_codes,
     op_name,
 )
 
@@ -185,11 +185,7 @@ class _Integerizer(PyExprMutator):
                 ndim = len(source.ty.shape)
                 axis = axis % ndim if scale.size > 1 else None
                 self.q[var] = QTensor(source, scale, zero_point, axis)
-        elif (
-            name in PASS_THROUGH_OPS
-            and value.args[0] in self.q
-            and self.q[value.args[0]].per_tensor
-        ):
+        elif moves_codes(value) and value.args[0] in self.q and self.q[value.args[0]].per_tensor:
             # op(dequantize(q)) == dequantize(op(q)): move the codes, keep their meaning. Float
             # users (a fallback, the model's exit) get the dequantized result.
             src = self.q[value.args[0]]
@@ -817,6 +813,7 @@ def _float_compute_after_integers(func: relax.Function) -> list[tuple[str, str]]
             var not in to_int
             and name is not None
             and name not in _EXIT_OPS
+            and not moves_codes(value)
             and not constant_operands_only(value)
             and str(getattr(var.ty, "dtype", "")).startswith("float")
         ):

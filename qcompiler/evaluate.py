@@ -144,3 +144,16 @@ def mask_iou(truth: np.ndarray, predicted: np.ndarray, threshold: float = 0.5) -
     a, b = np.asarray(truth) >= threshold, np.asarray(predicted) >= threshold
     union = np.count_nonzero(a | b)
     return 1.0 if union == 0 else np.count_nonzero(a & b) / union
+
+
+def label_miou(truth: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean over the classes present in either label map of their IoU (semantic segmentation's
+    mIoU, e.g. DeepLab's argmax output against a reference's)."""
+    truth, predicted = np.asarray(truth).ravel(), np.asarray(predicted).ravel()
+    if truth.shape != predicted.shape:
+        raise ValueError(f"label maps differ in size: {truth.size} vs {predicted.size}")
+    ious = []
+    for label in np.union1d(truth, predicted):
+        a, b = truth == label, predicted == label
+        ious.append(np.count_nonzero(a & b) / np.count_nonzero(a | b))
+    return float(np.mean(ious)) if ious else 1.0

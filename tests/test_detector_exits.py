@@ -209,3 +209,37 @@ def test_after_a_float_fallback_the_way_out_stays_float():
     for sample in data[:4]:
         expected = session.run(None, sample)[0]
         np.testing.assert_allclose(artifact.run(sample)["output"], expected, atol=0.05)
+
+
+def test_nearest_upsampling_moves_codes():
+    """Conv -> Resize(nearest, x2) -> Conv (YOLOX's upsampling): the resize only repeats values,
+    so it runs on the codes, with no float fallback; the result against onnxruntime's float
+    model."""
+    rng = np.random.default_rng(8)
+    w1 = rng.normal(scale=0.4, size=(6, 3, 3, 3)).astype(np.float32)
+    w2 = rng.normal(scale=0.4, size=(4, 6, 1, 1)).astype(np.float32)
+    scales = np.array([1, 1, 2, 2], np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Resize", ["c", "", "scales"], ["u"], mode="nearest"),
+            helper.make_node("Conv", ["u", "w2"], ["y"]),
+        ],
+        "upsample",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 12, 12])],
+        [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (w2, "w2"), (scales, "scales"))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    data = [{"x": rng.normal(size=(1, 3, 6, 6)).astype(np.float32)} for _ in range(16)]
+    quantized = qcompiler.quantize(model, data)
+    assert quantized.float_fallbacks == []
+    ops = [op_name(b.value) for b in bindings(quantized.mod["main"])]
+    assert ops.count("relax.image.resize2d") == 1 and ops.count("relax.quantize") == 1
+    artifact = quantized.build()
+    for sample in data[:4]:
+        got, expected = next(iter(artifact.run(sample).values())), reference(model, sample)
+        # 2x2 blocks repeat: the resize moved values, nothing interpolated them
+        np.testing.assert_array_equal(got[..., ::2, ::2], got[..., 1::2, 1::2])
+        sqnr = 10 * np.log10(np.sum(expected**2) / np.sum((got - expected) ** 2))
+        assert sqnr > 30, sqnr

@@ -8,6 +8,7 @@ from qcompiler.evaluate import (
     average_precision,
     box_iou,
     decode_yolox,
+    label_miou,
     map50,
     mask_iou,
     nms,
@@ -85,3 +86,11 @@ def test_mask_iou_by_hand():
     b = np.array([[0.7, 0.2], [0.5, 0.4]])
     assert mask_iou(a, b) == pytest.approx(1 / 4)  # a: 3 pixels, b: 2; both: 1, union 4
     assert mask_iou(np.zeros((2, 2)), np.zeros((2, 2))) == 1.0
+
+
+def test_label_miou_by_hand():
+    truth = np.array([[0, 0, 1], [1, 2, 2]])
+    predicted = np.array([[0, 1, 1], [1, 2, 0]])
+    # class 0: both {(0,0)}, union {(0,0),(0,1),(1,2)} -> 1/3; class 1: 2/3; class 2: 1/2
+    assert label_miou(truth, predicted) == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+    assert label_miou(truth, truth) == 1.0

@@ -1,0 +1,125 @@
+"""The bit-width ILP against exhaustive search over every assignment (the independent reference),
+and its errors for budgets no assignment meets."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from qcompiler.passes.errors import QCompilerError
+from qcompiler.targets.bitwidth import Option, choose_precisions
+
+PRECISIONS = ("w4a8", "w8a8", "w8a16", "float")
+
+
+def random_table(seed: int, layers: int = 6) -> dict[str, list[Option]]:
+    """Costs shaped like real ones: fewer bits are faster and smaller but noisier."""
+    rng = np.random.default_rng(seed)
+    table = {}
+    for i in range(layers):
+        params = int(rng.integers(1_000, 50_000))
+        base = float(rng.uniform(0.1, 2.0))
+        sensitivity = float(rng.uniform(0.01, 1.0))
+        table[f"layer{i}"] = [
+            Option("w4a8", base * rng.uniform(0.7, 1.0), 16 * sensitivity, params // 2),
+            Option("w8a8", base, sensitivity, params),
+            Option("w8a16", base * rng.uniform(1.2, 1.8), sensitivity / 50, params),
+            Option("float", base * rng.uniform(3.0, 5.0), 0.0, 4 * params),
+        ]
+    return table
+
+
+def exhaustive(table, minimize, budgets, ties=()):
+    """The best assignment by enumeration, or None when none fits."""
+    layers = list(table)
+    best, best_cost = None, np.inf
+    for picks in itertools.product(*(table[layer] for layer in layers)):
+        chosen = dict(zip(layers, picks))
+        if any(len({chosen[name].precision for name in group}) > 1 for group in ties):
+            continue
+        totals = {q: sum(getattr(o, q) for o in picks) for q in ("latency_ms", "error", "bytes")}
+        if any(totals[q] > limit + 1e-9 for q, limit in budgets.items()):
+            continue
+        if totals[minimize] < best_cost - 1e-12:
+            best, best_cost = {k: v.precision for k, v in chosen.items()}, totals[minimize]
+    return best, best_cost
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(
+    "minimize, budget",
+    [("latency_ms", "error"), ("bytes", "error"), ("error", "latency_ms"), ("error", "bytes")],
+)
+def test_ilp_finds_the_exhaustive_optimum(seed, minimize, budget):
+    table = random_table(seed)
+    # a budget between the extremes, so that it binds
+    lowest = sum(min(getattr(o, budget) for o in options) for options in table.values())
+    highest = sum(max(getattr(o, budget) for o in options) for options in table.values())
+    limit = lowest + 0.3 * (highest - lowest)
+    keyword = {"error": "max_error", "latency_ms": "max_latency_ms", "bytes": "max_bytes"}
+    plan = choose_precisions(table, minimize=minimize, **{keyword[budget]: limit})
+    expected, cost = exhaustive(table, minimize, {budget: limit})
+    assert expected is not None
+    assert getattr(plan, minimize) == pytest.approx(cost, rel=1e-9)
+    # the plan's totals are those of the precisions it names (optima may tie: w8a8 and w8a16
+    # store the same bytes)
+    picked = [next(o for o in table[k] if o.precision == p) for k, p in plan.precisions.items()]
+    assert getattr(plan, budget) == pytest.approx(sum(getattr(o, budget) for o in picked))
+    assert getattr(plan, budget) <= limit + 1e-9
+
+
+def test_tied_layers_share_a_precision():
+    table = random_table(11, layers=5)
+    ties = [("layer0", "layer3"), ("layer1", "layer2", "layer4")]
+    limit = sum(o[1].error for o in table.values())  # as noisy as all-w8a8
+    plan = choose_precisions(table, max_error=limit, ties=ties)
+    expected, cost = exhaustive(table, "latency_ms", {"error": limit}, ties)
+    assert plan.precisions == expected and plan.latency_ms == pytest.approx(cost)
+    assert plan.precisions["layer0"] == plan.precisions["layer3"]
+    assert len({plan.precisions[name] for name in ties[1]}) == 1
+
+
+def test_a_precision_one_tied_layer_lacks_is_out_for_all():
+    table = random_table(3, layers=2)
+    table["layer1"] = [o for o in table["layer1"] if o.precision != "w4a8"]
+    plan = choose_precisions(table, minimize="bytes", ties=[("layer0", "layer1")])
+    assert plan.precisions["layer0"] == plan.precisions["layer1"] != "w4a8"
+
+
+def test_hand_made_table_known_optimum():
+    """Two layers; an error budget of 1.0 allows int4 on the insensitive one only."""
+    table = {
+        "conv1": [Option("w4a8", 1.0, 0.2, 50), Option("w8a8", 2.0, 0.1, 100)],
+        "conv2": [Option("w4a8", 1.0, 5.0, 50), Option("w8a8", 2.0, 0.3, 100)],
+    }
+    plan = choose_precisions(table, max_error=1.0)
+    assert plan.precisions == {"conv1": "w4a8", "conv2": "w8a8"}
+    assert (plan.latency_ms, plan.error, plan.bytes) == (3.0, pytest.approx(0.5), 150)
+
+
+def test_an_unreachable_budget_names_the_tightest_achievable_value():
+    table = random_table(5, layers=4)
+    smallest = sum(min(o.error for o in options) for options in table.values())
+    assert smallest == 0.0  # float everywhere
+    fastest = sum(min(o.latency_ms for o in options) for options in table.values())
+    with pytest.raises(QCompilerError, match=rf"latency_ms <= 0.01 .* achievable is {fastest:g}"):
+        choose_precisions(table, minimize="error", max_latency_ms=0.01)
+
+
+def test_budgets_that_only_fail_together_say_so():
+    table = {
+        "a": [Option("w8a8", 1.0, 1.0), Option("float", 4.0, 0.0)],
+        "b": [Option("w8a8", 1.0, 1.0), Option("float", 4.0, 0.0)],
+    }
+    # error 0 needs float everywhere (8 ms); 2 ms needs int8 everywhere (error 2)
+    with pytest.raises(QCompilerError, match="together"):
+        choose_precisions(table, max_error=0.5, max_latency_ms=2.5)
+
+
+def test_bad_tables_are_clear_errors():
+    with pytest.raises(QCompilerError, match="no candidate"):
+        choose_precisions({"conv": []})
+    with pytest.raises(QCompilerError, match="not in the table"):
+        choose_precisions({"conv": [Option("w8a8", 1, 1)]}, ties=[("conv", "fc")])
+    with pytest.raises(QCompilerError, match="minimize"):
+        choose_precisions({"conv": [Option("w8a8", 1, 1)]}, minimize="speed")

@@ -22,8 +22,10 @@ from qcompiler.passes import qmath, rounding
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.graph import (
     CONV_OPS,
+    LAYER_NAMES_ATTR,
     MATMUL_OPS,
     QuantPlan,
+    bindings,
     const_value,
     is_head,
     is_scalar_const,
@@ -80,6 +82,10 @@ def dequantized_constant(codes, scale, zero_point, axis) -> relax.Expr:
     )
 
 
+# Function attribute: the conv/matmul layers whose weights are 4-bit codes (stored packed).
+INT4_ATTR = "qc.int4_weights"
+
+
 @mutator
 class _Annotator(PyExprMutator):
     def __init__(self, mod, plan: QuantPlan, qparams: dict, config: QuantConfig, layers: dict):
@@ -92,6 +98,8 @@ class _Annotator(PyExprMutator):
         self.config = config
         self.params = set(mod["main"].params)
         self.params_done = False
+        self.int4: list[str] = []  # layers whose weights got 4 bits
+        self.names: dict[str, str] = {}  # conv/matmul var here -> its name in the float model
 
     def visit_var_binding_(self, binding):
         if not self.params_done:
@@ -114,7 +122,10 @@ class _Annotator(PyExprMutator):
             self.set_var_remap(var, new_var)
             self._insert_qdq(var, emit, new_var)
         else:
-            self.set_var_remap(var, emit(new_value, var.name))
+            new_var = emit(new_value, var.name)
+            self.set_var_remap(var, new_var)
+        if op_name(binding.value) in CONV_OPS | MATMUL_OPS:
+            self.names[new_var.name] = var.name
 
     def _insert_qdq(self, var, emit, value=None):
         scale, zero_point = self.qparams[var]
@@ -136,7 +147,10 @@ class _Annotator(PyExprMutator):
         if name in CONV_OPS | MATMUL_OPS:
             weight = const_value(args[1])
             if weight is not None:
-                codes, scale, zp, axis = quantize_constant(weight, scheme.weight, weight_axis(call))
+                spec = self.config.weight_spec(var.name)
+                codes, scale, zp, axis = quantize_constant(weight, spec, weight_axis(call))
+                if spec.bits == 4:
+                    self.int4.append(var.name)
                 if var in self.layers and scheme.weight.symmetric:
                     codes = self._refine_weights(var, weight, codes, scale)
                 args[1] = self.builder_.emit(dequantized_constant(codes, scale, zp, axis), "w_dq")
@@ -161,7 +175,7 @@ class _Annotator(PyExprMutator):
         s = s.reshape(w.shape[:2])
         q = rounding.weight_groups(call, codes)
         if config.weight_rounding == "optimized":
-            spec = config.scheme.weight
+            spec = config.weight_spec(var.name)
             q = rounding.round_weights(w, s, spec.qmin, spec.qmax, stats.second_moment)
             codes = rounding.from_groups(call, q, codes.shape).astype(codes.dtype)
         if config.bias_correction:
@@ -199,4 +213,17 @@ def annotate(
     annotator = _Annotator(mod, plan, qparams, config, layers)
     out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
     out["main"] = annotator.visit_expr(mod["main"])
+    missing = sorted(set(config.int4_weights) - set(annotator.int4))
+    if missing:
+        found = [
+            b.var.name for b in bindings(mod["main"]) if op_name(b.value) in CONV_OPS | MATMUL_OPS
+        ]
+        raise QCompilerError(
+            f"int4_weights names {missing}, which are not conv/matmul layers with constant "
+            f"weights (those are {found[:8]} ...)"
+        )
+    if annotator.names:
+        out["main"] = out["main"].with_attr(LAYER_NAMES_ATTR, annotator.names)
+    if annotator.int4:
+        out["main"] = out["main"].with_attr(INT4_ATTR, annotator.int4)
     return out

@@ -50,6 +50,18 @@ PASS_THROUGH_OPS = {
 EXIT_MOVES = PASS_THROUGH_OPS | {"relax.concat"}
 
 
+# Function attribute {conv/matmul var: the layer's name in the imported float model}: passes that
+# re-emit bindings rename them (names are made unique), so each records where its layers came
+# from; the manifest's layer table and ``QuantConfig.int4_weights`` use the imported names.
+LAYER_NAMES_ATTR = "qc.layer_names"
+
+
+def layer_name(func: relax.Function, var_name: str) -> str:
+    """The imported model's name of the conv/matmul ``var_name`` of ``func``."""
+    names = (func.attrs or {}).get(LAYER_NAMES_ATTR, {})
+    return str(names[var_name]) if var_name in names else var_name
+
+
 def moves_codes(call) -> bool:
     """Does ``call`` only move (select, reorder, repeat) the values of its first operand?
     Then it commutes with dequantization and runs on the codes: the ops of

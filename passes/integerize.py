@@ -51,6 +51,7 @@ from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.graph import (
     CONV_OPS,
     EXIT_MOVES,
+    LAYER_NAMES_ATTR,
     MATMUL_OPS,
     Dataflow,
     clamp_interval,
@@ -58,11 +59,14 @@ from qcompiler.passes.graph import (
     constant_operands_only,
     elementwise_func,
     elementwise_region,
+    layer_name,
     moves_codes,
     op_name,
 )
 
 FALLBACK_ATTR = "qc.float_fallback"
+
+
 # Largest folded bias magnitude: half of int32, so the accumulation around it cannot overflow.
 BIAS_LIMIT = float(1 << 30)
 
@@ -153,6 +157,8 @@ class _Integerizer(PyExprMutator):
         self.from_int: dict = {}
         self.fallbacks: list[tuple[str, str, str]] = []
         self.fallback_vars: list[str] = []
+        self.layer_names: dict[str, str] = {}  # integer conv/matmul var -> the float model's
+        self.func = func
 
     # -- walking -----------------------------------------------------------------------------
     def visit_var_binding_(self, binding):
@@ -202,14 +208,14 @@ class _Integerizer(PyExprMutator):
         int32 accumulator directly, so the model's float outputs (logits, boxes) keep the
         accumulator's precision instead of 8 bits."""
         name = op_name(call)
-        bias = None
+        bias, layer = None, var
         if name in ("relax.add", "relax.subtract") and const_value(call.args[1]) is not None:
             head = self.flow.producer.get(call.args[0])
             if op_name(head) not in CONV_OPS | MATMUL_OPS:
                 return None
             bias = const_value(call.args[1]).astype(np.float64)
             bias = -bias if name == "relax.subtract" else bias
-            call = head
+            call, layer = head, call.args[0]
         elif name in CONV_OPS | MATMUL_OPS:
             nxt = self.flow.sole_consumer(var)
             if nxt is not None and op_name(self.flow.producer[nxt]) in (
@@ -223,7 +229,7 @@ class _Integerizer(PyExprMutator):
         if any(op_name(self.flow.producer[u]) == "relax.quantize" for u in users):
             return None
         try:
-            acc, acc_scale, axis = self._accumulate(call, bias)
+            acc, acc_scale, axis = self._accumulate(call, bias, layer.name)
         except _NoLowering:
             return None
         shape = _channel_shape(len(acc.ty.shape), axis)
@@ -313,15 +319,17 @@ class _Integerizer(PyExprMutator):
         out = out.clamped(lo, hi)
         bias = None
         name = op_name(call)
+        layer = node
         if name in ("relax.add", "relax.subtract") and const_value(call.args[1]) is not None:
             producer = self.flow.producer.get(call.args[0])
             if op_name(producer) in CONV_OPS | MATMUL_OPS:
                 bias = const_value(call.args[1]).astype(np.float64)
                 bias = -bias if name == "relax.subtract" else bias
                 chain.append(call.args[0])
+                layer = call.args[0]
                 call, name = producer, op_name(producer)
         if name in CONV_OPS | MATMUL_OPS:
-            acc, acc_scale, axis = self._accumulate(call, bias)
+            acc, acc_scale, axis = self._accumulate(call, bias, layer.name)
             # LiteRT's integer FULLY_CONNECTED rounds once (measured: its reference kernel
             # matches a single rounding on every output where the doubling-high-multiply
             # form misses 1 in 80); its convolutions round twice.
@@ -619,13 +627,15 @@ class _Integerizer(PyExprMutator):
         return "int8" if centered.min() >= -128 and centered.max() <= 127 else "int16"
 
     # -- lowerings ----------------------------------------------------------------------------
-    def _accumulate(self, call, bias):
-        """int32 accumulator (bias folded in), its per-channel scale and its channel axis."""
+    def _accumulate(self, call, bias, name: str = ""):
+        """int32 accumulator (bias folded in), its per-channel scale and its channel axis.
+        ``name``: the layer's tensor in the float model, kept for the integer op (the manifest's
+        layer table and ``int4_weights`` use it)."""
         if op_name(call) in CONV_OPS:
-            return self._conv2d(call, bias)
-        return self._matmul(call, bias)
+            return self._conv2d(call, bias, name)
+        return self._matmul(call, bias, name)
 
-    def _conv2d(self, call, bias):
+    def _conv2d(self, call, bias, name: str = ""):
         (x,) = self._inputs(call, 1)
         attrs = call.attrs
         kernel_layout, out_layout = str(attrs.kernel_layout), str(attrs.out_layout)
@@ -646,7 +656,7 @@ class _Integerizer(PyExprMutator):
             pad_width = [p for axis in data_layout for p in widths[axis]]
             data = self._emit(relax.op.nn.pad(data, pad_width, pad_value=float(x.z)))
             padding = [0, 0, 0, 0]
-        acc = self._emit(
+        acc = self.builder_.emit(
             relax.op.nn.conv2d(
                 data,
                 _const(w, self._weight_dtype(w)),
@@ -658,15 +668,17 @@ class _Integerizer(PyExprMutator):
                 kernel_layout=kernel_layout,
                 out_layout=out_layout,
                 out_dtype="int32",
-            )
+            ),
+            name,
         )
+        self.layer_names[acc.name] = layer_name(self.func, name)
         bias_codes = self._bias_codes(bias, acc_scale, zero_sum)
         acc = self._emit(
             relax.op.add(acc, _const(bias_codes.reshape(_channel_shape(4, c_axis)), "int32"))
         )
         return acc, acc_scale, c_axis
 
-    def _matmul(self, call, bias):
+    def _matmul(self, call, bias, name: str = ""):
         (x,) = self._inputs(call, 1)
         rhs = call.args[1]
         if rhs in self.q and const_value(self.q[rhs].expr) is not None:
@@ -676,9 +688,10 @@ class _Integerizer(PyExprMutator):
             bias = self._per_channel_bias(bias, w.shape[-1], len(call.ty.shape), -1)
             w, w_scale = self._fit_bias(w, w_scale, bias, x.s, 1)
             zero_sum = x.z * w.sum(axis=0)
-            acc = self._emit(
-                relax.op.matmul(x.expr, _const(w, self._weight_dtype(w)), out_dtype="int32")
+            acc = self.builder_.emit(
+                relax.op.matmul(x.expr, _const(w, self._weight_dtype(w)), out_dtype="int32"), name
             )
+            self.layer_names[acc.name] = layer_name(self.func, name)
         else:
             b = self._input(rhs)
             w_scale = np.full(int(b.expr.ty.shape[-1]), b.s)
@@ -782,6 +795,8 @@ def integerize(mod: tvm.IRModule, rounding: str = "half_up") -> tvm.IRModule:
         warnings.warn(f"{len(tail)} op(s) run in float after the integers: {listed}", stacklevel=2)
     fallbacks = lowering.fallback_vars + [name for name, _ in tail]
     out["main"] = out["main"].with_attr(FALLBACK_ATTR, fallbacks)
+    if lowering.layer_names:
+        out["main"] = out["main"].with_attr(LAYER_NAMES_ATTR, lowering.layer_names)
     return out
 
 

@@ -27,7 +27,7 @@ import tvm
 from tvm import relax
 
 from qcompiler.passes import rounding
-from qcompiler.passes.annotate import activation_qparams, annotate
+from qcompiler.passes.annotate import INT4_ATTR, activation_qparams, annotate
 from qcompiler.passes.calibrate import calibrate
 from qcompiler.passes.canonicalize import canonicalize
 from qcompiler.passes.errors import QCompilerError
@@ -37,6 +37,7 @@ from qcompiler.passes.graph import (
     MATMUL_OPS,
     bindings,
     const_value,
+    layer_name,
     op_name,
     plan_quantization,
 )
@@ -178,26 +179,31 @@ def layer_table(mod: tvm.IRModule) -> list[dict]:
     """Each conv/matmul layer of ``mod["main"]``: its precision and stored weight bytes.
 
     The precision is ``w<bits>a<bits>`` from the dtypes the layer computes on (``w8a8``:
-    int8 weights, 8-bit activations), or ``float``.
+    int8 weights, 8-bit activations), or ``float``; layers with 4-bit weights (``int4_weights``)
+    are ``w4a<bits>`` and store half a byte per weight.
     """
     table = []
+    int4 = {str(n) for n in (mod["main"].attrs or {}).get(INT4_ATTR, [])}
     for binding in bindings(mod["main"]):
         value = binding.value
         if op_name(value) not in CONV_OPS | MATMUL_OPS:
             continue
         data, weight = (arg.ty.dtype for arg in value.args[:2])
         stored = const_value(value.args[1])
+        name = layer_name(mod["main"], binding.var.name)
+        bits = 4 if name in int4 else tvm.DataType(weight).bits
         precision = (
             "float"
             if str(data).startswith(("float", "bfloat"))
-            else f"w{tvm.DataType(weight).bits}a{tvm.DataType(data).bits}"
+            else f"w{bits}a{tvm.DataType(data).bits}"
         )
+        size = 0 if stored is None else int(stored.nbytes)
         table.append(
             {
-                "layer": binding.var.name,
+                "layer": name,
                 "op": op_name(value).removeprefix("relax."),
                 "precision": precision,
-                "weight_bytes": 0 if stored is None else int(stored.nbytes),
+                "weight_bytes": (stored.size + 1) // 2 if bits == 4 else size,
             }
         )
     return table

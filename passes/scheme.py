@@ -7,6 +7,7 @@ chosen; a :class:`QuantScheme` pairs a spec for weights with one for activations
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from qcompiler.passes.errors import QCompilerError
@@ -166,6 +167,10 @@ class QuantConfig:
     reduce the layer's output error on the calibration data (:mod:`~qcompiler.passes.rounding`).
     ``bias_correction``: remove the mean output shift that weight rounding causes, per channel.
     Both need symmetric weights and apply to conv2d/matmul layers with constant weights.
+
+    ``int4_weights``: names of conv2d/matmul layers (the op's tensor in the imported model, as
+    the manifest's layer table lists them) whose weights get 4 bits, symmetric per channel
+    ([-7, 7]); they are stored two per byte (W4A8).
     """
 
     scheme: QuantScheme = field(default_factory=lambda: PRESETS["hybrid"])
@@ -173,6 +178,7 @@ class QuantConfig:
     int16_activations: tuple[str, ...] | float = ()
     weight_rounding: str = "nearest"
     bias_correction: bool = False
+    int4_weights: tuple[str, ...] = ()
 
     def __post_init__(self):
         if isinstance(self.scheme, str):
@@ -184,6 +190,9 @@ class QuantConfig:
                 f"unknown weight rounding {self.weight_rounding!r}, candidates are "
                 f"{list(WEIGHT_ROUNDINGS)}"
             )
+        object.__setattr__(self, "int4_weights", tuple(str(n) for n in self.int4_weights))
+        if self.int4_weights and not self.scheme.weight.symmetric:
+            raise QCompilerError("int4 weights need a scheme with symmetric weights")
         wide = self.int16_activations
         if isinstance(wide, int | float) and not isinstance(wide, bool):
             if not 0.0 <= wide <= 1.0:
@@ -195,6 +204,12 @@ class QuantConfig:
     def needs_layer_inputs(self) -> bool:
         """Whether quantizing needs each layer's input statistics from calibration."""
         return self.weight_rounding != "nearest" or self.bias_correction
+
+    def weight_spec(self, layer: str) -> QuantSpec:
+        """The spec of the weights of the conv/matmul layer called ``layer``."""
+        if layer in self.int4_weights:
+            return dataclasses.replace(self.scheme.weight, bits=4, narrow_range=True)
+        return self.scheme.weight
 
     def activation_spec(self, name: str) -> QuantSpec:
         """The spec of the activation tensor called ``name``."""

@@ -38,6 +38,7 @@ def _config(args) -> QuantConfig:
         _int16(args.int16),
         weight_rounding=args.weight_rounding,
         bias_correction=args.bias_correction,
+        int4_weights=tuple(n.strip() for n in (args.int4 or "").split(",") if n.strip()),
     )
 
 
@@ -298,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--int16",
             help="16-bit activations: a share of the tensors whose 8-bit quantization is "
             "noisiest on the calibration data (e.g. 0.05), or tensor names (lv12,lv40)",
+        )
+        p.add_argument(
+            "--int4",
+            help="4-bit weights (W4A8, stored two per byte) for these conv/matmul layers, "
+            "named as in the artifact's layer table (lv12,lv40)",
         )
         p.add_argument(
             "--weight-rounding",

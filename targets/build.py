@@ -29,7 +29,7 @@ from tvm.relax.backend.cuda import pipeline as cuda_backend
 
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.targets import cuda
-from qcompiler.targets.kernels import use_int8_kernels
+from qcompiler.targets.kernels import store_int4_weights, use_int8_kernels
 from qcompiler.targets.requantize import fuse_requantize
 from qcompiler.targets.schedules import default_schedules
 
@@ -48,11 +48,16 @@ def fused_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
             ]
         else:
             mod = fuse_requantize(use_int8_kernels(mod, target))
+            legalize = []
+            for p in cpu.legalize_passes(target):
+                legalize.append(p)
+                if p.info.name == "FoldConstant":  # 4-bit weights stay packed (see there)
+                    legalize.append(store_int4_weights)
             passes = [
                 *cpu.library_dispatch_passes(target),
                 relax.transform.DecomposeOpsForInference(),
                 relax.transform.CanonicalizeBindings(),
-                *cpu.legalize_passes(target),
+                *legalize,
             ]
         return tvm.transform.Sequential(passes)(mod)
 

@@ -30,7 +30,9 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from qcompiler.passes.graph import const_value, op_name
+from qcompiler.passes import qmath
+from qcompiler.passes.annotate import INT4_ATTR
+from qcompiler.passes.graph import const_value, layer_name, op_name
 
 VNNI_INTRIN = "qc_dot_16x4_vnni"
 # Names of the packed compute blocks; the default schedules look for them.
@@ -260,9 +262,22 @@ def _slice_channels(bb, out, channels: int):
 
 @mutator
 class _Int8Kernels(PyExprMutator):
-    def __init__(self, mod, dot_product: bool):
+    def __init__(self, mod, dot_product: bool, int4: frozenset = frozenset()):
         super().__init__(mod)
         self.dot_product = dot_product
+        self.int4 = int4  # layers whose weights are stored as 4-bit codes
+        self.main = mod["main"]
+        self.layer = ""
+
+    def visit_var_binding_(self, binding):
+        self.layer = layer_name(self.main, binding.var.name)
+        super().visit_var_binding_(binding)
+
+    def _kernel_name(self, base: str, w: np.ndarray) -> str:
+        """``qc_conv2d_int4`` / ``qc_dense_int4`` for a layer whose weights are stored packed
+        (:func:`store_int4_weights` finds them by this name), ``..._int8`` otherwise."""
+        int4 = self.layer in self.int4 and w.min() >= -8 and w.max() <= 7
+        return f"{base}_int4" if int4 else f"{base}_int8"
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -333,7 +348,7 @@ class _Int8Kernels(PyExprMutator):
             strides=[int(s) for s in attrs.strides],
             padding=padding,
             dilation=[int(d) for d in attrs.dilation],
-            primfunc_name_hint="qc_conv2d_int8",
+            primfunc_name_hint=self._kernel_name("qc_conv2d", w),
         )
         out = _slice_channels(bb, out, w.shape[0])
         return self._unshift(out, w, (1, 2, 3), (1, 1, 1, -1)) if shifted else out
@@ -468,7 +483,10 @@ class _Int8Kernels(PyExprMutator):
         packed = pack_dense_weight(w)
         data = _pad_channels(bb, data, packed.shape[1] * GROUP)
         out = bb.call_te(
-            dense_packed, data, relax.const(packed, "int8"), primfunc_name_hint="qc_dense_int8"
+            dense_packed,
+            data,
+            relax.const(packed, "int8"),
+            primfunc_name_hint=self._kernel_name("qc_dense", w),
         )
         out = _slice_channels(bb, out, w.shape[1])
         return self._unshift(out, w, (0,), (1, -1)) if shifted else out
@@ -481,7 +499,65 @@ def use_int8_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
     instruction (:func:`has_vnni`); integer depthwise convs become channels-innermost kernels
     on every target.
     """
-    rewriter = _Int8Kernels(mod, dot_product=has_vnni(target))
+    int4 = frozenset(str(n) for n in (mod["main"].attrs or {}).get(INT4_ATTR, []))
+    rewriter = _Int8Kernels(mod, dot_product=has_vnni(target), int4=int4)
+    main = rewriter.visit_expr(mod["main"])
+    out = rewriter.builder_.get()
+    out["main"] = main
+    return relax.transform.DeadCodeElimination(["main"])(out)
+
+
+# -- 4-bit weight storage ----------------------------------------------------------------------
+INT4_KERNELS = ("qc_conv2d_int4", "qc_dense_int4")
+
+
+def unpack_int4(packed, size: int):
+    """TE: the int8 codes of :func:`qcompiler.passes.qmath.pack_int4`'s bytes (two signed 4-bit
+    codes per byte along the last axis, the even one in the low nibble), ``size`` per row."""
+
+    def body(*index):
+        byte = packed[(*index[:-1], index[-1] // 2)].astype("int32")
+        nibble = (byte >> ((index[-1] % 2) * 4)) & 15
+        return ((nibble ^ 8) - 8).astype("int8")
+
+    return te.compute((*packed.shape[:-1], size), body, name="unpack_int4")
+
+
+@mutator
+class _Int4Storage(PyExprMutator):
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not (
+            isinstance(call.op, tvm.ir.Op)
+            and call.op.name == "relax.call_tir"
+            and call.args[0].name_hint.startswith(INT4_KERNELS)
+        ):
+            return call
+        args = list(call.args[1].fields)
+        weights = const_value(args[1])
+        if weights is None:
+            return call
+        nibbles = qmath.pack_int4(weights)
+        args[1] = self.builder_.emit(
+            self.builder_.call_te(
+                unpack_int4,
+                relax.const(nibbles, "uint8"),
+                int(weights.shape[-1]),
+                primfunc_name_hint="qc_unpack_int4",
+            )
+        )
+        return relax.Call(call.op, [call.args[0], relax.Tuple(args)], call.attrs, call.ty_args)
+
+
+@tvm.transform.module_pass(opt_level=0, name="QCStoreInt4Weights")
+def store_int4_weights(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """The packed int8 weights of the W4A8 kernels stored as 4-bit codes, two per byte, and
+    unpacked by a small kernel before each call (half the bytes in the library and in memory).
+
+    Runs after ``FoldConstant`` -- which would otherwise evaluate the unpacking at compile time
+    and store the int8 codes again -- and before ``FuseOps``, which leaves the unpacking (no
+    op pattern) a kernel of its own, so the dot-product kernel reads int8 codes as before."""
+    rewriter = _Int4Storage(mod)
     main = rewriter.visit_expr(mod["main"])
     out = rewriter.builder_.get()
     out["main"] = main

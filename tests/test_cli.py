@@ -143,3 +143,25 @@ def test_compile_with_optimized_rounding_and_bias_correction(compiled, shared):
     hits = sum(int(np.argmax(art.run({"Input3": x[None]})["output"]) == y)
                for x, y in zip(images, labels))  # fmt: skip
     assert hits == len(labels)  # these six digits are read right in float too
+
+
+def test_compile_with_int4_layers_named_from_the_layer_table(compiled, shared):
+    """The names in a W8A8 artifact's layer table select the W4A8 layers of the next compile."""
+    tmp, first, images, labels = compiled
+    layers = json.loads((first / "manifest.json").read_text())["layers"]
+    chosen = [layer["layer"] for layer in layers[:2]]
+    model = shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"
+    out = tmp / "art_int4"
+    cmd = [sys.executable, "-m", "qcompiler.cli", "compile", str(model),
+           "--calib", str(tmp / "calib.npz"),
+           "--int4", ",".join(chosen), "-o", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    table = json.loads((out / "manifest.json").read_text())["layers"]
+    assert [t["precision"] for t in table] == ["w4a8", "w4a8"] + ["w8a8"] * (len(table) - 2)
+    assert [t["weight_bytes"] for t in table[:2]] == [
+        (layer["weight_bytes"] + 1) // 2 for layer in layers[:2]
+    ]
+    art = qcompiler.load(out)
+    hits = sum(int(np.argmax(art.run({"Input3": x[None]})["output"]) == y)
+               for x, y in zip(images, labels))  # fmt: skip
+    assert hits >= len(labels) - 1

@@ -43,9 +43,10 @@ from qcompiler.passes.pipeline import (
 )
 from qcompiler.passes.prequantized import check_supported, io_quantization, is_prequantized
 from qcompiler.passes.scheme import CalibConfig, QuantConfig, QuantScheme, QuantSpec
+from qcompiler.targets.bitwidth import Plan, choose_precisions, weight_options
 from qcompiler.targets.boards import host_arch, resolve_board
 from qcompiler.targets.build import build as build_executable
-from qcompiler.targets.sensitivity import SensitivityProbe
+from qcompiler.targets.sensitivity import SensitivityProbe, WeightProbe
 from qcompiler.targets.tuning import LocalRPC, RPCEndpoint, TuneReport, load_database
 from qcompiler.targets.tuning import tune as tune_kernels
 
@@ -212,6 +213,42 @@ def activation_sensitivity(calibration: Calibration, samples, config=None, targe
     activations deserve ``int16_activations`` (see :mod:`qcompiler.targets.sensitivity`)."""
     probe = SensitivityProbe(calibration, _as_config(config), list(samples), _tvm_target(target))
     return probe.measure()
+
+
+def choose_weight_precisions(
+    calibration: Calibration,
+    config=None,
+    *,
+    max_bytes=None,
+    max_error=None,
+    samples=None,
+    target="x86",
+) -> tuple[QuantConfig, Plan]:
+    """Which conv/matmul layers get 4-bit weights: the integer program of
+    :mod:`qcompiler.targets.bitwidth` over each layer's W8A8/W4A8 weight bytes and error.
+
+    With ``samples`` (input dicts, a few calibration samples), the error is measured on the
+    model's outputs (:class:`~qcompiler.targets.sensitivity.WeightProbe`: each layer alone at
+    4 bits), and the chosen configuration is run through the same probe
+    (``plan.measured_sqnr_db``); without, a per-layer proxy from the calibration's layer
+    statistics (``layer_inputs=True``). With ``max_bytes``, the least error within that many
+    weight bytes; with ``max_error`` (a sum of noise powers), the fewest bytes within it.
+    Returns ``config`` with ``int4_weights`` set, and the plan.
+    """
+    config = _as_config(config)
+    if (max_bytes is None) == (max_error is None):
+        raise QCompilerError("give exactly one of max_bytes and max_error")
+    probe = measured = None
+    if samples is not None:
+        probe = WeightProbe(calibration, config, list(samples), _tvm_target(target))
+        measured = probe.measure()
+    table = weight_options(calibration, config, measured)
+    minimize = "error" if max_bytes is not None else "bytes"
+    plan = choose_precisions(table, minimize=minimize, max_bytes=max_bytes, max_error=max_error)
+    int4 = tuple(layer for layer, p in plan.precisions.items() if p == "w4a8")
+    if probe is not None:
+        plan = replace(plan, measured_sqnr_db=probe.run(set(int4)))
+    return replace(config, int4_weights=int4), plan
 
 
 def _tvm_target(target):

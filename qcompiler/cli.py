@@ -62,16 +62,19 @@ def _board(args):
 
 def cmd_compile(args) -> int:
     board = _board(args)
-    art = api.compile(
-        args.model,
-        calib=args.calib,
-        target=board,
-        config=_config(args) if args.calib else None,
-        preprocess=_preprocess(args),
-        limit=args.limit,
-        tuning_records=args.tuning_records,
-        cross_compiler=args.cross_compiler,
-    )
+    if args.size_budget_kb is not None:
+        art = _compile_within_size(args, board)
+    else:
+        art = api.compile(
+            args.model,
+            calib=args.calib,
+            target=board,
+            config=_config(args) if args.calib else None,
+            preprocess=_preprocess(args),
+            limit=args.limit,
+            tuning_records=args.tuning_records,
+            cross_compiler=args.cross_compiler,
+        )
     path = art.export(args.output)
     fallbacks = art.manifest["quantization"]["float_fallbacks"]
     print(
@@ -79,6 +82,27 @@ def cmd_compile(args) -> int:
         f"{len(fallbacks)} float fallback op(s))"
     )
     return 0
+
+
+def _compile_within_size(args, board):
+    """``--size-budget-kb``: 4-bit weights for the layers whose rounding costs least, until the
+    weights fit (see :func:`qcompiler.api.choose_weight_precisions`)."""
+    if not args.calib:
+        raise QCompilerError("--size-budget-kb needs --calib (the layers' input statistics)")
+    model, calibration = api.calibrate(
+        args.model, args.calib, preprocess=_preprocess(args), limit=args.limit, layer_inputs=True
+    )
+    config, plan = api.choose_weight_precisions(
+        calibration, _config(args), max_bytes=args.size_budget_kb * 1024
+    )
+    print(
+        f"mixed precision: {len(config.int4_weights)} of {len(plan.precisions)} layers at W4A8, "
+        f"{plan.bytes} weight bytes, predicted relative layer noise {plan.error:.3g}"
+    )
+    quant = api.quantize(model, None, config, calibration=calibration)
+    return quant.build(
+        board, tuning_records=args.tuning_records, cross_compiler=args.cross_compiler
+    )
 
 
 def cmd_targets(args) -> int:
@@ -323,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="quantize and build a model into an artifact directory")
     quant_options(p)
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument(
+        "--size-budget-kb",
+        type=float,
+        help="mixed precision: give 4-bit weights to the layers whose rounding adds the least "
+        "output noise (measured on the calibration data) until the weights fit this many KiB",
+    )
     p.add_argument("--tuning-records", help="directory written by `qc tune`")
     p.add_argument(
         "--cross-compiler",

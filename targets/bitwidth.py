@@ -23,6 +23,7 @@ own (the optimum of that quantity alone, under the ties).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from qcompiler.passes import rounding
 from qcompiler.passes.errors import QCompilerError
+from qcompiler.passes.graph import CONV_OPS, MATMUL_OPS, bindings, const_value, op_name
+from qcompiler.passes.scheme import QuantConfig
 
 QUANTITIES = ("latency_ms", "error", "bytes")
 
@@ -53,6 +57,7 @@ class Plan:
     latency_ms: float
     error: float
     bytes: int
+    measured_sqnr_db: float | None = None  # the chosen configuration, run (when it was)
 
 
 class _Program:
@@ -173,3 +178,65 @@ def choose_precisions(
         f"no choice of precisions meets {listed} together (each alone can: the smallest "
         f"achievable values are {best})"
     )
+
+
+def weight_options(calibration, config=None, measured=None) -> dict[str, list[Option]]:
+    """``w8a8`` and ``w4a8`` options for every conv/matmul layer with constant weights: their
+    stored bytes, and an error.
+
+    With ``measured`` (``(alone_db, base_db)`` from
+    :meth:`qcompiler.targets.sensitivity.WeightProbe.measure`), the error of 4-bit weights in a
+    layer is the output noise power they add, measured on the model's outputs relative to their
+    peak: ``10**(-alone/10) - 10**(-base/10)``, and 0 at 8 bits -- the quantity to budget.
+    Without it, a local proxy from the calibration's layer statistics (``layer_inputs=True``):
+    the layer's own relative output noise ``sum rᵀHr / sum wᵀHw``, ``H`` the second moment of
+    its input patches -- what the rounding does to the layer, not to the answer. Latency is not
+    in this table (0): choose by size or error with it.
+    """
+    config = config or QuantConfig()
+    if not config.scheme.weight.symmetric:
+        raise QCompilerError("choosing weight precisions needs symmetric weights")
+    if measured is None and not calibration.layers:
+        raise QCompilerError(
+            "choosing weight precisions needs measured sensitivities or the layers' input "
+            "statistics (calibrate with layer_inputs=True)"
+        )
+    table = {}
+    for binding in bindings(calibration.mod["main"]):
+        call = binding.value
+        weight = const_value(call.args[1]) if op_name(call) in CONV_OPS | MATMUL_OPS else None
+        if weight is None:
+            continue
+        name, small = binding.var.name, (weight.size + 1) // 2
+        if measured is not None:
+            alone, base = measured
+            added = max(10 ** (-alone[name] / 10) - 10 ** (-base / 10), 0.0)
+            table[name] = [Option("w8a8", 0.0, 0.0, weight.size), Option("w4a8", 0.0, added, small)]
+            continue
+        stats = calibration.layers.get(binding.var)
+        if stats is None or stats.count == 0:  # no statistics (a very long patch): 8 bits
+            table[name] = [Option("w8a8", 0.0, 0.0, weight.size)]
+            continue
+        w = rounding.weight_groups(call, weight.astype(np.float64))
+        hessian = stats.second_moment
+        signal = float(np.einsum("gok,gkl,gol->", w, hessian, w))
+        options = []
+        for precision, bits in (("w8a8", 8), ("w4a8", 4)):
+            spec = config.scheme.weight
+            if bits == 4:
+                spec = dataclasses.replace(spec, bits=4, narrow_range=True)
+            codes, scale = _symmetric_codes(w, spec)
+            noise = float(rounding.output_error(w, codes, scale, hessian).sum())
+            size = weight.size if bits == 8 else small
+            options.append(Option(precision, 0.0, noise / max(signal, 1e-30), size))
+        table[name] = options
+    return table
+
+
+def _symmetric_codes(w: np.ndarray, spec):
+    """Per-output-channel symmetric codes of grouped weights ``w[g, o, k]`` and their scales
+    ``[g, o]`` (the max-abs rule of the annotator)."""
+    peak = np.abs(w).max(axis=-1)
+    scale = np.where(peak > 0, peak / spec.qmax, 1.0)
+    codes = np.clip(np.rint(w / scale[..., None]), spec.qmin, spec.qmax)
+    return codes, scale

@@ -22,6 +22,8 @@ The computations are plain TE, so the same functions serve the default schedules
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import tvm
 from tvm import relax, te, tirx
@@ -266,6 +268,7 @@ class _Int8Kernels(PyExprMutator):
         super().__init__(mod)
         self.dot_product = dot_product
         self.int4 = int4  # layers whose weights are stored as 4-bit codes
+        self.int4_digests: list[str] = []
         self.main = mod["main"]
         self.layer = ""
 
@@ -274,10 +277,17 @@ class _Int8Kernels(PyExprMutator):
         super().visit_var_binding_(binding)
 
     def _kernel_name(self, base: str, w: np.ndarray) -> str:
-        """``qc_conv2d_int4`` / ``qc_dense_int4`` for a layer whose weights are stored packed
-        (:func:`store_int4_weights` finds them by this name), ``..._int8`` otherwise."""
+        """``qc_conv2d_int4`` / ``qc_dense_int4`` for a layer whose weights are to be stored
+        packed, ``..._int8`` otherwise (a name for readers: equal kernels share one PrimFunc
+        whatever their names, so :func:`store_int4_weights` finds the 4-bit weights by their
+        digest in :data:`INT4_DIGESTS_ATTR`)."""
         int4 = self.layer in self.int4 and w.min() >= -8 and w.max() <= 7
         return f"{base}_int4" if int4 else f"{base}_int8"
+
+    def _packed_const(self, packed: np.ndarray, w: np.ndarray):
+        if self.layer in self.int4 and w.min() >= -8 and w.max() <= 7:
+            self.int4_digests.append(_digest(packed))
+        return relax.const(packed, "int8")
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -344,7 +354,7 @@ class _Int8Kernels(PyExprMutator):
         out = bb.call_te(
             conv2d_nhwc_packed,
             data,
-            relax.const(packed, "int8"),
+            self._packed_const(packed, w),
             strides=[int(s) for s in attrs.strides],
             padding=padding,
             dilation=[int(d) for d in attrs.dilation],
@@ -485,7 +495,7 @@ class _Int8Kernels(PyExprMutator):
         out = bb.call_te(
             dense_packed,
             data,
-            relax.const(packed, "int8"),
+            self._packed_const(packed, w),
             primfunc_name_hint=self._kernel_name("qc_dense", w),
         )
         out = _slice_channels(bb, out, w.shape[1])
@@ -504,11 +514,18 @@ def use_int8_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
     main = rewriter.visit_expr(mod["main"])
     out = rewriter.builder_.get()
     out["main"] = main
+    if rewriter.int4_digests:
+        out["main"] = out["main"].with_attr(INT4_DIGESTS_ATTR, rewriter.int4_digests)
     return relax.transform.DeadCodeElimination(["main"])(out)
 
 
 # -- 4-bit weight storage ----------------------------------------------------------------------
-INT4_KERNELS = ("qc_conv2d_int4", "qc_dense_int4")
+# main's attribute: digests of the packed int8 weights that hold 4-bit codes, to be stored packed
+INT4_DIGESTS_ATTR = "qc.int4_weight_digests"
+
+
+def _digest(packed: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(packed).tobytes()).hexdigest()
 
 
 def unpack_int4(packed, size: int):
@@ -525,17 +542,17 @@ def unpack_int4(packed, size: int):
 
 @mutator
 class _Int4Storage(PyExprMutator):
+    def __init__(self, mod, digests: set):
+        super().__init__(mod)
+        self.digests = digests
+
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if not (
-            isinstance(call.op, tvm.ir.Op)
-            and call.op.name == "relax.call_tir"
-            and call.args[0].name_hint.startswith(INT4_KERNELS)
-        ):
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
             return call
         args = list(call.args[1].fields)
-        weights = const_value(args[1])
-        if weights is None:
+        weights = const_value(args[1]) if len(args) > 1 else None
+        if weights is None or weights.dtype != np.int8 or _digest(weights) not in self.digests:
             return call
         nibbles = qmath.pack_int4(weights)
         args[1] = self.builder_.emit(
@@ -557,7 +574,10 @@ def store_int4_weights(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     Runs after ``FoldConstant`` -- which would otherwise evaluate the unpacking at compile time
     and store the int8 codes again -- and before ``FuseOps``, which leaves the unpacking (no
     op pattern) a kernel of its own, so the dot-product kernel reads int8 codes as before."""
-    rewriter = _Int4Storage(mod)
+    digests = {str(d) for d in (mod["main"].attrs or {}).get(INT4_DIGESTS_ATTR, [])}
+    if not digests:
+        return mod
+    rewriter = _Int4Storage(mod, digests)
     main = rewriter.visit_expr(mod["main"])
     out = rewriter.builder_.get()
     out["main"] = main

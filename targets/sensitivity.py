@@ -27,9 +27,10 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from qcompiler.passes.annotate import annotate
+from qcompiler.passes import qmath
+from qcompiler.passes.annotate import annotate, quantize_constant, weight_axis
 from qcompiler.passes.errors import QCompilerError
-from qcompiler.passes.graph import op_name
+from qcompiler.passes.graph import CONV_OPS, MATMUL_OPS, bindings, const_value, op_name
 from qcompiler.passes.scheme import QuantConfig
 from qcompiler.targets.build import build as build_executable
 
@@ -147,3 +148,81 @@ class SensitivityProbe:
     def measure(self) -> Sensitivity:
         alone = {n: self.run({n}) for n in self.names}
         return Sensitivity(self.names, alone, self.run(set(self.names)), self.run(set()))
+
+
+# -- weights ------------------------------------------------------------------------------------
+@mutator
+class _WeightSwitches(PyExprMutator):
+    """Replaces the constant weights of chosen conv/matmul layers by
+    ``base + switch[k] * (alternative - base)``."""
+
+    def __init__(self, mod, weights: dict, switch: relax.Var):
+        super().__init__(mod)
+        self.index = {var: k for k, var in enumerate(weights)}  # by var: names may repeat
+        self.weights = weights
+        self.switch = switch
+
+    def visit_var_binding_(self, binding):
+        k = self.index.get(binding.var)
+        if k is None:
+            return super().visit_var_binding_(binding)
+        call = self.visit_expr(binding.value)
+        base, alternative = self.weights[binding.var]
+        on = self.builder_.emit(relax.op.take(self.switch, relax.const(k, "int64"), axis=0))
+        delta = relax.const((alternative - base).astype("float32"))
+        weight = self.builder_.emit(
+            relax.op.add(relax.const(base.astype("float32")), relax.op.multiply(on, delta))
+        )
+        new = relax.Call(call.op, [call.args[0], weight, *call.args[2:]], call.attrs, call.ty_args)
+        var = binding.var
+        emit = (
+            self.builder_.emit if isinstance(var, relax.DataflowVar) else self.builder_.emit_output
+        )
+        self.set_var_remap(var, emit(new, var.name))
+
+
+def _dequantized_weights(call, spec) -> np.ndarray:
+    weight = const_value(call.args[1])
+    codes, scale, zero_point, axis = quantize_constant(weight, spec, weight_axis(call))
+    return qmath.dequantize(codes, scale, zero_point, axis).astype(np.float32)
+
+
+class WeightProbe:
+    """The float model with each conv/matmul layer's weights switchable between their 8-bit and
+    4-bit roundings (activations exact), compiled once: the output SQNR with any set of layers
+    at 4 bits, measured on ``samples`` -- what 4-bit weights in a layer do to the answer."""
+
+    def __init__(self, calibration, config: QuantConfig, samples: list[dict], target):
+        if not samples:
+            raise QCompilerError("weight sensitivity needs at least one calibration sample")
+        func = calibration.mod["main"]
+        eight = config.scheme.weight
+        four = dataclasses.replace(eight, bits=4, narrow_range=True)
+        weights = {}
+        for binding in bindings(func):
+            call = binding.value
+            if op_name(call) in CONV_OPS | MATMUL_OPS and const_value(call.args[1]) is not None:
+                pair = (_dequantized_weights(call, eight), _dequantized_weights(call, four))
+                weights[binding.var] = pair
+        self.names = [var.name for var in weights]
+        switch = relax.Var("qc_switch", relax.TensorType((len(weights),), "float32"))
+        body = _WeightSwitches(calibration.mod, weights, switch).visit_expr(func).body
+        probe = tvm.IRModule(dict(calibration.mod.functions), attrs=calibration.mod.attrs)
+        probe["main"] = relax.Function([*func.params, switch], body, func.ret_ty, attrs=func.attrs)
+        self._probe = SensitivityProbe._vm(probe, target)
+        params = [p.name for p in func.params]
+        self._inputs = [
+            [tvm.runtime.tensor(np.ascontiguousarray(s[n])) for n in params] for s in samples
+        ]
+        reference = SensitivityProbe._vm(calibration.mod, target)
+        self.reference = [SensitivityProbe._outputs(reference(*args)) for args in self._inputs]
+
+    def run(self, four_bit: set[str]) -> float:
+        """Output SQNR (dB) with the layers in ``four_bit`` at 4 bits, the others at 8."""
+        flag = tvm.runtime.tensor(np.array([n in four_bit for n in self.names], dtype="float32"))
+        got = [SensitivityProbe._outputs(self._probe(*args, flag)) for args in self._inputs]
+        return output_sqnr(self.reference, got)
+
+    def measure(self) -> tuple[dict[str, float], float]:
+        """``({layer: SQNR with it alone at 4 bits}, SQNR with every layer at 8 bits)``."""
+        return {n: self.run({n}) for n in self.names}, self.run(set())

@@ -123,3 +123,72 @@ def test_bad_tables_are_clear_errors():
         choose_precisions({"conv": [Option("w8a8", 1, 1)]}, ties=[("conv", "fc")])
     with pytest.raises(QCompilerError, match="minimize"):
         choose_precisions({"conv": [Option("w8a8", 1, 1)]}, minimize="speed")
+
+
+@pytest.fixture(scope="module")
+def mnist_calibration(shared):
+    import qcompiler
+
+    data = np.load(shared / "data" / "mnist_test.npz")
+    images = data["images"].astype(np.float32).reshape(-1, 1, 1, 28, 28)
+    model = qcompiler.api.load_model(str(shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"))
+    model, calibration = qcompiler.calibrate(
+        model, [{"Input3": x} for x in images[:50]], layer_inputs=True
+    )
+    return model, calibration, images, data["labels"]
+
+
+def test_weight_options_from_calibration(mnist_calibration):
+    from qcompiler.targets.bitwidth import weight_options
+
+    _, calibration, _, _ = mnist_calibration
+    table = weight_options(calibration)
+    assert len(table) == 3
+    for options in table.values():
+        eight, four = options
+        assert (eight.precision, four.precision) == ("w8a8", "w4a8")
+        assert four.bytes == (eight.bytes + 1) // 2
+        # 4 fewer bits: about 24 dB more noise (16x the step), give or take the rounding
+        assert 0 < eight.error < four.error
+        assert 50 < four.error / eight.error < 1000
+
+
+def test_a_size_budget_is_met_by_the_built_model(mnist_calibration):
+    import qcompiler
+
+    model, calibration, images, labels = mnist_calibration
+    eight = qcompiler.quantize(model, None, calibration=calibration).build("x86")
+    budget = int(0.7 * eight.manifest["weight_bytes"])
+    config, plan = qcompiler.api.choose_weight_precisions(calibration, max_bytes=budget)
+    assert config.int4_weights and plan.bytes <= budget
+    artifact = qcompiler.quantize(model, None, config, calibration=calibration).build("x86")
+    assert artifact.manifest["weight_bytes"] == plan.bytes <= budget
+    chosen = {t["layer"] for t in artifact.manifest["layers"] if t["precision"] == "w4a8"}
+    assert chosen == set(config.int4_weights)
+
+    def top1(art):
+        scores = [next(iter(art.run({"Input3": x}).values())) for x in images[100:400]]
+        return np.mean(np.argmax(np.concatenate(scores), axis=1) == labels[100:400])
+
+    assert top1(artifact) >= top1(eight) - 0.02
+    with pytest.raises(QCompilerError, match="bytes <= 100 cannot be met"):
+        qcompiler.api.choose_weight_precisions(calibration, max_bytes=100)
+
+
+def test_measured_choice_reports_the_probe_sqnr(mnist_calibration):
+    import qcompiler
+
+    model, calibration, images, _ = mnist_calibration
+    samples = [{"Input3": x} for x in images[:4]]
+    eight = qcompiler.quantize(model, None, calibration=calibration).build("x86")
+    budget = int(0.7 * eight.manifest["weight_bytes"])
+    config, plan = qcompiler.api.choose_weight_precisions(
+        calibration, max_bytes=budget, samples=samples
+    )
+    assert plan.bytes <= budget and config.int4_weights
+    assert plan.measured_sqnr_db is not None and 5 < plan.measured_sqnr_db < 60
+    # a looser budget keeps more layers at 8 bits and measures at least as clean
+    _, loose = qcompiler.api.choose_weight_precisions(
+        calibration, max_bytes=int(0.9 * eight.manifest["weight_bytes"]), samples=samples
+    )
+    assert loose.measured_sqnr_db >= plan.measured_sqnr_db - 0.5

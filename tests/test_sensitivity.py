@@ -69,3 +69,53 @@ def test_probe_matches_onnxruntime_and_the_integer_build():
     assert result.all_db < result.weights_db
     assert all(result.all_db - 0.5 <= db for db in result.alone_db.values())
     assert result.ranked()[0] == min(result.alone_db, key=result.alone_db.get)
+
+
+def _rounded(model, bits_of):
+    """The model with each conv weight ``init`` rounded to ``bits_of(init.name)`` bits,
+    symmetric per output channel (codes in [-(2**(b-1)-1), 2**(b-1)-1]), in numpy."""
+    out = type(model)()
+    out.CopyFrom(model)
+    for init in out.graph.initializer:
+        w = numpy_helper.to_array(init).astype(np.float64)
+        top = 2 ** (bits_of(init.name) - 1) - 1
+        shape = (-1,) + (1,) * (w.ndim - 1)
+        scale = (np.abs(w).reshape(len(w), -1).max(axis=1) / top).reshape(shape)
+        q = np.clip(np.rint(w / scale), -top, top) * scale
+        init.CopyFrom(numpy_helper.from_array(q.astype(np.float32), init.name))
+    return out
+
+
+def test_weight_probe_matches_onnxruntime_with_4_bit_weights():
+    """Each layer alone at 4 bits (the others at 8, activations exact): the probe's output
+    SQNR against onnxruntime running numpy-rounded weights."""
+    from qcompiler.passes.graph import bindings, const_value, op_name
+    from qcompiler.targets.boards import resolve_target
+    from qcompiler.targets.sensitivity import WeightProbe
+
+    model = head_model()
+    imported, calibration = qcompiler.calibrate(qcompiler.api.load_model(model), samples(16))
+    probe_samples = samples(3, seed=12)
+    target = resolve_target("x86")
+    probe = WeightProbe(calibration, qcompiler.QuantConfig(), probe_samples, target)
+    alone, base = probe.measure()
+    float_session = ort.InferenceSession(model.SerializeToString(),
+                                         providers=["CPUExecutionProvider"])  # fmt: skip
+    ref = [float_session.run(None, s) for s in probe_samples]
+    # the probe names layers by their tensors: find each one's initializer by its weights
+    # (OHWI in the compiled float model, OIHW in the ONNX file)
+    layers = {
+        b.var.name: const_value(b.value.args[1]).transpose(0, 3, 1, 2)
+        for b in bindings(calibration.mod["main"])
+        if op_name(b.value) == "relax.nn.conv2d"
+    }
+    initializers = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert sorted(probe.names) == sorted(layers) and len(layers) == 3
+    for name in probe.names:
+        (weight,) = [n for n, w in initializers.items() if np.array_equal(w, layers[name])]
+        rounded = _rounded(model, lambda n, w=weight: 4 if n == w else 8)
+        session = ort.InferenceSession(rounded.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])  # fmt: skip
+        expected = output_sqnr(ref, [session.run(None, s) for s in probe_samples])
+        assert alone[name] == pytest.approx(expected, abs=0.1)
+        assert alone[name] < base

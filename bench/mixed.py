@@ -1,0 +1,118 @@
+"""Mixed precision by weight size: W8A8, W4A8 and the integer program's choices in between.
+
+For EfficientNet-Lite0 (../shared), calibrated once on the first 100 ImageNet samples (with the
+layers' input statistics, for optimized rounding), evaluated on the others: top-1 of fp32 (TVM),
+uniform W8A8, uniform W4A8, and the configurations :func:`qcompiler.api.choose_weight_precisions`
+picks for weight budgets between the two: each layer's 4-bit weights measured alone on the
+model's outputs (8 calibration images, one compiled probe), then the least added noise within
+the budget (scipy's MILP). Each chosen configuration is built and run, with nearest and with
+optimized weight rounding. Weight bytes (int4 packed, half a byte per weight), compression
+against fp32, the probe's output SQNR of the choice, latency (median of ``--runs``, 1 thread) in
+the same run, and the search's wall time (probe included).
+
+Run from the repository root::
+
+    python bench/mixed.py                      # 400 evaluation images
+    python bench/mixed.py --images 100 --budgets 0.8 0.6
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import accuracy  # noqa: E402  (ImageNet split, preamble, peak RSS)
+from speed import time_call  # noqa: E402
+
+from qcompiler import api  # noqa: E402
+from qcompiler.deploy.artifact import set_threads  # noqa: E402
+from qcompiler.passes.scheme import QuantConfig  # noqa: E402
+from qcompiler.targets.bitwidth import weight_options  # noqa: E402
+
+MODEL = "efficientnet_lite0/efficientnet_lite0_fp32.onnx"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=400, help="evaluation images")
+    parser.add_argument(
+        "--budgets",
+        nargs="+",
+        type=float,
+        default=[0.85, 0.7, 0.6],
+        help="weight budgets as shares of the W8A8 weight bytes",
+    )
+    parser.add_argument("--runs", type=int, default=50)
+    args = parser.parse_args(argv)
+    shared = Path(os.environ.get("QC_SHARED", accuracy.REPO.parent / "shared")).resolve()
+    print("\n".join(accuracy.preamble(shared)[:5]))
+    set_threads(1)
+    model = api.load_model(str(shared / "models" / MODEL))
+    data = accuracy._imagenet(shared, model.inputs[0], args.images)
+    start = time.perf_counter()
+    model, calibration = api.calibrate(model, data.calib, layer_inputs=True)
+    calibrate_s = time.perf_counter() - start
+    print(f"calibration with layer statistics: {calibrate_s:.0f} s ({len(data.calib)} images)")
+
+    def build(config):
+        return api.quantize(model, None, config, calibration=calibration).build("x86")
+
+    def top1(artifact) -> float:
+        predict = accuracy.tvm_predict(artifact)
+        return float(np.mean([predict(x) == y for x, y in zip(data.inputs, data.labels)]))
+
+    def latency(artifact) -> float:
+        feed = data.inputs[0]
+        return 1e3 * time_call(lambda: artifact.run(feed), args.runs, warmup=3)[0]
+
+    optimized = QuantConfig(weight_rounding="optimized")
+    rows = []
+    fp32 = api.compile_float(model, "x86")
+    eight = build(QuantConfig())
+    fp32_bytes = 4 * sum(layer["weight_bytes"] for layer in eight.manifest["layers"])
+    rows.append(("fp32 (TVM)", fp32, fp32_bytes, None, None))
+    rows.append(("W8A8 (uniform)", eight, eight.manifest["weight_bytes"], None, None))
+    every = tuple(weight_options(calibration))
+    for label, config in (("", QuantConfig()), (", optimized rounding", optimized)):
+        four = build(replace(config, int4_weights=every))
+        rows.append((f"W4A8 (uniform){label}", four, four.manifest["weight_bytes"], None, None))
+    for share in args.budgets:
+        limit = int(share * eight.manifest["weight_bytes"])
+        search = time.perf_counter()
+        config, plan = api.choose_weight_precisions(
+            calibration, max_bytes=limit, samples=data.calib[:8]
+        )
+        search_s = time.perf_counter() - search
+        count = len(config.int4_weights)
+        for label, rounding in (("", "nearest"), (", optimized rounding", "optimized")):
+            artifact = build(replace(config, weight_rounding=rounding))
+            name = f"mixed, <= {share:.0%} of W8A8 bytes ({count} W4A8 layers){label}"
+            size = artifact.manifest["weight_bytes"]
+            rows.append((name, artifact, size, plan.measured_sqnr_db, search_s))
+
+    reference = top1(fp32)
+    print(f"\n{MODEL}, {len(data.inputs)} evaluation images, 1 thread\n")
+    print("| build | top-1 | Δ vs fp32 | weight KiB | vs fp32 | probe dB | ms | search s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, artifact, size, probe_db, search_s in rows:
+        accuracy_ = reference if artifact is fp32 else top1(artifact)
+        print(
+            f"| {label} | {accuracy_:.4f} | {100 * (accuracy_ - reference):+.2f} | "
+            f"{size / 1024:.0f} | {fp32_bytes / size:.1f}x | "
+            f"{'' if probe_db is None else f'{probe_db:.1f}'} | {latency(artifact):.2f} | "
+            f"{'' if search_s is None else f'{search_s:.2f}'} |"
+        )
+    print(f"\npeak RSS {accuracy._peak_rss_mib():.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

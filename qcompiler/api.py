@@ -148,6 +148,13 @@ def _by_param(model: ImportedModel, samples):
         yield {p: sample[i.name] for p, i in zip(params, model.inputs)}
 
 
+def calibration_samples(model, calib, preprocess=None, limit=None, offset=0) -> list[dict]:
+    """Samples of ``calib`` as input dicts keyed like the compiled model's parameters (what
+    the sensitivity probes take); ``limit`` of them, from ``offset``."""
+    model = model if isinstance(model, ImportedModel) else load_model(model)
+    return list(_by_param(model, _samples(model, calib, preprocess, limit, offset)))
+
+
 def calibrate(
     model, calib, preprocess=None, limit=None, offset=0, bins=2048, layer_inputs=False
 ) -> tuple:

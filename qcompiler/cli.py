@@ -85,19 +85,27 @@ def cmd_compile(args) -> int:
 
 
 def _compile_within_size(args, board):
-    """``--size-budget-kb``: 4-bit weights for the layers whose rounding costs least, until the
-    weights fit (see :func:`qcompiler.api.choose_weight_precisions`)."""
+    """``--size-budget-kb``: 4-bit weights for the layers whose rounding, measured on the
+    model's outputs for a few calibration samples, costs least, until the weights fit (see
+    :func:`qcompiler.api.choose_weight_precisions`)."""
     if not args.calib:
         raise QCompilerError("--size-budget-kb needs --calib (the layers' input statistics)")
+    config = _config(args)
     model, calibration = api.calibrate(
-        args.model, args.calib, preprocess=_preprocess(args), limit=args.limit, layer_inputs=True
+        args.model,
+        args.calib,
+        preprocess=_preprocess(args),
+        limit=args.limit,
+        layer_inputs=config.needs_layer_inputs,
     )
+    probe = api.calibration_samples(model, args.calib, _preprocess(args), limit=8)
     config, plan = api.choose_weight_precisions(
-        calibration, _config(args), max_bytes=args.size_budget_kb * 1024
+        calibration, config, max_bytes=args.size_budget_kb * 1024, samples=probe
     )
     print(
         f"mixed precision: {len(config.int4_weights)} of {len(plan.precisions)} layers at W4A8, "
-        f"{plan.bytes} weight bytes, predicted relative layer noise {plan.error:.3g}"
+        f"{plan.bytes} weight bytes; output SQNR on {len(probe)} calibration samples with "
+        f"activations exact: {plan.measured_sqnr_db:.1f} dB"
     )
     quant = api.quantize(model, None, config, calibration=calibration)
     return quant.build(
@@ -351,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--size-budget-kb",
         type=float,
         help="mixed precision: give 4-bit weights to the layers whose rounding adds the least "
-        "output noise (measured on the calibration data) until the weights fit this many KiB",
+        "noise to the outputs (measured on 8 calibration samples) until the weights fit this "
+        "many KiB",
     )
     p.add_argument("--tuning-records", help="directory written by `qc tune`")
     p.add_argument(

@@ -165,3 +165,22 @@ def test_compile_with_int4_layers_named_from_the_layer_table(compiled, shared):
     hits = sum(int(np.argmax(art.run({"Input3": x[None]})["output"]) == y)
                for x, y in zip(images, labels))  # fmt: skip
     assert hits >= len(labels) - 1
+
+
+def test_compile_within_a_size_budget(compiled, shared):
+    tmp, first, images, labels = compiled
+    budget = 0.7 * json.loads((first / "manifest.json").read_text())["weight_bytes"] / 1024
+    model = shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"
+    out = tmp / "art_budget"
+    cmd = [sys.executable, "-m", "qcompiler.cli", "compile", str(model),
+           "--calib", str(tmp / "calib.npz"),
+           "--size-budget-kb", f"{budget:.2f}", "-o", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    assert "layers at W4A8" in done.stdout and "dB" in done.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["weight_bytes"] <= budget * 1024
+    assert any(layer["precision"] == "w4a8" for layer in manifest["layers"])
+    art = qcompiler.load(out)
+    hits = sum(int(np.argmax(art.run({"Input3": x[None]})["output"]) == y)
+               for x, y in zip(images, labels))  # fmt: skip
+    assert hits >= len(labels) - 1

@@ -33,8 +33,7 @@ def resnet8(shared):
 
 @pytest.fixture(scope="module")
 def quantized(shared):
-    with pytest.warns(UserWarning, match="softmax"):
-        return api.quantize_prequantized(api.load_model(resnet8(shared)))
+    return api.quantize_prequantized(api.load_model(resnet8(shared)))
 
 
 def file_says(path) -> str:

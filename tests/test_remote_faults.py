@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-import warnings
 
 import numpy as np
 import pytest
@@ -18,9 +17,7 @@ from qcompiler.targets.tuning import LocalRPC, RPCEndpoint
 @pytest.fixture(scope="module")
 def artifact(shared, tmp_path_factory):
     path = shared / "models/resnet8_cifar10/pretrainedResnet_quant.tflite"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # softmax stays float
-        quantized = api.quantize_prequantized(api.load_model(path))
+    quantized = api.quantize_prequantized(api.load_model(path))
     return api.load(quantized.build("x86").export(tmp_path_factory.mktemp("art") / "art"))
 
 

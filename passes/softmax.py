@@ -169,7 +169,11 @@ def lower(emit, codes, input_scale: float, out_dtype: str, beta: float = 1.0):
     exps, accumulated = tables(input_scale, beta)
     wide = emit(op.astype(codes, "int64"))
     index = emit(op.subtract(op.max(wide, axis=[-1], keepdims=True), wide))
-    total = emit(op.sum(op.take(ops.const(accumulated), index, axis=0), axis=[-1], keepdims=True))
+    total = emit(
+        op.sum(
+            op.take(ops.const(accumulated), index, axis=0, mode="clip"), axis=[-1], keepdims=True
+        )
+    )
     # GetReciprocal: the headroom of the sum (its leading zeros as an int32), from its bit length
     powers = ops.const(np.left_shift(np.int64(1), np.arange(32, dtype=np.int64)))
     bits = emit(
@@ -185,7 +189,7 @@ def lower(emit, codes, input_scale: float, out_dtype: str, beta: float = 1.0):
         error = emit(op.subtract(ops.const(1 << 29), ops.srdhm(half_denominator, x)))
         x = emit(op.add(x, ops.saturating_shift_left(ops.srdhm(x, error), 2)))
     scale = ops.saturating_shift_left(x, 1)
-    exponentials = emit(op.take(ops.const(exps), index, axis=0))
+    exponentials = emit(op.take(ops.const(exps), index, axis=0, mode="clip"))
     shift = emit(op.subtract(ops.const(ACCUMULATION_BITS + 31 - 8), headroom))
     # both factors are >= 0 (a reciprocal and exponentials), so is their product
     unsaturated = ops.round_shift_nonnegative(ops.srdhm(scale, exponentials), shift)

@@ -76,3 +76,15 @@ def test_softmax_with_beta_is_refused(tmp_path):
     path.write_bytes(softmax_model("uint8", 0.1, 128, (1, 10), beta=0.5))
     with pytest.raises(QCompilerError, match="probabilities.*beta=0.5"):
         qcompiler.compile(str(path), target="x86")
+
+
+def test_softmax_tables_are_read_with_clipped_indices(tmp_path):
+    """The tuner measures every kernel on random inputs: a table lookup in TVM's "fast" mode
+    (no bounds) crashed the RPC server there, so the lookups clip their indices."""
+    from qcompiler.passes.graph import bindings, op_name
+
+    path = tmp_path / "softmax.tflite"
+    path.write_bytes(softmax_model("uint8", 0.1, 128, (1, 10)))
+    quantized = qcompiler.quantize(str(path), None)
+    takes = [b.value for b in bindings(quantized.mod["main"]) if op_name(b.value) == "relax.take"]
+    assert len(takes) == 2 and all(str(t.attrs.mode) == "clip" for t in takes)

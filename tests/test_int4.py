@@ -128,3 +128,34 @@ def test_unknown_int4_layer_is_a_clear_error(mnist):
         qcompiler.quantize(
             model, [{"Input3": x} for x in images[:10]], QuantConfig(int4_weights=["conv9"])
         )
+
+
+def test_4_bit_scales_clip_where_that_lowers_the_rounding_error():
+    """Per channel, the 4-bit scale is the best of a grid of clipped max-abs scales (an
+    exhaustive numpy search here) and never worse than max-abs; 8-bit scales stay max-abs."""
+    import dataclasses
+
+    from qcompiler.passes.annotate import quantize_constant
+
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(6, 3, 3, 8)).astype(np.float32)
+    w[0, 0, 0, 0] = 12.0  # an outlier: clipping it pays
+    w[1] = rng.uniform(-1, 1, size=(3, 3, 8))  # flat: max-abs is about right
+    eight = qcompiler.QuantConfig().scheme.weight
+    four = dataclasses.replace(eight, bits=4, narrow_range=True)
+
+    def error(channel, scale, spec):
+        q = np.clip(np.rint(channel / scale), spec.qmin, spec.qmax)
+        return float(((q * scale - channel.astype(np.float64)) ** 2).sum())
+
+    codes, scale, _, axis = quantize_constant(w, four, 0)
+    assert axis == 0 and codes.min() >= -7 and codes.max() <= 7
+    for c in range(6):
+        peak = np.abs(w[c]).max() / 7
+        grid = [peak * f for f in np.linspace(0.5, 1.0, 26)]
+        best = min(error(w[c], s, four) for s in grid)
+        assert error(w[c], float(scale[c]), four) == pytest.approx(best, rel=1e-5)
+        assert error(w[c], float(scale[c]), four) <= error(w[c], peak, four) + 1e-9
+    assert scale[0] < 0.9 * np.abs(w[0]).max() / 7  # the outlier is clipped
+    _, scale8, _, _ = quantize_constant(w, eight, 0)
+    np.testing.assert_allclose(scale8, np.abs(w).reshape(6, -1).max(axis=1) / 127, rtol=1e-6)

@@ -281,11 +281,14 @@ class _Int8Kernels(PyExprMutator):
         packed, ``..._int8`` otherwise (a name for readers: equal kernels share one PrimFunc
         whatever their names, so :func:`store_int4_weights` finds the 4-bit weights by their
         digest in :data:`INT4_DIGESTS_ATTR`)."""
-        int4 = self.layer in self.int4 and w.min() >= -8 and w.max() <= 7
-        return f"{base}_int4" if int4 else f"{base}_int8"
+        return f"{base}_int4" if self._stores_int4(w) else f"{base}_int8"
+
+    def _stores_int4(self, w: np.ndarray) -> bool:
+        """Is the current layer's weight ``w`` to be stored as 4-bit codes?"""
+        return self.layer in self.int4 and w.min() >= -8 and w.max() <= 7
 
     def _packed_const(self, packed: np.ndarray, w: np.ndarray):
-        if self.layer in self.int4 and w.min() >= -8 and w.max() <= 7:
+        if self._stores_int4(w):
             self.int4_digests.append(_digest(packed))
         return relax.const(packed, "int8")
 
@@ -334,8 +337,9 @@ class _Int8Kernels(PyExprMutator):
             return self._depthwise(call)
         if self._is_int16_data(call):
             return self._split_int16(call, self._conv2d)
-        if self._offset_split(call) is not None:
-            return self._split_weight_offset(call, self._conv2d)
+        split = self._offset_split(call)
+        if split is not None:
+            return self._split_weight_offset(call, split, self._conv2d)
         data, w = self._int8_operands(call)
         if data is None or not self.dot_product:
             return None
@@ -421,13 +425,13 @@ class _Int8Kernels(PyExprMutator):
         shape[out_axis] = -1
         return (w - offset.reshape(shape)).astype(np.int8), offset, out_axis
 
-    def _split_weight_offset(self, call, lower):
+    def _split_weight_offset(self, call, split, lower):
         """``f(x, w8 + c) = f(x, w8) + c * f(x, 1)`` for the linear ``f`` (conv or matmul),
         exactly: the int8 part runs on the dot-product kernels, and ``f(x, 1)`` -- the sum of
         ``x`` over each output's window, one channel -- is a cheap reduction, shared by all
         output channels. Padding contributes zero to both, as to ``f(x, w)``."""
         bb = self.builder_
-        w8, offset, _ = self._offset_split(call)
+        w8, offset, _ = split
         data, attrs = call.args[0], call.attrs
         int8_call = relax.Call(call.op, [data, relax.const(w8, "int8")], attrs, call.ty_args)
         main = lower(bb.normalize(int8_call))
@@ -483,8 +487,9 @@ class _Int8Kernels(PyExprMutator):
     def _matmul(self, call):
         if self._is_int16_data(call):
             return self._split_int16(call, self._matmul)
-        if self._offset_split(call) is not None:
-            return self._split_weight_offset(call, self._matmul)
+        split = self._offset_split(call)
+        if split is not None:
+            return self._split_weight_offset(call, split, self._matmul)
         data, w = self._int8_operands(call)
         if data is None or not self.dot_product or w.ndim != 2 or len(_shape(data)) != 2:
             return None
@@ -512,10 +517,15 @@ def use_int8_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
     int4 = frozenset(str(n) for n in (mod["main"].attrs or {}).get(INT4_ATTR, []))
     rewriter = _Int8Kernels(mod, dot_product=has_vnni(target), int4=int4)
     main = rewriter.visit_expr(mod["main"])
+    if rewriter.int4_digests:
+        main = main.with_attr(INT4_DIGESTS_ATTR, rewriter.int4_digests)
+    return _with_main(rewriter, main)
+
+
+def _with_main(rewriter: PyExprMutator, main: relax.Function) -> tvm.IRModule:
+    """The rewriter's module (with the kernels it added) around the rewritten ``main``."""
     out = rewriter.builder_.get()
     out["main"] = main
-    if rewriter.int4_digests:
-        out["main"] = out["main"].with_attr(INT4_DIGESTS_ATTR, rewriter.int4_digests)
     return relax.transform.DeadCodeElimination(["main"])(out)
 
 
@@ -578,7 +588,4 @@ def store_int4_weights(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     if not digests:
         return mod
     rewriter = _Int4Storage(mod, digests)
-    main = rewriter.visit_expr(mod["main"])
-    out = rewriter.builder_.get()
-    out["main"] = main
-    return relax.transform.DeadCodeElimination(["main"])(out)
+    return _with_main(rewriter, rewriter.visit_expr(mod["main"]))

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 SCHEDULED_ATTR = "tir.is_scheduled"
 _VECTOR_BYTES = 64  # one AVX-512 register; on narrower machines LLVM splits the vector
 _DATA_PAR, _REDUCE = 0, 2  # IterVar kinds
+_MAX_ACCUMULATORS, _MAX_PIXELS = 16, 14  # register tile of the packed conv (_register_tile)
+_TILE_WEIGHT_BYTES = 40 * 1024
 
 
 def _largest_divisor(n: int, cap: int) -> int:
@@ -119,11 +121,38 @@ def _attach_epilogue(sch, anchor, loop, lanes: int) -> None:
     _vectorize_tail(sch, last, lanes)
 
 
+def _register_tile(width: int, blocks: int, reduce_bytes: int) -> tuple[int, int]:
+    """Pixels x 16-channel groups of one register tile of the packed conv.
+
+    Per reduction step the tile broadcasts one activation word per pixel and loads one weight
+    vector per group, then issues ``pixels * groups`` dot products: the fewer loads per dot
+    product the better. Bounds, measured on EfficientNet-Lite0's 1x1 convs (AVX-512, 32 vector
+    registers): at most 16 accumulators (with the weight vectors and a broadcast they must stay
+    in registers; 7 x 4 spilled them to the stack every step and ran at half the speed of
+    7 x 2); at most 14 pixels; and the tile's weights (``groups x 16 x K`` bytes) within about
+    an L1 data cache, else a wide tile streams them from L2 once per pixel block.
+    """
+    best = (1, 1)
+    for pixels in range(1, min(width, _MAX_PIXELS) + 1):
+        if width % pixels:
+            continue
+        for groups in range(1, blocks + 1):
+            if blocks % groups or pixels * groups > _MAX_ACCUMULATORS:
+                continue
+            if groups > 1 and groups * LANES * reduce_bytes > _TILE_WEIGHT_BYTES:
+                continue
+            cost = (pixels + groups) / (pixels * groups)
+            best_cost = sum(best) / (best[0] * best[1])
+            if (cost, -pixels) < (best_cost, -best[0]):
+                best = (pixels, groups)
+    return best
+
+
 def _schedule_conv_vnni(sch, block) -> None:
     n, h, w, o, ry, rx, rc = sch.get_loops(block)
     width, channels = _extent(sch, w), _extent(sch, o)
-    pixels = _largest_divisor(width, 8)
-    groups = _largest_divisor(channels // LANES, 4 if pixels <= 7 else 2)
+    reduce_bytes = _extent(sch, ry) * _extent(sch, rx) * _extent(sch, rc)
+    pixels, groups = _register_tile(width, channels // LANES, reduce_bytes)
     oo, o2, oi = sch.split(o, [None, groups, LANES])
     rco, rci = sch.split(rc, [None, 4])
     wo, wi = sch.split(w, [None, pixels])
@@ -157,12 +186,28 @@ def _schedule_dense_vnni(sch, block) -> None:
     sch.unroll(j2)
 
 
+def _depthwise_tile(width: int, channels: int) -> tuple[int, int]:
+    """Pixels x channels of one depthwise register tile: as many accumulator vectors as fit
+    (16, with the pixels at most 14), fewer channels on a tie. Measured on EfficientNet-Lite0's
+    depthwise layers, 14 x 16 and 7 x 32 ran 5-15% faster than the 8 x 16 used before."""
+    if channels % LANES:
+        return _largest_divisor(width, _MAX_PIXELS), _largest_divisor(channels, LANES)
+    best, best_vectors = (1, LANES), 0
+    for lanes in (LANES, 2 * LANES):
+        if channels % lanes:
+            continue
+        pixels = _largest_divisor(width, min(_MAX_PIXELS, _MAX_ACCUMULATORS * LANES // lanes))
+        if pixels * lanes // LANES > best_vectors:
+            best, best_vectors = (pixels, lanes), pixels * lanes // LANES
+    return best
+
+
 def _schedule_depthwise(sch, block) -> None:
-    """Register tile of a few pixels x 16 channels, all taps unrolled, padding done up front."""
+    """Register tile of pixels x channels (:func:`_depthwise_tile`), all taps unrolled, padding
+    done up front."""
     pads = sch.get_producers(block)
     b, y, x, k, ry, rx = sch.get_loops(block)
-    lanes = _largest_divisor(_extent(sch, k), LANES)
-    pixels = _largest_divisor(_extent(sch, x), 8)
+    pixels, lanes = _depthwise_tile(_extent(sch, x), _extent(sch, k))
     ko, ki = sch.split(k, [None, lanes])
     xo, xi = sch.split(x, [None, pixels])
     sch.reorder(b, y, xo, ko, ry, rx, xi, ki)

@@ -79,6 +79,9 @@ CONV_CASES = [
     ((1, 15, 13, 8), 32, 3, 2, 1),  # odd sizes, stride 2
     ((1, 16, 16, 3), 24, 3, 2, 1),  # 3 input channels (padded to 4), 24 outputs (to 32)
     ((2, 7, 7, 64), 16, 3, 1, 1),  # batch 2
+    # register tiles other than pixels x 2 groups (schedules._register_tile)
+    ((1, 14, 14, 40), 48, 1, 1, 0),  # 2 pixels x 3 groups
+    ((1, 7, 7, 96), 80, 1, 1, 0),  # 7 pixels x 1 group (5 groups would spill)
 ]
 
 
@@ -94,12 +97,19 @@ def test_conv2d_matches_numpy(target, x_shape, out_channels, k, stride, pad):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("x_dtype,k,stride", [("uint8", 3, 1), ("int8", 5, 2), ("uint8", 3, 2)])
-def test_depthwise_matches_numpy(target, x_dtype, k, stride):
+@pytest.mark.parametrize(
+    "x_dtype,k,stride,width,channels",
+    [
+        ("uint8", 3, 1, 19, 40),
+        ("int8", 5, 2, 19, 40),
+        ("uint8", 3, 2, 19, 40),
+        ("uint8", 3, 1, 16, 64),  # 8 pixels x 32 channels per tile
+    ],
+)
+def test_depthwise_matches_numpy(target, x_dtype, k, stride, width, channels):
     rng = np.random.default_rng(k * 10 + stride)
-    channels = 40
     info = np.iinfo(x_dtype)
-    x = rng.integers(info.min, info.max + 1, (1, 17, 19, channels)).astype(x_dtype)
+    x = rng.integers(info.min, info.max + 1, (1, 17, width, channels)).astype(x_dtype)
     w = rng.integers(-127, 128, (channels, k, k, 1), dtype=np.int8)
     padding = (k // 2,) * 4
     mod = conv_module(x.shape, w, (stride, stride), padding, groups=channels, x_dtype=x_dtype)

@@ -120,6 +120,23 @@ def test_depthwise_matches_numpy(target, x_dtype, k, stride, width, channels):
 
 
 @pytest.mark.parametrize("target", TARGETS)
+def test_pads_split_at_their_bounds_match_numpy(target):
+    """A layout change plus uneven pads: the schedule splits the rows at the pad's bounds."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (1, 3, 10, 9)).astype("uint8")
+    bb = relax.BlockBuilder()
+    var = relax.Var("x", relax.TensorType(x.shape, "uint8"))
+    with bb.function("main", [var]):
+        with bb.dataflow():
+            nhwc = bb.emit(relax.op.permute_dims(var, [0, 2, 3, 1]))
+            padded = bb.emit(relax.op.nn.pad(nhwc, [0, 0, 1, 2, 0, 1, 0, 1], pad_value=5.0))
+            out = bb.emit_output(padded)
+        bb.emit_func_output(out)
+    expected = np.pad(x.transpose(0, 2, 3, 1), ((0, 0), (1, 2), (0, 1), (0, 1)), constant_values=5)
+    np.testing.assert_array_equal(run(bb.get(), target, x), expected)
+
+
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("m,k,n", [(1, 1280, 1000), (3, 30, 20)])
 def test_dense_matches_numpy(target, m, k, n):
     rng = np.random.default_rng(m + k + n)

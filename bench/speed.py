@@ -160,7 +160,9 @@ def columns_for(case: accuracy.Case, args, shared: Path, workdir: Path) -> tuple
     quantized = qcompiler.quantize(model, None, calibration=calibration)
     records = Path(args.records) / case.name if args.records else None
     if records is not None and args.tune is not None:
-        for precision, subject in (("int8", quantized), ("fp32", model)):
+        subjects = {"int8": quantized, "fp32": model}
+        for precision in args.tune_precisions.split(","):
+            subject = subjects[precision]
             start = time.perf_counter()
             report = qcompiler.tune(
                 subject,
@@ -255,6 +257,11 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--tune", type=int, metavar="TRIALS", help="tune into --records first (TRIALS per model)"
+    )
+    parser.add_argument(
+        "--tune-precisions",
+        default="int8,fp32",
+        help="which builds --tune tunes (comma-separated: int8, fp32; default both)",
     )
     parser.add_argument("--target", default="x86")
     parser.add_argument("--markdown", metavar="PATH", help="also write the tables here")

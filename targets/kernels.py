@@ -9,12 +9,16 @@ as contiguous ``16 x 4`` tiles. This module
 
 * registers that instruction as a TIR tensor intrinsic (:data:`VNNI_INTRIN`; TVM's own
   ``dot_16x4_vnni`` passes ``<16 x i32>`` operands that LLVM 22 rejects for this intrinsic),
+  and likewise Arm's ``sdot`` (Armv8.2 dot product: Raspberry Pi 5, Jetson hosts), which
+  multiplies signed by signed bytes for 4 output channels (:data:`SDOT_INTRIN`),
 * defines the packed conv2d/dense computations (:func:`conv2d_nhwc_packed`, :func:`dense_packed`;
-  weights ``[O/16, KH, KW, I/4, 16, 4]`` and ``[N/16, K/4, 16, 4]``, packed once at compile time),
-* and rewrites the integer module's uint8 x int8 convs and matmuls to them
-  (:func:`use_int8_kernels`); int8 activations (TFLite's) are shifted to uint8 by +128 and the
-  ``128 * sum(w)`` this adds is subtracted per output channel. Channel counts that are not
-  multiples of 16 (outputs) or 4 (inputs) are padded with zero weights and sliced off again.
+  weights ``[O/L, KH, KW, I/4, L, 4]`` and ``[N/L, K/4, L, 4]`` with ``L`` the instruction's
+  lanes, 16 or 4, packed once at compile time),
+* and rewrites the integer module's 8-bit convs and matmuls to them (:func:`use_int8_kernels`).
+  Activations of the other signedness than the instruction wants are shifted by 128 (int8 ->
+  uint8 for VNNI, uint8 -> int8 for sdot), and the ``128 * sum(w)`` this adds or removes is
+  corrected per output channel. Channel counts that are not multiples of ``L`` (outputs) or 4
+  (inputs) are padded with zero weights and sliced off again.
 
 The computations are plain TE, so the same functions serve the default schedules
 (``targets.schedules``) and meta-schedule's search.
@@ -23,6 +27,7 @@ The computations are plain TE, so the same functions serve the default schedules
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import tvm
@@ -81,6 +86,67 @@ def _dot_16x4_vnni(
 
 TensorIntrin.register(VNNI_INTRIN, _dot_16x4_desc, _dot_16x4_vnni, override=True)
 
+SDOT_INTRIN = "qc_dot_4x4_sdot"
+
+
+@T.prim_func(s_tir=True)
+def _dot_4x4_desc(
+    A: T.Buffer((4,), "int8", offset_factor=1),
+    B: T.Buffer((4, 4), "int8", offset_factor=1),
+    C: T.Buffer((4,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+        T.writes(C[0:4])
+        for i in T.serial(0, 4):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _dot_4x4_sdot(
+    A: T.Buffer((4,), "int8", offset_factor=1),
+    B: T.Buffer((4, 4), "int8", offset_factor=1),
+    C: T.Buffer((4,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+        T.writes(C[0:4])
+        a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+            C.vload([0], dtype="int32x4"),
+            B.vload([0, 0], dtype="int8x16"),
+            T.reinterpret(T.broadcast(a_i32, 4), dtype="int8x16"),
+            dtype="int32x4",
+        )
+
+
+TensorIntrin.register(SDOT_INTRIN, _dot_4x4_desc, _dot_4x4_sdot, override=True)
+
+
+@dataclass(frozen=True)
+class DotProduct:
+    """A CPU's int8 dot-product instruction as the kernels use it."""
+
+    name: str
+    lanes: int  # int32 output lanes per instruction (each sums GROUP byte products)
+    data_dtype: str  # the activations' byte type it multiplies (the weights are int8)
+    intrin: str  # the registered tensor intrinsic
+
+    def shift(self, dtype: str) -> int:
+        """What to add to activations of ``dtype`` to get the instruction's byte type."""
+        if dtype == self.data_dtype:
+            return 0
+        return 128 if self.data_dtype == "uint8" else -128
+
+
+VNNI = DotProduct("avx512-vnni", 16, "uint8", VNNI_INTRIN)
+SDOT = DotProduct("arm-sdot", 4, "int8", SDOT_INTRIN)
+BY_INTRIN = {d.intrin: d for d in (VNNI, SDOT)}
+
 
 TVM_VNNI_INTRIN = "dot_16x4_vnni"  # the name meta-schedule's x86 rules tensorize with
 
@@ -120,12 +186,20 @@ def fix_tvm_intrinsics() -> None:
 
 def has_vnni(target: tvm.target.Target) -> bool:
     """Whether ``target`` is an x86 CPU with AVX-512 VNNI."""
+    return dot_product(target) is VNNI
+
+
+def dot_product(target: tvm.target.Target) -> DotProduct | None:
+    """The int8 dot-product instruction of ``target``'s CPU that the kernels use, if any:
+    AVX-512 VNNI on x86, ``sdot`` on Arm CPUs with the dot-product extension."""
     if target.kind.name != "llvm" or "mcpu" not in target.attrs:
-        return False
+        return None
     triple = str(target.attrs.get("mtriple", "x86_64"))
-    if not triple.startswith(("x86_64", "i686")):
-        return False
-    return bool(codegen.llvm_cpu_has_features("avx512vnni", target))
+    if triple.startswith(("x86_64", "i686")):
+        return VNNI if codegen.llvm_cpu_has_features("avx512vnni", target) else None
+    if triple.startswith("aarch64"):
+        return SDOT if codegen.llvm_cpu_has_features("dotprod", target) else None
+    return None
 
 
 def _ceil_to(n: int, m: int) -> int:
@@ -133,34 +207,34 @@ def _ceil_to(n: int, m: int) -> int:
 
 
 # -- weight packing (numpy, at compile time) ------------------------------------------------------
-def pack_conv_weight(w: np.ndarray) -> np.ndarray:
-    """``OHWI`` int8 weights as ``[O/16, KH, KW, I/4, 16, 4]``, zero-padded to whole tiles."""
+def pack_conv_weight(w: np.ndarray, lanes: int = LANES) -> np.ndarray:
+    """``OHWI`` int8 weights as ``[O/L, KH, KW, I/4, L, 4]``, zero-padded to whole tiles."""
     o, kh, kw, i = w.shape
-    o_pad, i_pad = _ceil_to(o, LANES), _ceil_to(i, GROUP)
+    o_pad, i_pad = _ceil_to(o, lanes), _ceil_to(i, GROUP)
     padded = np.zeros((o_pad, kh, kw, i_pad), dtype=np.int8)
     padded[:o, :, :, :i] = w
-    tiles = padded.reshape(o_pad // LANES, LANES, kh, kw, i_pad // GROUP, GROUP)
+    tiles = padded.reshape(o_pad // lanes, lanes, kh, kw, i_pad // GROUP, GROUP)
     return np.ascontiguousarray(tiles.transpose(0, 2, 3, 4, 1, 5))
 
 
-def pack_dense_weight(w: np.ndarray) -> np.ndarray:
-    """``[K, N]`` int8 weights (``x @ w``) as ``[N/16, K/4, 16, 4]``, zero-padded."""
+def pack_dense_weight(w: np.ndarray, lanes: int = LANES) -> np.ndarray:
+    """``[K, N]`` int8 weights (``x @ w``) as ``[N/L, K/4, L, 4]``, zero-padded."""
     k, n = w.shape
-    k_pad, n_pad = _ceil_to(k, GROUP), _ceil_to(n, LANES)
+    k_pad, n_pad = _ceil_to(k, GROUP), _ceil_to(n, lanes)
     padded = np.zeros((k_pad, n_pad), dtype=np.int8)
     padded[:k, :n] = w
-    tiles = padded.reshape(k_pad // GROUP, GROUP, n_pad // LANES, LANES)
+    tiles = padded.reshape(k_pad // GROUP, GROUP, n_pad // lanes, lanes)
     return np.ascontiguousarray(tiles.transpose(2, 0, 3, 1))
 
 
 # -- compute definitions (TE) ----------------------------------------------------------------------
 def conv2d_nhwc_packed(data, packed, strides, padding, dilation):
-    """int32 ``conv2d`` of uint8 NHWC ``data`` with packed weights, zero padding.
+    """int32 ``conv2d`` of 8-bit NHWC ``data`` with packed weights, zero padding.
 
-    ``data`` has ``I`` channels (a multiple of 4); the result has ``O = packed.shape[0] * 16``.
+    ``data`` has ``I`` channels (a multiple of 4); the result has ``O = packed.shape[0] * L``.
     """
     n, h, w, _ = (int(d) for d in data.shape)
-    ob, kh, kw, ib, _, _ = (int(d) for d in packed.shape)
+    ob, kh, kw, ib, lanes, _ = (int(d) for d in packed.shape)
     (sh, sw), (dh, dw) = strides, dilation
     top, left, bottom, right = padding
     if any(padding):
@@ -179,10 +253,10 @@ def conv2d_nhwc_packed(data, packed, strides, padding, dilation):
     rx = te.reduce_axis((0, kw), "rx")
     rc = te.reduce_axis((0, ib * GROUP), "rc")
     return te.compute(
-        (n, oh, ow, ob * LANES),
+        (n, oh, ow, ob * lanes),
         lambda b, y, x, o: te.sum(
             data[b, y * sh + ry * dh, x * sw + rx * dw, rc].astype("int32")
-            * packed[o // LANES, ry, rx, rc // GROUP, o % LANES, rc % GROUP].astype("int32"),
+            * packed[o // lanes, ry, rx, rc // GROUP, o % lanes, rc % GROUP].astype("int32"),
             axis=[ry, rx, rc],
         ),
         name=CONV_BLOCK,
@@ -225,15 +299,15 @@ def depthwise_nhwc(data, weight, strides, padding, dilation, pad_value):
 
 
 def dense_packed(data, packed):
-    """int32 ``data @ w`` of uint8 ``data[M, K]`` with packed weights ``[N/16, K/4, 16, 4]``."""
+    """int32 ``data @ w`` of 8-bit ``data[M, K]`` with packed weights ``[N/L, K/4, L, 4]``."""
     m = int(data.shape[0])
-    nb, kb, _, _ = (int(d) for d in packed.shape)
+    nb, kb, lanes, _ = (int(d) for d in packed.shape)
     rk = te.reduce_axis((0, kb * GROUP), "rk")
     return te.compute(
-        (m, nb * LANES),
+        (m, nb * lanes),
         lambda i, j: te.sum(
             data[i, rk].astype("int32")
-            * packed[j // LANES, rk // GROUP, j % LANES, rk % GROUP].astype("int32"),
+            * packed[j // lanes, rk // GROUP, j % lanes, rk % GROUP].astype("int32"),
             axis=[rk],
         ),
         name=DENSE_BLOCK,
@@ -264,9 +338,10 @@ def _slice_channels(bb, out, channels: int):
 
 @mutator
 class _Int8Kernels(PyExprMutator):
-    def __init__(self, mod, dot_product: bool, int4: frozenset = frozenset()):
+    def __init__(self, mod, dot: DotProduct | None, int4: frozenset = frozenset()):
         super().__init__(mod)
-        self.dot_product = dot_product
+        self.dot = dot
+        self.dot_product = dot is not None
         self.int4 = int4  # layers whose weights are stored as 4-bit codes
         self.int4_digests: list[str] = []
         self.main = mod["main"]
@@ -314,17 +389,19 @@ class _Int8Kernels(PyExprMutator):
         )
         return (data, w) if ok else (None, None)
 
-    def _as_uint8(self, data):
-        """int8 activations as uint8 codes ``x + 128`` (the instruction multiplies unsigned by
-        signed bytes); the caller subtracts ``128 * sum(w)`` per output channel again."""
-        if str(data.ty.dtype) == "uint8":
-            return data, False
-        wide = relax.op.add(relax.op.astype(data, "int16"), relax.const(128, "int16"))
-        return self.builder_.emit(relax.op.astype(wide, "uint8")), True
+    def _shifted(self, data):
+        """``(data + shift, shift)`` in the instruction's byte type: int8 codes ``x + 128`` for
+        VNNI (unsigned x signed bytes), uint8 codes ``x - 128`` for sdot (signed x signed);
+        the caller takes ``shift * sum(w)`` off each output channel again."""
+        shift = self.dot.shift(str(data.ty.dtype))
+        if not shift:
+            return data, 0
+        wide = relax.op.add(relax.op.astype(data, "int16"), relax.const(shift, "int16"))
+        return self.builder_.emit(relax.op.astype(wide, self.dot.data_dtype)), shift
 
-    def _unshift(self, out, w: np.ndarray, reduce_axes, shape):
-        """``out - 128 * sum(w)`` per output channel (undoes :meth:`_as_uint8`)."""
-        correction = -128 * w.astype(np.int64).sum(axis=reduce_axes)
+    def _unshift(self, out, w: np.ndarray, shift: int, reduce_axes, shape):
+        """``out - shift * sum(w)`` per output channel (undoes :meth:`_shifted`)."""
+        correction = -shift * w.astype(np.int64).sum(axis=reduce_axes)
         const = relax.const(correction.reshape(shape).astype(np.int32), "int32")
         return relax.op.add(self.builder_.emit(out), const)
 
@@ -345,15 +422,15 @@ class _Int8Kernels(PyExprMutator):
             return None
         bb = self.builder_
         padding = [int(p) for p in attrs.padding]
-        if any(padding) and str(data.ty.dtype) == "int8":
-            # The uint8 codes x + 128 are padded with 128, i.e. with the int8 code 0.
+        if any(padding) and self.dot.shift(str(data.ty.dtype)):
+            # Padded before the shift, so that the pad is the code 0 of the original type.
             top, left, bottom, right = padding
             data = bb.emit(
                 relax.op.nn.pad(data, [0, 0, top, bottom, left, right, 0, 0], pad_value=0.0)
             )
             padding = [0, 0, 0, 0]
-        data, shifted = self._as_uint8(data)
-        packed = pack_conv_weight(w)
+        data, shift = self._shifted(data)
+        packed = pack_conv_weight(w, self.dot.lanes)
         data = _pad_channels(bb, data, packed.shape[3] * GROUP)
         out = bb.call_te(
             conv2d_nhwc_packed,
@@ -365,7 +442,7 @@ class _Int8Kernels(PyExprMutator):
             primfunc_name_hint=self._kernel_name("qc_conv2d", w),
         )
         out = _slice_channels(bb, out, w.shape[0])
-        return self._unshift(out, w, (1, 2, 3), (1, 1, 1, -1)) if shifted else out
+        return self._unshift(out, w, shift, (1, 2, 3), (1, 1, 1, -1)) if shift else out
 
     def _is_int16_data(self, call) -> bool:
         w = const_value(call.args[1])
@@ -494,8 +571,8 @@ class _Int8Kernels(PyExprMutator):
         if data is None or not self.dot_product or w.ndim != 2 or len(_shape(data)) != 2:
             return None
         bb = self.builder_
-        data, shifted = self._as_uint8(data)
-        packed = pack_dense_weight(w)
+        data, shift = self._shifted(data)
+        packed = pack_dense_weight(w, self.dot.lanes)
         data = _pad_channels(bb, data, packed.shape[1] * GROUP)
         out = bb.call_te(
             dense_packed,
@@ -504,18 +581,18 @@ class _Int8Kernels(PyExprMutator):
             primfunc_name_hint=self._kernel_name("qc_dense", w),
         )
         out = _slice_channels(bb, out, w.shape[1])
-        return self._unshift(out, w, (0,), (1, -1)) if shifted else out
+        return self._unshift(out, w, shift, (0,), (1, -1)) if shift else out
 
 
 def use_int8_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Rewrite ``main``'s integer convs and matmuls to the kernels of this module.
 
-    uint8 x int8 convs/matmuls become packed dot-product kernels where the target has the
-    instruction (:func:`has_vnni`); integer depthwise convs become channels-innermost kernels
+    8-bit x int8 convs/matmuls become packed dot-product kernels where the target has the
+    instruction (:func:`dot_product`); integer depthwise convs become channels-innermost kernels
     on every target.
     """
     int4 = frozenset(str(n) for n in (mod["main"].attrs or {}).get(INT4_ATTR, []))
-    rewriter = _Int8Kernels(mod, dot_product=has_vnni(target), int4=int4)
+    rewriter = _Int8Kernels(mod, dot=dot_product(target), int4=int4)
     main = rewriter.visit_expr(mod["main"])
     if rewriter.int4_digests:
         main = main.with_attr(INT4_DIGESTS_ATTR, rewriter.int4_digests)

@@ -6,9 +6,10 @@ after minutes of measured trials per kernel. These schedules are written by hand
 the fused function, without search, so that an untuned build is already usable:
 
 ``packed conv2d / dense`` (``targets.kernels``)
-    output channels tiled by 16 and input channels by 4 onto the VNNI intrinsic, a few pixels and
-    16-channel groups per register tile, the requantize epilogue computed per tile while the
-    accumulators are hot, parallel over output rows and channel blocks.
+    output channels tiled by the instruction's lanes (16 for VNNI, 4 for Arm's sdot) and input
+    channels by 4 onto its intrinsic, a few pixels and channel groups per register tile (sized
+    from the layer's shape), the requantize epilogue computed per tile while the accumulators
+    are hot, parallel over output rows and channel blocks.
 ``any other reduction`` (depthwise, pooling, means, matmuls and convs without the intrinsic)
     the innermost spatial axis (channels, in NHWC) split into vector lanes and moved inside the
     reduction loops, everything above it fused into one parallel loop, epilogue at that loop.
@@ -35,7 +36,9 @@ from qcompiler.targets.kernels import (
     DENSE_BLOCK,
     DEPTHWISE_BLOCK,
     LANES,
-    VNNI_INTRIN,
+    SDOT,
+    VNNI,
+    DotProduct,
 )
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ SCHEDULED_ATTR = "tir.is_scheduled"
 _VECTOR_BYTES = 64  # one AVX-512 register; on narrower machines LLVM splits the vector
 _DATA_PAR, _REDUCE = 0, 2  # IterVar kinds
 _MAX_ACCUMULATORS, _MAX_PIXELS = 16, 14  # register tile of the packed conv (_register_tile)
+_MAX_ACCUMULATORS_NEON = 24
 _TILE_WEIGHT_BYTES = 40 * 1024
 
 
@@ -123,7 +127,20 @@ def _attach_epilogue(sch, anchor, loop, lanes: int) -> None:
     _vectorize_tail(sch, last, lanes)
 
 
-def _register_tile(width: int, blocks: int, reduce_bytes: int) -> tuple[int, int]:
+def _dot_product_of(sch, block) -> DotProduct:
+    """The instruction a packed conv/dense block was built for, from its weights' lanes."""
+    buffers = [region.source for region in sch.get(block).reads]
+    for rank in (6, 4):  # conv weights [O/L, KH, KW, I/4, L, 4]; dense [N/L, K/4, L, 4]
+        for buffer in buffers:
+            if str(buffer.dtype) == "int8" and len(buffer.shape) == rank:
+                lanes = int(buffer.shape[-2])
+                return next(d for d in (VNNI, SDOT) if d.lanes == lanes)
+    raise ValueError("no packed int8 weights among the block's operands")
+
+
+def _register_tile(
+    width: int, blocks: int, reduce_bytes: int, lanes: int = LANES
+) -> tuple[int, int]:
     """Pixels x 16-channel groups of one register tile of the packed conv.
 
     Per reduction step the tile broadcasts one activation word per pixel and loads one weight
@@ -133,15 +150,19 @@ def _register_tile(width: int, blocks: int, reduce_bytes: int) -> tuple[int, int
     in registers; 7 x 4 spilled them to the stack every step and ran at half the speed of
     7 x 2); at most 14 pixels; and the tile's weights (``groups x 16 x K`` bytes) within about
     an L1 data cache, else a wide tile streams them from L2 once per pixel block.
+
+    Arm's 4-lane ``sdot`` tiles may hold 24 accumulators (NEON also has 32 vector registers;
+    8 x 12 outputs is the usual int8 GEMM tile there): an assumption, not measured on a board.
     """
+    most = _MAX_ACCUMULATORS if lanes >= LANES else _MAX_ACCUMULATORS_NEON
     best = (1, 1)
     for pixels in range(1, min(width, _MAX_PIXELS) + 1):
         if width % pixels:
             continue
         for groups in range(1, blocks + 1):
-            if blocks % groups or pixels * groups > _MAX_ACCUMULATORS:
+            if blocks % groups or pixels * groups > most:
                 continue
-            if groups > 1 and groups * LANES * reduce_bytes > _TILE_WEIGHT_BYTES:
+            if groups > 1 and groups * lanes * reduce_bytes > _TILE_WEIGHT_BYTES:
                 continue
             cost = (pixels + groups) / (pixels * groups)
             best_cost = sum(best) / (best[0] * best[1])
@@ -150,12 +171,13 @@ def _register_tile(width: int, blocks: int, reduce_bytes: int) -> tuple[int, int
     return best
 
 
-def _schedule_conv_vnni(sch, block) -> None:
+def _schedule_conv_packed(sch, block) -> None:
+    dot = _dot_product_of(sch, block)
     n, h, w, o, ry, rx, rc = sch.get_loops(block)
     width, channels = _extent(sch, w), _extent(sch, o)
     reduce_bytes = _extent(sch, ry) * _extent(sch, rx) * _extent(sch, rc)
-    pixels, groups = _register_tile(width, channels // LANES, reduce_bytes)
-    oo, o2, oi = sch.split(o, [None, groups, LANES])
+    pixels, groups = _register_tile(width, channels // dot.lanes, reduce_bytes, dot.lanes)
+    oo, o2, oi = sch.split(o, [None, groups, dot.lanes])
     rco, rci = sch.split(rc, [None, 4])
     wo, wi = sch.split(w, [None, pixels])
     sch.reorder(n, h, oo, wo, ry, rx, rco, wi, o2, oi, rci)
@@ -168,15 +190,16 @@ def _schedule_conv_vnni(sch, block) -> None:
         _vectorize_tail(sch, pad, 64)
     init = sch.decompose_reduction(block, ry)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(oi, VNNI_INTRIN)
+    sch.tensorize(oi, dot.intrin)
     sch.unroll(wi)
     sch.unroll(o2)
 
 
-def _schedule_dense_vnni(sch, block) -> None:
+def _schedule_dense_packed(sch, block) -> None:
+    dot = _dot_product_of(sch, block)
     i, j, rk = sch.get_loops(block)
-    groups = _largest_divisor(_extent(sch, j) // LANES, 4)
-    jo, j2, ji = sch.split(j, [None, groups, LANES])
+    groups = _largest_divisor(_extent(sch, j) // dot.lanes, 4)
+    jo, j2, ji = sch.split(j, [None, groups, dot.lanes])
     rko, rki = sch.split(rk, [None, 4])
     sch.reorder(i, jo, rko, j2, ji, rki)
     outer = sch.fuse(i, jo)
@@ -184,7 +207,7 @@ def _schedule_dense_vnni(sch, block) -> None:
     _attach_epilogue(sch, block, outer, LANES)
     init = sch.decompose_reduction(block, rko)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ji, VNNI_INTRIN)
+    sch.tensorize(ji, dot.intrin)
     sch.unroll(j2)
 
 
@@ -349,8 +372,8 @@ def schedule_in_place(sch: s_tir.Schedule) -> None:
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     named = {sch.get(b).name_hint: b for b in blocks}
     rules = (
-        (CONV_BLOCK, _schedule_conv_vnni),
-        (DENSE_BLOCK, _schedule_dense_vnni),
+        (CONV_BLOCK, _schedule_conv_packed),
+        (DENSE_BLOCK, _schedule_dense_packed),
         (DEPTHWISE_BLOCK, _schedule_depthwise),
     )
     for name, rule in rules:

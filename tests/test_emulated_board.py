@@ -66,6 +66,65 @@ def test_emulated_pi_runs_the_cross_compiled_model_bit_exact(shared, quantized, 
             np.testing.assert_array_equal(on_pi[name], here[name])
 
 
+def test_emulated_pi5_runs_the_sdot_kernels_bit_exact(shared, quantized, board, tmp_path):
+    """The Pi 5 build multiplies on Arm's ``sdot`` (qemu emulates the dot-product extension)."""
+    pi5 = quantized.build("rpi5")
+    assert "sdot" in pi5.executable.mod.imports[0].inspect_source("asm")
+    pi5 = pi5.export(tmp_path / "pi5")
+    host = quantized.build("x86").export(tmp_path / "host")
+    batch = cifar_inputs(shared, api.load(host).manifest, count=4)
+    samples = [{name: codes[i] for name, codes in batch.items()} for i in range(4)]
+    on_pi, _ = api.run(api.load(pi5), samples, rpc=board, repeat=1)
+    here, _ = api.run(api.load(host), samples, repeat=1)
+    for pi_outputs, host_outputs in zip(on_pi, here, strict=True):
+        for name, value in host_outputs.items():
+            np.testing.assert_array_equal(pi_outputs[name], value)
+
+
+def _run_on_board(board, executable, arrays, tmp_path):
+    import tvm
+    from tvm import relax
+    from tvm.support import cc
+
+    library = tmp_path / "kernel.so"
+    executable.export_library(str(library), fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
+    session = board.connect()
+    session.upload(str(library))
+    device = session.cpu()
+    vm = relax.VirtualMachine(session.load_module("kernel.so"), device)
+    out = vm["main"](*[tvm.runtime.tensor(a, device=device) for a in arrays])
+    return out.numpy()
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "out_channels", "k", "stride", "pad", "x_dtype"),
+    [
+        ((1, 14, 14, 32), 48, 1, 1, 0, "uint8"),  # 12 groups of 4 lanes
+        ((1, 15, 13, 8), 20, 3, 2, 1, "uint8"),  # padded: the pad is uint8 0, not int8 0
+        ((1, 9, 9, 3), 8, 3, 1, 1, "int8"),  # int8 data needs no shift; 3 -> 4 channels
+    ],
+)
+def test_sdot_convs_match_numpy_on_the_emulated_pi5(
+    board, tmp_path, x_shape, out_channels, k, stride, pad, x_dtype
+):
+    from test_kernels import conv_module, conv_reference
+
+    from qcompiler.targets.boards import resolve_target
+    from qcompiler.targets.build import build
+
+    rng = np.random.default_rng(out_channels)
+    info = np.iinfo(x_dtype)
+    x = rng.integers(info.min, info.max + 1, x_shape).astype(x_dtype)
+    w = rng.integers(-127, 128, (out_channels, k, k, x_shape[-1]), dtype=np.int8)
+    padding = (pad,) * 4
+    executable = build(
+        conv_module(x_shape, w, (stride, stride), padding, x_dtype=x_dtype), resolve_target("rpi5")
+    )
+    assert "sdot" in executable.mod.imports[0].inspect_source("asm")
+    got = _run_on_board(board, executable, [x], tmp_path)
+    np.testing.assert_array_equal(got, conv_reference(x, w, (stride, stride), padding))
+
+
 def test_emulated_pi_refuses_an_x86_artifact(quantized, board, tmp_path):
     host = quantized.build("x86").export(tmp_path / "host")
     with pytest.raises(QCompilerError, match=r"built for x86 \(x86_64\).*board at .* is aarch64"):

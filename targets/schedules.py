@@ -43,7 +43,10 @@ from qcompiler.targets.kernels import (
 
 log = logging.getLogger(__name__)
 
-SCHEDULED_ATTR = "tir.is_scheduled"
+# What TVM 0.27 marks a scheduled PrimFunc with (MetaScheduleApplyDatabase sets it for the
+# functions a tuning record scheduled); the older spelling is honoured as well.
+SCHEDULED_ATTR = "tirx.is_scheduled"
+_SCHEDULED_ATTRS = (SCHEDULED_ATTR, "tir.is_scheduled")
 _VECTOR_BYTES = 64  # one AVX-512 register; on narrower machines LLVM splits the vector
 _DATA_PAR, _REDUCE = 0, 2  # IterVar kinds
 _MAX_ACCUMULATORS, _MAX_PIXELS = 16, 14  # register tile of the packed conv (_register_tile)
@@ -398,16 +401,22 @@ def schedule_function(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return sch.mod["main"]
 
 
+def is_scheduled(func: tirx.PrimFunc) -> bool:
+    """Whether ``func`` already has a schedule (a tuning record's, or ours)."""
+    attrs = func.attrs or {}
+    return any(bool(attrs.get(name, False)) for name in _SCHEDULED_ATTRS)
+
+
 @tvm.transform.module_pass(opt_level=0, name="QCDefaultSchedules")
 def default_schedules(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """Schedule every PrimFunc that has no schedule yet (from a tuning database, say)."""
     out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
     for gvar, func in mod.functions.items():
-        if not isinstance(func, tirx.PrimFunc) or (func.attrs and SCHEDULED_ATTR in func.attrs):
+        if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
             continue
         try:
             scheduled = schedule_function(func)
-        except (RuntimeError, ValueError) as err:
+        except (RuntimeError, ValueError, IndexError) as err:
             log.debug("no default schedule for %s: %s", gvar.name_hint, err)
             continue
         out[gvar] = scheduled.with_attr(SCHEDULED_ATTR, True)

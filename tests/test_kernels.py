@@ -119,6 +119,23 @@ def test_depthwise_matches_numpy(target, x_dtype, k, stride, width, channels):
     )
 
 
+def test_default_schedules_leave_tuned_functions_alone():
+    """A function a tuning record scheduled (TVM marks it ``tirx.is_scheduled``) keeps that
+    schedule; an unmarked one gets the default."""
+    from tvm import te
+
+    from qcompiler.targets.schedules import default_schedules
+
+    x = te.placeholder((64, 64), "int32")
+    y = te.compute((64, 64), lambda i, j: x[i, j] * 3, name="y")
+    func = te.create_prim_func([x, y])
+    tuned = tvm.IRModule({"tuned": func.with_attr("tirx.is_scheduled", True), "plain": func})
+    out = default_schedules(tuned)
+    tvm.ir.assert_structural_equal(out["tuned"], tuned["tuned"])
+    with pytest.raises(ValueError):  # the unmarked one was scheduled
+        tvm.ir.assert_structural_equal(out["plain"], func)
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_pads_split_at_their_bounds_match_numpy(target):
     """A layout change plus uneven pads: the schedule splits the rows at the pad's bounds."""

@@ -43,9 +43,11 @@ from qcompiler.passes.pipeline import (
 )
 from qcompiler.passes.prequantized import check_supported, io_quantization, is_prequantized
 from qcompiler.passes.scheme import CalibConfig, QuantConfig, QuantScheme, QuantSpec
-from qcompiler.targets.bitwidth import Plan, choose_precisions, weight_options
+from qcompiler.targets.bitwidth import Option, Plan, choose_precisions, weight_options
 from qcompiler.targets.boards import host_arch, resolve_board
 from qcompiler.targets.build import build as build_executable
+from qcompiler.targets.build import fused_module
+from qcompiler.targets.latency import LayerLatencies, attribute
 from qcompiler.targets.sensitivity import SensitivityProbe, WeightProbe
 from qcompiler.targets.tuning import LocalRPC, RPCEndpoint, TuneReport, load_database
 from qcompiler.targets.tuning import tune as tune_kernels
@@ -222,36 +224,76 @@ def activation_sensitivity(calibration: Calibration, samples, config=None, targe
     return probe.measure()
 
 
+_REST = "(the rest of the model)"
+
+
 def choose_weight_precisions(
     calibration: Calibration,
     config=None,
     *,
     max_bytes=None,
     max_error=None,
+    max_latency_ms=None,
     samples=None,
     target="x86",
+    records=None,
+    rpc: RPCEndpoint | None = None,
+    threads: int | None = None,
+    echo=print,
 ) -> tuple[QuantConfig, Plan]:
     """Which conv/matmul layers get 4-bit weights: the integer program of
-    :mod:`qcompiler.targets.bitwidth` over each layer's W8A8/W4A8 weight bytes and error.
+    :mod:`qcompiler.targets.bitwidth` over each layer's W8A8/W4A8 weight bytes, error and
+    latency on the board.
 
     With ``samples`` (input dicts, a few calibration samples), the error is measured on the
     model's outputs (:class:`~qcompiler.targets.sensitivity.WeightProbe`: each layer alone at
     4 bits), and the chosen configuration is run through the same probe
     (``plan.measured_sqnr_db``); without, a per-layer proxy from the calibration's layer
-    statistics (``layer_inputs=True``). With ``max_bytes``, the least error within that many
-    weight bytes; with ``max_error`` (a sum of noise powers), the fewest bytes within it.
-    Returns ``config`` with ``int4_weights`` set, and the plan.
+    statistics (``layer_inputs=True``).
+
+    With ``records`` (a tuning-records directory), each layer's latency at either precision is
+    measured on the board (``rpc``, or this host through a local tracker): the model is lowered
+    once all at W8A8 and once all at W4A8, and each layer's kernels are read from the database
+    (:func:`layer_latencies`). ``max_latency_ms`` is then a budget for the whole model (the
+    layers' sum plus the rest, as measured at W8A8); ``plan.latency_ms`` is the model's
+    predicted total.
+
+    The budgets: the fewest bytes within ``max_error`` (a sum of noise powers); else the least
+    error within ``max_bytes`` and/or ``max_latency_ms``. Returns ``config`` with
+    ``int4_weights`` set, and the plan.
     """
     config = _as_config(config)
-    if (max_bytes is None) == (max_error is None):
-        raise QCompilerError("give exactly one of max_bytes and max_error")
+    if max_bytes is None and max_error is None and max_latency_ms is None:
+        raise QCompilerError("give a budget: max_bytes, max_error or max_latency_ms")
+    if max_latency_ms is not None and records is None:
+        raise QCompilerError("a latency budget needs records=DIR to measure the layers into")
     probe = measured = None
     if samples is not None:
-        probe = WeightProbe(calibration, config, list(samples), _tvm_target(target))
+        # numbers, not speed: the probe runs on this host whatever the board
+        probe = WeightProbe(calibration, config, list(samples), _tvm_target("x86"))
         measured = probe.measure()
-    table = weight_options(calibration, config, measured)
-    minimize = "error" if max_bytes is not None else "bytes"
-    plan = choose_precisions(table, minimize=minimize, max_bytes=max_bytes, max_error=max_error)
+    latencies = rest_ms = None
+    if records is not None:
+        layers = list(weight_options(calibration, config, measured))
+        latencies = {}
+        for precision, int4 in (("w8a8", ()), ("w4a8", tuple(layers))):
+            variant = calibration.resolve(replace(config, int4_weights=int4))
+            measured_layers = layer_latencies(
+                calibration.quantize(variant), records, target, rpc=rpc, threads=threads, echo=echo
+            )
+            latencies[precision] = measured_layers.layers
+            rest_ms = measured_layers.rest_ms if precision == "w8a8" else rest_ms
+    table = weight_options(calibration, config, measured, latencies)
+    if rest_ms is not None:  # what no layer choice changes, so that totals are the model's
+        table[_REST] = [Option("fixed", rest_ms, 0.0, 0)]
+    plan = choose_precisions(
+        table,
+        minimize="bytes" if max_error is not None else "error",
+        max_bytes=max_bytes,
+        max_error=max_error,
+        max_latency_ms=max_latency_ms,
+    )
+    plan = replace(plan, precisions={k: v for k, v in plan.precisions.items() if k != _REST})
     int4 = tuple(layer for layer, p in plan.precisions.items() if p == "w4a8")
     if probe is not None:
         plan = replace(plan, measured_sqnr_db=probe.run(set(int4)))
@@ -322,6 +364,27 @@ def tune(
     else:
         imported = model if isinstance(model, ImportedModel) else load_model(model)
         mod = prepare(imported.mod)
+    return _tune_module(mod, records, target, trials, rpc=rpc, threads=threads, echo=echo)
+
+
+def layer_latencies(
+    mod: tvm.IRModule,
+    records,
+    target="x86",
+    *,
+    rpc: RPCEndpoint | None = None,
+    threads: int | None = None,
+    echo=print,
+) -> LayerLatencies:
+    """Milliseconds per run of each conv/matmul layer of the integer module ``mod`` on the
+    board, and of the rest (see :mod:`qcompiler.targets.latency`): every kernel not yet in
+    the tuning database ``records`` is measured there first, over RPC (its default schedule;
+    tuned records are used where the database has them)."""
+    report = _tune_module(mod, records, target, 0, rpc=rpc, threads=threads, echo=echo)
+    return attribute(mod, fused_module(mod, resolve_board(target).tvm_target), report)
+
+
+def _tune_module(mod, records, target, trials, *, rpc, threads, echo) -> TuneReport:
     board = resolve_board(target)
     check_cross_compiler(board)
     cross = board.cross_compiler if board.arch != host_arch() else None

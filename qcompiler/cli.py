@@ -62,8 +62,8 @@ def _board(args):
 
 def cmd_compile(args) -> int:
     board = _board(args)
-    if args.size_budget_kb is not None:
-        art = _compile_within_size(args, board)
+    if args.size_budget_kb is not None or args.latency_budget_ms is not None:
+        art = _compile_within_budget(args, board)
     else:
         art = api.compile(
             args.model,
@@ -84,12 +84,25 @@ def cmd_compile(args) -> int:
     return 0
 
 
-def _compile_within_size(args, board):
-    """``--size-budget-kb``: 4-bit weights for the layers whose rounding, measured on the
-    model's outputs for a few calibration samples, costs least, until the weights fit (see
+def _compile_within_budget(args, board):
+    """``--size-budget-kb`` / ``--latency-budget-ms``: 4-bit weights for the layers whose
+    rounding, measured on the model's outputs for a few calibration samples, costs least,
+    while the weights fit and the model's latency -- each layer's kernels measured on the board
+    at 8 and at 4 bits -- stays within budget (see
     :func:`qcompiler.api.choose_weight_precisions`)."""
     if not args.calib:
-        raise QCompilerError("--size-budget-kb needs --calib (the layers' input statistics)")
+        raise QCompilerError("a size or latency budget needs --calib (the layers' statistics)")
+    latency = {}
+    if args.latency_budget_ms is not None:
+        records = args.tuning_records or str(
+            Path.home() / ".cache" / "qcompiler" / "records" / board.name
+        )
+        latency = {
+            "max_latency_ms": args.latency_budget_ms,
+            "records": records,
+            "rpc": _endpoint(args),
+            "threads": args.threads,
+        }
     config = _config(args)
     model, calibration = api.calibrate(
         args.model,
@@ -99,13 +112,15 @@ def _compile_within_size(args, board):
         layer_inputs=config.needs_layer_inputs,
     )
     probe = api.calibration_samples(model, args.calib, _preprocess(args), limit=8)
+    size = None if args.size_budget_kb is None else args.size_budget_kb * 1024
     config, plan = api.choose_weight_precisions(
-        calibration, config, max_bytes=args.size_budget_kb * 1024, samples=probe
+        calibration, config, max_bytes=size, samples=probe, target=board, **latency
     )
+    measured = f", {plan.latency_ms:.3f} ms predicted on the board" if latency else ""
     print(
         f"mixed precision: {len(config.int4_weights)} of {len(plan.precisions)} layers at W4A8, "
-        f"{plan.bytes} weight bytes; output SQNR on {len(probe)} calibration samples with "
-        f"activations exact: {plan.measured_sqnr_db:.1f} dB"
+        f"{plan.bytes} weight bytes{measured}; output SQNR on {len(probe)} calibration samples "
+        f"with activations exact: {plan.measured_sqnr_db:.1f} dB"
     )
     quant = api.quantize(model, None, config, calibration=calibration)
     return quant.build(
@@ -362,6 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
         "noise to the outputs (measured on 8 calibration samples) until the weights fit this "
         "many KiB",
     )
+    p.add_argument(
+        "--latency-budget-ms",
+        type=float,
+        help="mixed precision: 4-bit weights only where the model's latency on the board stays "
+        "within this many ms; each layer's kernels are measured there at 8 and 4 bits (into "
+        "--tuning-records, or ~/.cache/qcompiler/records/BOARD) through --rpc-tracker/--rpc-key, "
+        "or on this host",
+    )
+    p.add_argument("--rpc-tracker", help="HOST:PORT of a tracker, for --latency-budget-ms")
+    p.add_argument("--rpc-key", help="key the board's RPC server registered under")
+    p.add_argument(
+        "--rpc-timeout", type=int, default=60, help="seconds a board may take per measurement"
+    )
+    p.add_argument("--threads", type=int, help="threads of the local server (default: all)")
     p.add_argument("--tuning-records", help="directory written by `qc tune`")
     p.add_argument(
         "--cross-compiler",

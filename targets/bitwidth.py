@@ -180,9 +180,12 @@ def choose_precisions(
     )
 
 
-def weight_options(calibration, config=None, measured=None) -> dict[str, list[Option]]:
+def weight_options(
+    calibration, config=None, measured=None, latency=None
+) -> dict[str, list[Option]]:
     """``w8a8`` and ``w4a8`` options for every conv/matmul layer with constant weights: their
-    stored bytes, and an error.
+    stored bytes, an error, and (with ``latency``: ``{precision: {layer: ms}}``, measured on
+    the board by :mod:`qcompiler.targets.latency`) their latency.
 
     With ``measured`` (``(alone_db, base_db)`` from
     :meth:`qcompiler.targets.sensitivity.WeightProbe.measure`), the error of 4-bit weights in a
@@ -190,8 +193,8 @@ def weight_options(calibration, config=None, measured=None) -> dict[str, list[Op
     peak: ``10**(-alone/10) - 10**(-base/10)``, and 0 at 8 bits -- the quantity to budget.
     Without it, a local proxy from the calibration's layer statistics (``layer_inputs=True``):
     the layer's own relative output noise ``sum rᵀHr / sum wᵀHw``, ``H`` the second moment of
-    its input patches -- what the rounding does to the layer, not to the answer. Latency is not
-    in this table (0): choose by size or error with it.
+    its input patches -- what the rounding does to the layer, not to the answer. Without
+    ``latency`` the latencies are 0: choose by size or error then.
     """
     config = config or QuantConfig()
     if not config.scheme.weight.symmetric:
@@ -202,6 +205,14 @@ def weight_options(calibration, config=None, measured=None) -> dict[str, list[Op
             "statistics (calibrate with layer_inputs=True)"
         )
     table = {}
+
+    def ms(precision: str, layer: str) -> float:
+        if latency is None:
+            return 0.0
+        if layer not in latency.get(precision, {}):
+            raise QCompilerError(f"no measured {precision} latency for layer {layer!r}")
+        return float(latency[precision][layer])
+
     for binding in bindings(calibration.mod["main"]):
         call = binding.value
         weight = const_value(call.args[1]) if op_name(call) in CONV_OPS | MATMUL_OPS else None
@@ -211,11 +222,14 @@ def weight_options(calibration, config=None, measured=None) -> dict[str, list[Op
         if measured is not None:
             alone, base = measured
             added = max(10 ** (-alone[name] / 10) - 10 ** (-base / 10), 0.0)
-            table[name] = [Option("w8a8", 0.0, 0.0, weight.size), Option("w4a8", 0.0, added, small)]
+            table[name] = [
+                Option("w8a8", ms("w8a8", name), 0.0, weight.size),
+                Option("w4a8", ms("w4a8", name), added, small),
+            ]
             continue
         stats = calibration.layers.get(binding.var)
         if stats is None or stats.count == 0:  # no statistics (a very long patch): 8 bits
-            table[name] = [Option("w8a8", 0.0, 0.0, weight.size)]
+            table[name] = [Option("w8a8", ms("w8a8", name), 0.0, weight.size)]
             continue
         w = rounding.weight_groups(call, weight.astype(np.float64))
         hessian = stats.second_moment
@@ -228,7 +242,7 @@ def weight_options(calibration, config=None, measured=None) -> dict[str, list[Op
             codes, scale = _symmetric_codes(w, spec)
             noise = float(rounding.output_error(w, codes, scale, hessian).sum())
             size = weight.size if bits == 8 else small
-            options.append(Option(precision, 0.0, noise / max(signal, 1e-30), size))
+            options.append(Option(precision, ms(precision, name), noise / max(signal, 1e-30), size))
         table[name] = options
     return table
 

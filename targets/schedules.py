@@ -329,14 +329,22 @@ def _partition_at_bounds(sch, block) -> bool:
     EfficientNet-Lite0 (quantize, NCHW -> NHWC, pad 3 -> 4 channels and one pixel) ran in
     113 us with the vectorized schedule below and 9 us split at its last row.
     """
-    bounds = _bounds(sch, block)
-    if not bounds:
+    loops = sch.get_loops(block)
+    bounds = {axis: p for axis, p in _bounds(sch, block).items() if axis < len(loops) - 1}
+    if not bounds:  # a test of the innermost index alone (a channel pad) is cheap as it is
         return False
     axis = min(bounds)
     points = bounds[axis]
     sizes = [points[0]] + [b - a for a, b in zip(points, points[1:])]
-    for piece in sch.loop_partition(sch.get_loops(block)[axis], [*sizes, None]):
-        sch.parallel(piece)
+    above = [loop for loop in loops[:axis] if (_extent(sch, loop) or 2) > 1]
+    pieces = sch.loop_partition(loops[axis], [*sizes, None])
+    # One parallel loop, outermost: a parallel loop inside a serial one would start the
+    # thread pool once per outer iteration.
+    if above:
+        sch.parallel(sch.fuse(*above) if len(above) > 1 else above[0])
+    else:
+        for piece in pieces:
+            sch.parallel(piece)
     return True
 
 

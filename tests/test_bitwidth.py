@@ -192,3 +192,47 @@ def test_measured_choice_reports_the_probe_sqnr(mnist_calibration):
         calibration, max_bytes=int(0.9 * eight.manifest["weight_bytes"]), samples=samples
     )
     assert loose.measured_sqnr_db >= plan.measured_sqnr_db - 0.5
+
+
+@pytest.fixture(scope="module")
+def mnist_records(tmp_path_factory):
+    """One tuning database for the latency tests: each kernel is measured once."""
+    return tmp_path_factory.mktemp("records")
+
+
+def test_layer_latencies_split_the_measured_model(mnist_calibration, mnist_records):
+    """Each conv/matmul layer gets its kernel's latency measured over RPC, and the layers plus
+    the rest add up to meta-schedule's own estimate (its task weights x best latencies)."""
+    import qcompiler
+    from qcompiler.targets.bitwidth import weight_options
+
+    model, calibration, _, _ = mnist_calibration
+    quantized = qcompiler.quantize(model, None, calibration=calibration)
+    measured = qcompiler.api.layer_latencies(quantized.mod, mnist_records, echo=lambda _: None)
+    assert set(measured.layers) == set(weight_options(calibration))
+    assert all(ms > 0 for ms in measured.layers.values()) and measured.rest_ms > 0
+    report = qcompiler.tune(quantized, mnist_records, trials=0, echo=lambda _: None)
+    assert report.trials == 0  # everything came from the database
+    assert measured.total_ms == pytest.approx(report.estimated_ms(), rel=1e-9)
+
+
+def test_a_latency_budget_is_planned_from_measured_layers(mnist_calibration, mnist_records):
+    import qcompiler
+
+    _, calibration, _, _ = mnist_calibration
+    quiet = {"records": mnist_records, "echo": lambda _: None}
+    # All at 8 bits is the fastest here (4-bit weights are unpacked before their kernel), so
+    # the least error within the latency of W8A8 is W8A8 itself.
+    config, fast = qcompiler.api.choose_weight_precisions(calibration, max_latency_ms=1e3, **quiet)
+    assert config.int4_weights == ()
+    # A size budget then trades: 4-bit layers where the latency budget still allows them.
+    eight_bytes = fast.bytes
+    config, plan = qcompiler.api.choose_weight_precisions(
+        calibration, max_bytes=int(0.6 * eight_bytes), max_latency_ms=10 * fast.latency_ms, **quiet
+    )
+    assert config.int4_weights and plan.bytes <= 0.6 * eight_bytes
+    assert fast.latency_ms <= plan.latency_ms <= 10 * fast.latency_ms
+    with pytest.raises(QCompilerError, match="latency_ms <= .* cannot be met"):
+        qcompiler.api.choose_weight_precisions(
+            calibration, max_latency_ms=0.5 * fast.latency_ms, **quiet
+        )

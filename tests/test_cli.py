@@ -167,6 +167,28 @@ def test_compile_with_int4_layers_named_from_the_layer_table(compiled, shared):
     assert hits >= len(labels) - 1
 
 
+def test_compile_within_a_latency_and_size_budget(compiled, shared):
+    """The layers' latencies are measured on this host through a local tracker into the
+    records folder; an impossible latency budget names what is achievable."""
+    tmp, first, _, _ = compiled
+    budget = 0.7 * json.loads((first / "manifest.json").read_text())["weight_bytes"] / 1024
+    model = shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"
+    out = tmp / "art_latency"
+    cmd = [sys.executable, "-m", "qcompiler.cli", "compile", str(model),
+           "--calib", str(tmp / "calib.npz"), "--size-budget-kb", f"{budget:.2f}",
+           "--threads", "1", "--tuning-records", str(tmp / "records"),
+           "-o", str(out)]  # fmt: skip
+    done = subprocess.run([*cmd, "--latency-budget-ms", "1000"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "ms predicted on the board" in done.stdout
+    assert (tmp / "records" / "records.json").stat().st_size > 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["weight_bytes"] <= budget * 1024
+    failed = subprocess.run([*cmd, "--latency-budget-ms", "0.001"], capture_output=True, text=True)
+    assert failed.returncode != 0
+    assert "latency_ms <= 0.001 cannot be met: the smallest achievable is" in failed.stderr
+
+
 def test_compile_within_a_size_budget(compiled, shared):
     tmp, first, images, labels = compiled
     budget = 0.7 * json.loads((first / "manifest.json").read_text())["weight_bytes"] / 1024

@@ -1,0 +1,105 @@
+"""What each conv/matmul layer costs on the board: per-layer latencies from the tuning database.
+
+Tuning (:mod:`qcompiler.targets.tuning`) measures every kernel of a model on the board over RPC
+and keeps the best latency of each in its database. Here those latencies are read back per
+layer, so that bit-width selection (:mod:`qcompiler.targets.bitwidth`) can weigh a precision
+by what it costs on that board, not by a proxy:
+
+* the model is lowered exactly as the build lowers it (:func:`~qcompiler.targets.build.
+  fused_module`); each conv/matmul layer of the integer module becomes one kernel call there
+  (its packed dot-product or depthwise kernel with the fused epilogue), in the same order;
+* a layer's latency is its kernel's, plus that of the kernels that only prepare its weights
+  (every operand a constant: the unpacking of 4-bit weights), once per call;
+* everything else (layout changes, pooling, the input quantize) is the model's fixed cost.
+
+A layer whose kernels cannot be told apart (an int16 layer runs as two int8 kernels) makes the
+attribution fail loudly rather than guess.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax, s_tir, tirx
+
+from qcompiler.passes.errors import QCompilerError
+from qcompiler.passes.graph import CONV_OPS, MATMUL_OPS, bindings, const_value, layer_name, op_name
+from qcompiler.targets.kernels import CONV_BLOCK, DENSE_BLOCK, DEPTHWISE_BLOCK
+from qcompiler.targets.tuning import TuneReport
+
+# Blocks that make a kernel a layer's: ours, and those of TVM's legalized convs and matmuls
+# (targets without a dot-product instruction).
+_LAYER_BLOCKS = (CONV_BLOCK, DENSE_BLOCK, DEPTHWISE_BLOCK)
+_LEGALIZED_PREFIXES = ("conv2d", "group_conv2d", "depthwise_conv2d", "matmul", "T_matmul", "dense")
+
+
+@dataclass(frozen=True)
+class LayerLatencies:
+    """Milliseconds per run: each layer's kernels, and everything else."""
+
+    layers: dict[str, float]
+    rest_ms: float
+
+    @property
+    def total_ms(self) -> float:
+        return self.rest_ms + sum(self.layers.values())
+
+
+def layer_names(mod: tvm.IRModule) -> list[str]:
+    """The integer conv/matmul layers of ``mod``'s ``main`` in program order, by the names
+    of the float model's layers (those of :func:`qcompiler.targets.bitwidth.weight_options`)."""
+    main = mod["main"]
+    names = []
+    for binding in bindings(main):
+        call = binding.value
+        if op_name(call) not in CONV_OPS | MATMUL_OPS or const_value(call.args[1]) is None:
+            continue
+        if str(call.ty.dtype) != "int32":  # a float fallback is no integer layer
+            continue
+        names.append(layer_name(main, binding.var.name))
+    return names
+
+
+def _is_layer_kernel(func: tirx.PrimFunc) -> bool:
+    sch = s_tir.Schedule(func)
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        name = sch.get(block).name_hint
+        if name in _LAYER_BLOCKS or name.startswith(_LEGALIZED_PREFIXES):
+            return True
+    return False
+
+
+def _calls(fused: tvm.IRModule):
+    """``main``'s kernel calls in order: (bound var, PrimFunc name, var operands)."""
+    for binding in bindings(fused["main"]):
+        call = binding.value
+        if not isinstance(call, relax.Call) or op_name(call) != "relax.call_tir":
+            continue
+        operands = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else [call.args[1]]
+        yield binding.var, call.args[0].name_hint, [a for a in operands if isinstance(a, relax.Var)]
+
+
+def attribute(mod: tvm.IRModule, fused: tvm.IRModule, report: TuneReport) -> LayerLatencies:
+    """Split the per-call latencies of ``report`` (a tuning run over ``fused``, the lowered
+    ``mod``) into the layers of ``mod`` and the rest."""
+    seconds = {task.name: task.best_s or task.default_s for task in report.tasks}
+    layers = layer_names(mod)
+    weight_side: dict[relax.Var, float] = {}  # outputs of kernels with constant operands only
+    attributed: list[float] = []
+    total = 0.0
+    for var, name, operands in _calls(fused):
+        if seconds.get(name) is None:
+            raise QCompilerError(f"no measured latency for the kernel {name!r}")
+        total += seconds[name]
+        if not operands:
+            weight_side[var] = seconds[name]
+        elif _is_layer_kernel(fused[name]):
+            attributed.append(seconds[name] + sum(weight_side.get(a, 0.0) for a in operands))
+    if len(attributed) != len(layers):
+        raise QCompilerError(
+            f"cannot attribute kernels to layers: {len(layers)} integer conv/matmul layers "
+            f"but {len(attributed)} layer kernels after lowering"
+        )
+    per_layer = {layer: 1e3 * s for layer, s in zip(layers, attributed)}
+    return LayerLatencies(per_layer, 1e3 * total - sum(per_layer.values()))

@@ -10,6 +10,13 @@ optimized weight rounding. Weight bytes (int4 packed, half a byte per weight), c
 against fp32, the probe's output SQNR of the choice, latency (median of ``--runs``, 1 thread) in
 the same run, and the search's wall time (probe included).
 
+With latency (the default; ``--no-latency`` skips it), every conv/matmul layer's kernels are
+measured on the host board over RPC (a local tracker and one server, 1 thread) at W8A8 and at
+W4A8 into ``--records`` (:func:`qcompiler.api.layer_latencies`), and each size budget is solved
+again with the model's latency held at W8A8's (the program's prediction); every row is then also
+timed end to end on that board over RPC (TVM's time evaluator on the server), beside the
+program's predicted latency.
+
 Run from the repository root::
 
     python bench/mixed.py                      # 400 evaluation images
@@ -19,8 +26,10 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +45,7 @@ from qcompiler import api  # noqa: E402
 from qcompiler.deploy.artifact import set_threads  # noqa: E402
 from qcompiler.passes.scheme import QuantConfig  # noqa: E402
 from qcompiler.targets.bitwidth import weight_options  # noqa: E402
+from qcompiler.targets.tuning import LocalRPC  # noqa: E402
 
 MODEL = "efficientnet_lite0/efficientnet_lite0_fp32.onnx"
 
@@ -51,6 +61,10 @@ def main(argv=None) -> int:
         help="weight budgets as shares of the W8A8 weight bytes",
     )
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument(
+        "--no-latency", action="store_true", help="skip the latency-budgeted rows and RPC timing"
+    )
+    parser.add_argument("--records", help="tuning records for the layer latencies (default: temp)")
     args = parser.parse_args(argv)
     shared = Path(os.environ.get("QC_SHARED", accuracy.REPO.parent / "shared")).resolve()
     print("\n".join(accuracy.preamble(shared)[:5]))
@@ -78,40 +92,74 @@ def main(argv=None) -> int:
     fp32 = api.compile_float(model, "x86")
     eight = build(QuantConfig())
     fp32_bytes = 4 * sum(layer["weight_bytes"] for layer in eight.manifest["layers"])
-    rows.append(("fp32 (TVM)", fp32, fp32_bytes, None, None))
-    rows.append(("W8A8 (uniform)", eight, eight.manifest["weight_bytes"], None, None))
+    rows.append(("fp32 (TVM)", fp32, fp32_bytes, None, None, None))
+    rows.append(("W8A8 (uniform)", eight, eight.manifest["weight_bytes"], None, None, None))
     every = tuple(weight_options(calibration))
     for label, config in (("", QuantConfig()), (", optimized rounding", optimized)):
         four = build(replace(config, int4_weights=every))
-        rows.append((f"W4A8 (uniform){label}", four, four.manifest["weight_bytes"], None, None))
-    for share in args.budgets:
-        limit = int(share * eight.manifest["weight_bytes"])
-        search = time.perf_counter()
-        config, plan = api.choose_weight_precisions(
-            calibration, max_bytes=limit, samples=data.calib[:8]
-        )
-        search_s = time.perf_counter() - search
-        count = len(config.int4_weights)
-        for label, rounding in (("", "nearest"), (", optimized rounding", "optimized")):
-            artifact = build(replace(config, weight_rounding=rounding))
-            name = f"mixed, <= {share:.0%} of W8A8 bytes ({count} W4A8 layers){label}"
-            size = artifact.manifest["weight_bytes"]
-            rows.append((name, artifact, size, plan.measured_sqnr_db, search_s))
+        rows.append((f"W4A8 (uniform){label}", four, four.manifest["weight_bytes"], *[None] * 3))
+    probe = data.calib[:8]
+    records = args.records or tempfile.mkdtemp(prefix="qc-mixed-records-")
+    latency_budget = None
+    with contextlib.ExitStack() as stack:
+        board = None if args.no_latency else stack.enter_context(LocalRPC(threads=1))
+        measure = {"records": records, "rpc": board, "echo": lambda _: None}
+        if board is not None:
+            start = time.perf_counter()
+            # A budget no plan can break yields the all-W8A8 plan's predicted latency.
+            _, fastest = api.choose_weight_precisions(calibration, max_latency_ms=1e9, **measure)
+            latency_budget = fastest.latency_ms
+            print(
+                f"layer latencies at W8A8 and W4A8 measured over RPC in "
+                f"{time.perf_counter() - start:.0f} s; W8A8 predicted {latency_budget:.3f} ms"
+            )
+        for share in args.budgets:
+            limit = int(share * eight.manifest["weight_bytes"])
+            budgets = [({}, "")]
+            if latency_budget is not None:
+                budgets.append((dict(max_latency_ms=latency_budget, **measure), ", <= W8A8 ms"))
+            for extra, suffix in budgets:
+                search = time.perf_counter()
+                config, plan = api.choose_weight_precisions(
+                    calibration, max_bytes=limit, samples=probe, **extra
+                )
+                search_s = time.perf_counter() - search
+                count = len(config.int4_weights)
+                predicted = plan.latency_ms if extra else None
+                roundings = (("", "nearest"), (", optimized rounding", "optimized"))
+                for label, rounding in roundings if not extra else roundings[:1]:
+                    artifact = build(replace(config, weight_rounding=rounding))
+                    name = f"mixed, <= {share:.0%} of W8A8 bytes{suffix} ({count} W4A8){label}"
+                    size = artifact.manifest["weight_bytes"]
+                    rows.append((name, artifact, size, plan.measured_sqnr_db, search_s, predicted))
 
-    reference = top1(fp32)
-    print(f"\n{MODEL}, {len(data.inputs)} evaluation images, 1 thread\n")
-    print("| build | top-1 | Δ vs fp32 | weight KiB | vs fp32 | probe dB | ms | search s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for label, artifact, size, probe_db, search_s in rows:
-        accuracy_ = reference if artifact is fp32 else top1(artifact)
+        reference = top1(fp32)
+        print(f"\n{MODEL}, {len(data.inputs)} evaluation images, 1 thread\n")
         print(
-            f"| {label} | {accuracy_:.4f} | {100 * (accuracy_ - reference):+.2f} | "
-            f"{size / 1024:.0f} | {fp32_bytes / size:.1f}x | "
-            f"{'' if probe_db is None else f'{probe_db:.1f}'} | {latency(artifact):.2f} | "
-            f"{'' if search_s is None else f'{search_s:.2f}'} |"
+            "| build | top-1 | Δ vs fp32 | weight KiB | vs fp32 | probe dB | ms | "
+            "RPC ms | predicted ms | search s |"
         )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for label, artifact, size, probe_db, search_s, predicted in rows:
+            accuracy_ = reference if artifact is fp32 else top1(artifact)
+            remote = "" if board is None else f"{rpc_latency(artifact, board, data):.2f}"
+            print(
+                f"| {label} | {accuracy_:.4f} | {100 * (accuracy_ - reference):+.2f} | "
+                f"{size / 1024:.0f} | {fp32_bytes / size:.1f}x | "
+                f"{'' if probe_db is None else f'{probe_db:.1f}'} | {latency(artifact):.2f} | "
+                f"{remote} | {'' if predicted is None else f'{predicted:.2f}'} | "
+                f"{'' if search_s is None else f'{search_s:.2f}'} |"
+            )
     print(f"\npeak RSS {accuracy._peak_rss_mib():.0f} MiB")
     return 0
+
+
+def rpc_latency(artifact, board, data, runs: int = 50) -> float:
+    """Median ms of one run on the board behind ``board``, timed there (TVM's evaluator)."""
+    with tempfile.TemporaryDirectory() as folder:
+        exported = api.load(artifact.export(Path(folder) / "artifact"))
+        _, seconds = api.run(exported, [data.inputs[0]], rpc=board, repeat=runs)
+    return 1e3 * float(np.median(seconds))
 
 
 if __name__ == "__main__":

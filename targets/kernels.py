@@ -10,7 +10,9 @@ as contiguous ``16 x 4`` tiles. This module
 * registers that instruction as a TIR tensor intrinsic (:data:`VNNI_INTRIN`; TVM's own
   ``dot_16x4_vnni`` passes ``<16 x i32>`` operands that LLVM 22 rejects for this intrinsic),
   and likewise Arm's ``sdot`` (Armv8.2 dot product: Raspberry Pi 5, Jetson hosts), which
-  multiplies signed by signed bytes for 4 output channels (:data:`SDOT_INTRIN`),
+  multiplies signed by signed bytes for 4 output channels (:data:`SDOT_INTRIN`), and for Arm
+  CPUs without it (the Pi 4) the same 4 x 4 tile from NEON's widening multiplies
+  (:data:`NEON_INTRIN`),
 * defines the packed conv2d/dense computations (:func:`conv2d_nhwc_packed`, :func:`dense_packed`;
   weights ``[O/L, KH, KW, I/4, L, 4]`` and ``[N/L, K/4, L, 4]`` with ``L`` the instruction's
   lanes, 16 or 4, packed once at compile time),
@@ -126,6 +128,53 @@ def _dot_4x4_sdot(
 
 TensorIntrin.register(SDOT_INTRIN, _dot_4x4_desc, _dot_4x4_sdot, override=True)
 
+NEON_INTRIN = "qc_dot_4x4_neon"
+
+
+@T.prim_func(s_tir=True)
+def _dot_4x4_neon(
+    A: T.Buffer((4,), "int8", offset_factor=1),
+    B: T.Buffer((4, 4), "int8", offset_factor=1),
+    C: T.Buffer((4,), "int32", offset_factor=1),
+) -> None:
+    # Plain NEON (Armv8.0, the Pi 4's Cortex-A72): widening multiplies into int16 (exact for
+    # int8 x int8), pairwise widening adds into int32, as TVM's own neon_4x4_i8i8i32.
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+        T.writes(C[0:4])
+        a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+        a = T.reinterpret(T.broadcast(a_i32, 2), dtype="int8x8")
+        b = B.vload([0, 0], dtype="int8x16")
+        low = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
+            T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
+                a,
+                T.vectorlow(b, dtype="int8x8"),
+                dtype="int16x8",
+            ),
+            dtype="int32x4",
+        )
+        high = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
+            T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
+                a,
+                T.vectorhigh(b, dtype="int8x8"),
+                dtype="int16x8",
+            ),
+            dtype="int32x4",
+        )
+        C[T.ramp(T.int32(0), 1, 4)] = C.vload([0], dtype="int32x4") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v4i32"),
+            low,
+            high,
+            dtype="int32x4",
+        )
+
+
+TensorIntrin.register(NEON_INTRIN, _dot_4x4_desc, _dot_4x4_neon, override=True)
+
 
 @dataclass(frozen=True)
 class DotProduct:
@@ -145,7 +194,7 @@ class DotProduct:
 
 VNNI = DotProduct("avx512-vnni", 16, "uint8", VNNI_INTRIN)
 SDOT = DotProduct("arm-sdot", 4, "int8", SDOT_INTRIN)
-BY_INTRIN = {d.intrin: d for d in (VNNI, SDOT)}
+NEON = DotProduct("arm-neon", 4, "int8", NEON_INTRIN)
 
 
 TVM_VNNI_INTRIN = "dot_16x4_vnni"  # the name meta-schedule's x86 rules tensorize with
@@ -191,14 +240,15 @@ def has_vnni(target: tvm.target.Target) -> bool:
 
 def dot_product(target: tvm.target.Target) -> DotProduct | None:
     """The int8 dot-product instruction of ``target``'s CPU that the kernels use, if any:
-    AVX-512 VNNI on x86, ``sdot`` on Arm CPUs with the dot-product extension."""
+    AVX-512 VNNI on x86, ``sdot`` on Arm CPUs with the dot-product extension, NEON's widening
+    multiplies on the other 64-bit Arm CPUs (every AArch64 CPU has NEON)."""
     if target.kind.name != "llvm" or "mcpu" not in target.attrs:
         return None
     triple = str(target.attrs.get("mtriple", "x86_64"))
     if triple.startswith(("x86_64", "i686")):
         return VNNI if codegen.llvm_cpu_has_features("avx512vnni", target) else None
     if triple.startswith("aarch64"):
-        return SDOT if codegen.llvm_cpu_has_features("dotprod", target) else None
+        return SDOT if codegen.llvm_cpu_has_features("dotprod", target) else NEON
     return None
 
 

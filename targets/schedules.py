@@ -36,9 +36,11 @@ from qcompiler.targets.kernels import (
     DENSE_BLOCK,
     DEPTHWISE_BLOCK,
     LANES,
+    NEON,
     SDOT,
     VNNI,
     DotProduct,
+    dot_product,
 )
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ _SCHEDULED_ATTRS = (SCHEDULED_ATTR, "tir.is_scheduled")
 _VECTOR_BYTES = 64  # one AVX-512 register; on narrower machines LLVM splits the vector
 _DATA_PAR, _REDUCE = 0, 2  # IterVar kinds
 _MAX_ACCUMULATORS, _MAX_PIXELS = 16, 14  # register tile of the packed conv (_register_tile)
-_MAX_ACCUMULATORS_NEON = 24
+_MAX_ACCUMULATORS_SDOT = 24
 _TILE_WEIGHT_BYTES = 40 * 1024
 
 
@@ -136,13 +138,16 @@ def _dot_product_of(sch, block) -> DotProduct:
     for rank in (6, 4):  # conv weights [O/L, KH, KW, I/4, L, 4]; dense [N/L, K/4, L, 4]
         for buffer in buffers:
             if str(buffer.dtype) == "int8" and len(buffer.shape) == rank:
-                lanes = int(buffer.shape[-2])
-                return next(d for d in (VNNI, SDOT) if d.lanes == lanes)
+                if int(buffer.shape[-2]) == VNNI.lanes:
+                    return VNNI
+                # 4 lanes: sdot or plain NEON, as the target says (NEON runs on every AArch64)
+                target = tvm.target.Target.current(allow_none=True)
+                return (dot_product(target) if target is not None else None) or NEON
     raise ValueError("no packed int8 weights among the block's operands")
 
 
 def _register_tile(
-    width: int, blocks: int, reduce_bytes: int, lanes: int = LANES
+    width: int, blocks: int, reduce_bytes: int, lanes: int = LANES, most: int = _MAX_ACCUMULATORS
 ) -> tuple[int, int]:
     """Pixels x 16-channel groups of one register tile of the packed conv.
 
@@ -154,10 +159,10 @@ def _register_tile(
     7 x 2); at most 14 pixels; and the tile's weights (``groups x 16 x K`` bytes) within about
     an L1 data cache, else a wide tile streams them from L2 once per pixel block.
 
-    Arm's 4-lane ``sdot`` tiles may hold 24 accumulators (NEON also has 32 vector registers;
-    8 x 12 outputs is the usual int8 GEMM tile there): an assumption, not measured on a board.
+    ``most`` accumulators: 16 here; Arm's 4-lane ``sdot`` tiles may hold 24 (NEON also has 32
+    vector registers; 8 x 12 outputs is the usual int8 GEMM tile there), plain NEON's 16 (its
+    widening multiplies need temporaries): assumptions, not measured on a board.
     """
-    most = _MAX_ACCUMULATORS if lanes >= LANES else _MAX_ACCUMULATORS_NEON
     best = (1, 1)
     for pixels in range(1, min(width, _MAX_PIXELS) + 1):
         if width % pixels:
@@ -179,7 +184,8 @@ def _schedule_conv_packed(sch, block) -> None:
     n, h, w, o, ry, rx, rc = sch.get_loops(block)
     width, channels = _extent(sch, w), _extent(sch, o)
     reduce_bytes = _extent(sch, ry) * _extent(sch, rx) * _extent(sch, rc)
-    pixels, groups = _register_tile(width, channels // dot.lanes, reduce_bytes, dot.lanes)
+    most = _MAX_ACCUMULATORS_SDOT if dot is SDOT else _MAX_ACCUMULATORS
+    pixels, groups = _register_tile(width, channels // dot.lanes, reduce_bytes, dot.lanes, most)
     oo, o2, oi = sch.split(o, [None, groups, dot.lanes])
     rco, rci = sch.split(rc, [None, 4])
     wo, wi = sch.split(w, [None, pixels])

@@ -432,7 +432,8 @@ def _measure_defaults(tasks, target, builder, runner, database) -> list[float | 
     for task in tasks:
         sch = tvm.s_tir.Schedule(task.dispatched[0], debug_mask="all")
         try:
-            schedule_in_place(sch)
+            with target:  # the default schedules pick the board's dot-product instruction
+                schedule_in_place(sch)
         except (RuntimeError, ValueError) as err:
             log.debug("no default schedule for %s: %s", task.task_name, err)
             continue

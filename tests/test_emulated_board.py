@@ -97,6 +97,9 @@ def _run_on_board(board, executable, arrays, tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("board_name", "instruction"), [("rpi5", "sdot"), ("rpi4", "smull")], ids=["pi5", "pi4"]
+)
+@pytest.mark.parametrize(
     ("x_shape", "out_channels", "k", "stride", "pad", "x_dtype"),
     [
         ((1, 14, 14, 32), 48, 1, 1, 0, "uint8"),  # 12 groups of 4 lanes
@@ -104,9 +107,10 @@ def _run_on_board(board, executable, arrays, tmp_path):
         ((1, 9, 9, 3), 8, 3, 1, 1, "int8"),  # int8 data needs no shift; 3 -> 4 channels
     ],
 )
-def test_sdot_convs_match_numpy_on_the_emulated_pi5(
-    board, tmp_path, x_shape, out_channels, k, stride, pad, x_dtype
+def test_arm_dot_product_convs_match_numpy_on_the_emulated_pi(
+    board, tmp_path, x_shape, out_channels, k, stride, pad, x_dtype, board_name, instruction
 ):
+    """The Pi 5's kernels multiply on ``sdot``, the Pi 4's on NEON's widening ``smull``."""
     from test_kernels import conv_module, conv_reference
 
     from qcompiler.targets.boards import resolve_target
@@ -118,9 +122,10 @@ def test_sdot_convs_match_numpy_on_the_emulated_pi5(
     w = rng.integers(-127, 128, (out_channels, k, k, x_shape[-1]), dtype=np.int8)
     padding = (pad,) * 4
     executable = build(
-        conv_module(x_shape, w, (stride, stride), padding, x_dtype=x_dtype), resolve_target("rpi5")
+        conv_module(x_shape, w, (stride, stride), padding, x_dtype=x_dtype),
+        resolve_target(board_name),
     )
-    assert "sdot" in executable.mod.imports[0].inspect_source("asm")
+    assert instruction in executable.mod.imports[0].inspect_source("asm")
     got = _run_on_board(board, executable, [x], tmp_path)
     np.testing.assert_array_equal(got, conv_reference(x, w, (stride, stride), padding))
 

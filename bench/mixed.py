@@ -13,9 +13,10 @@ the same run, and the search's wall time (probe included).
 With latency (the default; ``--no-latency`` skips it), every conv/matmul layer's kernels are
 measured on the host board over RPC (a local tracker and one server, 1 thread) at W8A8 and at
 W4A8 into ``--records`` (:func:`qcompiler.api.layer_latencies`), and each size budget is solved
-again with the model's latency held at W8A8's (the program's prediction); every row is then also
-timed end to end on that board over RPC (TVM's time evaluator on the server), beside the
-program's predicted latency.
+again with the model's latency held within ``--latency-slack`` times W8A8's (the program's
+prediction; a budget no plan meets is listed under the table with the solver's reason); every
+row is then also timed end to end on that board over RPC (TVM's time evaluator on the server),
+beside the program's predicted latency.
 
 Run from the repository root::
 
@@ -43,6 +44,7 @@ from speed import time_call  # noqa: E402
 
 from qcompiler import api  # noqa: E402
 from qcompiler.deploy.artifact import set_threads  # noqa: E402
+from qcompiler.passes.errors import QCompilerError  # noqa: E402
 from qcompiler.passes.scheme import QuantConfig  # noqa: E402
 from qcompiler.targets.bitwidth import weight_options  # noqa: E402
 from qcompiler.targets.tuning import LocalRPC  # noqa: E402
@@ -65,6 +67,13 @@ def main(argv=None) -> int:
         "--no-latency", action="store_true", help="skip the latency-budgeted rows and RPC timing"
     )
     parser.add_argument("--records", help="tuning records for the layer latencies (default: temp)")
+    parser.add_argument(
+        "--latency-slack",
+        nargs="+",
+        type=float,
+        default=[1.0, 1.1],
+        help="latency budgets as multiples of W8A8's predicted latency",
+    )
     args = parser.parse_args(argv)
     shared = Path(os.environ.get("QC_SHARED", accuracy.REPO.parent / "shared")).resolve()
     print("\n".join(accuracy.preamble(shared)[:5]))
@@ -99,6 +108,7 @@ def main(argv=None) -> int:
         four = build(replace(config, int4_weights=every))
         rows.append((f"W4A8 (uniform){label}", four, four.manifest["weight_bytes"], *[None] * 3))
     probe = data.calib[:8]
+    notes = []
     records = args.records or tempfile.mkdtemp(prefix="qc-mixed-records-")
     latency_budget = None
     with contextlib.ExitStack() as stack:
@@ -117,12 +127,18 @@ def main(argv=None) -> int:
             limit = int(share * eight.manifest["weight_bytes"])
             budgets = [({}, "")]
             if latency_budget is not None:
-                budgets.append((dict(max_latency_ms=latency_budget, **measure), ", <= W8A8 ms"))
+                for slack in args.latency_slack:
+                    extra = dict(max_latency_ms=slack * latency_budget, **measure)
+                    budgets.append((extra, f", <= {slack:g}x W8A8 ms"))
             for extra, suffix in budgets:
                 search = time.perf_counter()
-                config, plan = api.choose_weight_precisions(
-                    calibration, max_bytes=limit, samples=probe, **extra
-                )
+                try:
+                    config, plan = api.choose_weight_precisions(
+                        calibration, max_bytes=limit, samples=probe, **extra
+                    )
+                except QCompilerError as err:
+                    notes.append(f"<= {share:.0%} of W8A8 bytes{suffix}: {err}")
+                    continue
                 search_s = time.perf_counter() - search
                 count = len(config.int4_weights)
                 predicted = plan.latency_ms if extra else None
@@ -150,6 +166,8 @@ def main(argv=None) -> int:
                 f"{remote} | {'' if predicted is None else f'{predicted:.2f}'} | "
                 f"{'' if search_s is None else f'{search_s:.2f}'} |"
             )
+    for note in notes:
+        print(f"- {note}")
     print(f"\npeak RSS {accuracy._peak_rss_mib():.0f} MiB")
     return 0
 

@@ -300,6 +300,82 @@ def choose_weight_precisions(
     return replace(config, int4_weights=int4), plan
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A configuration tried against an accuracy budget: its weight bytes and measured top-1."""
+
+    int4_weights: tuple[str, ...]
+    bytes: int
+    top1: float
+
+
+def choose_within_accuracy_drop(
+    model: ImportedModel,
+    calibration: Calibration,
+    labelled,
+    max_drop_points: float,
+    config=None,
+    *,
+    samples,
+    target="x86",
+    steps: int = 8,
+) -> tuple[QuantConfig, Plan, float, list[Candidate]]:
+    """The fewest weight bytes whose top-1 on ``labelled`` (``(inputs, label)`` pairs) stays
+    within ``max_drop_points`` of the float model's, checked by running each candidate
+    (``model`` and ``calibration`` as :func:`calibrate` returns them).
+
+    Each layer's 4-bit error is measured once (the weight probe on ``samples``); the integer
+    program then gives, for ``steps`` error budgets from all-4-bit's total down by halves, the
+    fewest bytes within each. Those plans, ordered by size, are built and scored by binary
+    search, on the assumption that a larger error budget never scores better. Returns the
+    chosen config, its plan, the float model's top-1 and every candidate scored.
+    """
+    config = _as_config(config)
+    labelled = list(labelled)
+    if not labelled:
+        raise QCompilerError("an accuracy budget needs labelled samples to score on")
+    reference = top1(compile_float(model, target), labelled)
+    probe = WeightProbe(calibration, config, list(samples), _tvm_target("x86"))
+    table = weight_options(calibration, config, probe.measure())
+    everything = sum(max(o.error for o in options) for options in table.values())
+    plans = {}
+    for step in range(steps):
+        plan = choose_precisions(table, minimize="bytes", max_error=everything / 2**step)
+        plans.setdefault(plan.bytes, plan)
+    eight = choose_precisions(table, minimize="error")  # all at 8 bits: no added error
+    plans.setdefault(eight.bytes, eight)
+    ordered = sorted(plans.values(), key=lambda p: p.bytes)  # smallest first
+    tried: list[Candidate] = []
+
+    def score(plan: Plan) -> float:
+        int4 = tuple(layer for layer, p in plan.precisions.items() if p == "w4a8")
+        chosen = replace(config, int4_weights=int4)
+        built = quantize(model, None, chosen, calibration=calibration).build(target)
+        tried.append(Candidate(int4, plan.bytes, top1(built, labelled)))
+        return tried[-1].top1
+
+    def fits(plan: Plan) -> bool:
+        return 100 * (reference - score(plan)) <= max_drop_points
+
+    low, high = 0, len(ordered) - 1  # the largest plan (all 8-bit) is the last resort
+    if not fits(ordered[high]):
+        drop = 100 * (reference - tried[-1].top1)
+        raise QCompilerError(
+            f"top-1 drop <= {max_drop_points:g} points cannot be met: all weights at 8 bits "
+            f"already lose {drop:.2f} points ({tried[-1].top1:.4f} against the float model's "
+            f"{reference:.4f} on {len(labelled)} samples)"
+        )
+    while low < high:  # the first (smallest) plan that fits
+        middle = (low + high) // 2
+        if fits(ordered[middle]):
+            high = middle
+        else:
+            low = middle + 1
+    plan = ordered[high]
+    int4 = tuple(layer for layer, p in plan.precisions.items() if p == "w4a8")
+    return replace(config, int4_weights=int4), plan, reference, tried
+
+
 def _tvm_target(target):
     return resolve_board(target).tvm_target
 

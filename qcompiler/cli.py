@@ -62,7 +62,9 @@ def _board(args):
 
 def cmd_compile(args) -> int:
     board = _board(args)
-    if args.size_budget_kb is not None or args.latency_budget_ms is not None:
+    if args.max_accuracy_drop is not None:
+        art = _compile_within_accuracy_drop(args, board)
+    elif args.size_budget_kb is not None or args.latency_budget_ms is not None:
         art = _compile_within_budget(args, board)
     else:
         art = api.compile(
@@ -82,6 +84,42 @@ def cmd_compile(args) -> int:
         f"{len(fallbacks)} float fallback op(s))"
     )
     return 0
+
+
+def _compile_within_accuracy_drop(args, board):
+    """``--max-accuracy-drop``: the fewest weight bytes whose top-1 on ``--data`` stays within
+    budget, each candidate built and scored (see
+    :func:`qcompiler.api.choose_within_accuracy_drop`)."""
+    if not args.calib or not args.data:
+        raise QCompilerError("--max-accuracy-drop needs --calib and labelled --data to score on")
+    if args.size_budget_kb is not None or args.latency_budget_ms is not None:
+        raise QCompilerError("--max-accuracy-drop is a budget of its own: drop the other budgets")
+    config = _config(args)
+    model, calibration = api.calibrate(
+        args.model,
+        args.calib,
+        preprocess=_preprocess(args),
+        limit=args.limit,
+        layer_inputs=config.needs_layer_inputs,
+    )
+    probe = api.calibration_samples(model, args.calib, _preprocess(args), limit=8)
+    labelled = list(_labelled(args, model))
+    config, plan, reference, tried = api.choose_within_accuracy_drop(
+        model, calibration, labelled, args.max_accuracy_drop, config, samples=probe
+    )
+    for candidate in sorted(tried, key=lambda c: c.bytes):
+        print(
+            f"  tried {len(candidate.int4_weights)} W4A8 layers, {candidate.bytes} weight bytes: "
+            f"top-1 {candidate.top1:.4f} ({100 * (candidate.top1 - reference):+.2f} points)"
+        )
+    print(
+        f"mixed precision: {len(config.int4_weights)} of {len(plan.precisions)} layers at W4A8, "
+        f"{plan.bytes} weight bytes; float top-1 {reference:.4f} on {len(labelled)} samples"
+    )
+    quant = api.quantize(model, None, config, calibration=calibration)
+    return quant.build(
+        board, tuning_records=args.tuning_records, cross_compiler=args.cross_compiler
+    )
 
 
 def _compile_within_budget(args, board):
@@ -367,6 +405,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--target", default="x86", help="board (see `qc targets`) or TVM target tag")
         p.add_argument("--boards", help="TOML file of extra board profiles")
 
+    def labelled_options(p, required: bool):
+        p.add_argument(
+            "--data",
+            required=required,
+            help="labelled images folder, or .npz with 'images' and 'labels' (map50/miou: "
+            "any images folder)",
+        )
+        p.add_argument("--labels", help="synset list for an image folder (class = line number)")
+        p.add_argument(
+            "--label-offset",
+            type=int,
+            default=0,
+            help="added to folder labels (1 for 1001-class models)",
+        )
+        p.add_argument("--offset", type=int, default=0, help="skip this many evaluation samples")
+        p.add_argument("--count", type=int, help="evaluate at most this many samples")
+
     p = sub.add_parser("compile", help="quantize and build a model into an artifact directory")
     quant_options(p)
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
@@ -377,6 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
         "noise to the outputs (measured on 8 calibration samples) until the weights fit this "
         "many KiB",
     )
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        metavar="POINTS",
+        help="mixed precision: the smallest weights whose top-1 on --data stays within this "
+        "many points of the float model's, each candidate built and scored",
+    )
+    labelled_options(p, required=False)
     p.add_argument(
         "--latency-budget-ms",
         type=float,
@@ -434,21 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="fp32 vs quantized accuracy side by side")
     quant_options(p)
-    p.add_argument(
-        "--data",
-        required=True,
-        help="labelled images folder, or .npz with 'images' and 'labels' (map50/miou: "
-        "any images folder)",
-    )
-    p.add_argument("--labels", help="synset list for an image folder (class = line number)")
-    p.add_argument(
-        "--label-offset",
-        type=int,
-        default=0,
-        help="added to folder labels (1 for 1001-class models)",
-    )
-    p.add_argument("--offset", type=int, default=0, help="skip this many evaluation samples")
-    p.add_argument("--count", type=int, help="evaluate at most this many samples")
+    labelled_options(p, required=True)
     p.add_argument(
         "--metric",
         default="top1",

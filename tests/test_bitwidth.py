@@ -236,3 +236,32 @@ def test_a_latency_budget_is_planned_from_measured_layers(mnist_calibration, mni
         qcompiler.api.choose_weight_precisions(
             calibration, max_latency_ms=0.5 * fast.latency_ms, **quiet
         )
+
+
+def test_an_accuracy_budget_is_met_when_scored(mnist_calibration, shared):
+    """The chosen weights score within the budget of the float model, both scored here
+    independently: the float model by onnxruntime, the chosen build by its own outputs."""
+    import onnxruntime as ort
+
+    import qcompiler
+
+    model, calibration, images, labels = mnist_calibration
+    labelled = [({"Input3": x}, int(y)) for x, y in zip(images[100:400], labels[100:400])]
+    probe = [{"Input3": x} for x in images[:4]]
+    config, plan, reference, tried = qcompiler.api.choose_within_accuracy_drop(
+        model, calibration, labelled, 1.0, samples=probe
+    )
+    session = ort.InferenceSession(
+        str(shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"),
+        providers=["CPUExecutionProvider"],
+    )
+    float_hits = [np.argmax(session.run(None, inputs)[0]) == y for inputs, y in labelled]
+    assert reference == pytest.approx(np.mean(float_hits))
+    built = qcompiler.quantize(model, None, config, calibration=calibration).build("x86")
+    hits = [np.argmax(next(iter(built.run(inputs).values()))) == y for inputs, y in labelled]
+    assert 100 * (np.mean(float_hits) - np.mean(hits)) <= 1.0
+    eight = max(tried, key=lambda c: c.bytes)
+    assert eight.int4_weights == () and plan.bytes <= eight.bytes
+    assert all(c.bytes >= plan.bytes or 100 * (reference - c.top1) > 1.0 for c in tried)
+    with pytest.raises(QCompilerError, match="top-1 drop <= -5 points cannot be met"):
+        qcompiler.api.choose_within_accuracy_drop(model, calibration, labelled, -5.0, samples=probe)

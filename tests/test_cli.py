@@ -189,6 +189,22 @@ def test_compile_within_a_latency_and_size_budget(compiled, shared):
     assert "latency_ms <= 0.001 cannot be met: the smallest achievable is" in failed.stderr
 
 
+def test_compile_within_an_accuracy_drop(compiled, shared):
+    tmp, _, _, _ = compiled
+    model = shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"
+    out = tmp / "art_accuracy"
+    cmd = [sys.executable, "-m", "qcompiler.cli", "compile", str(model),
+           "--calib", str(tmp / "calib.npz"), "--max-accuracy-drop", "1",
+           "--data", str(shared / "data" / "mnist_test.npz"), "--offset", "100",
+           "--count", "200", "-o", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "tried" in done.stdout and "float top-1" in done.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    chosen = [t for t in manifest["layers"] if t["precision"] == "w4a8"]
+    assert f"{len(chosen)} of" in done.stdout.splitlines()[-2]
+
+
 def test_compile_within_a_size_budget(compiled, shared):
     tmp, first, images, labels = compiled
     budget = 0.7 * json.loads((first / "manifest.json").read_text())["weight_bytes"] / 1024

@@ -86,14 +86,8 @@ def cmd_compile(args) -> int:
     return 0
 
 
-def _compile_within_accuracy_drop(args, board):
-    """``--max-accuracy-drop``: the fewest weight bytes whose top-1 on ``--data`` stays within
-    budget, each candidate built and scored (see
-    :func:`qcompiler.api.choose_within_accuracy_drop`)."""
-    if not args.calib or not args.data:
-        raise QCompilerError("--max-accuracy-drop needs --calib and labelled --data to score on")
-    if args.size_budget_kb is not None or args.latency_budget_ms is not None:
-        raise QCompilerError("--max-accuracy-drop is a budget of its own: drop the other budgets")
+def _calibrated_with_probe(args):
+    """The config, the calibrated model and 8 calibration samples for the weight probe."""
     config = _config(args)
     model, calibration = api.calibrate(
         args.model,
@@ -103,6 +97,18 @@ def _compile_within_accuracy_drop(args, board):
         layer_inputs=config.needs_layer_inputs,
     )
     probe = api.calibration_samples(model, args.calib, _preprocess(args), limit=8)
+    return config, model, calibration, probe
+
+
+def _compile_within_accuracy_drop(args, board):
+    """``--max-accuracy-drop``: the fewest weight bytes whose top-1 on ``--data`` stays within
+    budget, each candidate built and scored (see
+    :func:`qcompiler.api.choose_within_accuracy_drop`)."""
+    if not args.calib or not args.data:
+        raise QCompilerError("--max-accuracy-drop needs --calib and labelled --data to score on")
+    if args.size_budget_kb is not None or args.latency_budget_ms is not None:
+        raise QCompilerError("--max-accuracy-drop is a budget of its own: drop the other budgets")
+    config, model, calibration, probe = _calibrated_with_probe(args)
     labelled = list(_labelled(args, model))
     config, plan, reference, tried = api.choose_within_accuracy_drop(
         model, calibration, labelled, args.max_accuracy_drop, config, samples=probe
@@ -141,15 +147,7 @@ def _compile_within_budget(args, board):
             "rpc": _endpoint(args),
             "threads": args.threads,
         }
-    config = _config(args)
-    model, calibration = api.calibrate(
-        args.model,
-        args.calib,
-        preprocess=_preprocess(args),
-        limit=args.limit,
-        layer_inputs=config.needs_layer_inputs,
-    )
-    probe = api.calibration_samples(model, args.calib, _preprocess(args), limit=8)
+    config, model, calibration, probe = _calibrated_with_probe(args)
     size = None if args.size_budget_kb is None else args.size_budget_kb * 1024
     config, plan = api.choose_weight_precisions(
         calibration, config, max_bytes=size, samples=probe, target=board, **latency

@@ -326,9 +326,9 @@ def _bounds(sch, block) -> dict[int, list[int]]:
 
 
 def _partition_at_bounds(sch, block) -> bool:
-    """Split the outermost loop whose index a bounds test reads (a pad's rows) at the points
-    where the test flips, each piece parallel, and leave the rest to LLVM (True), or do
-    nothing (False).
+    """Split the outermost loop (not the innermost) whose index a bounds test reads (a pad's
+    rows) at the points where the test flips, make the loops above it -- or else each piece --
+    parallel, and leave the rest to LLVM (True); or do nothing (False).
 
     Within each piece that test is constant and simplifies away; what remains (the columns'
     test, say) LLVM's own vectorizer handles better than TVM's: the input layer of

@@ -43,7 +43,13 @@ from qcompiler.passes.pipeline import (
 )
 from qcompiler.passes.prequantized import check_supported, io_quantization, is_prequantized
 from qcompiler.passes.scheme import CalibConfig, QuantConfig, QuantScheme, QuantSpec
-from qcompiler.targets.bitwidth import Option, Plan, choose_precisions, weight_options
+from qcompiler.targets.bitwidth import (
+    Option,
+    Plan,
+    choose_precisions,
+    weight_layers,
+    weight_options,
+)
 from qcompiler.targets.boards import host_arch, resolve_board
 from qcompiler.targets.build import build as build_executable
 from qcompiler.targets.build import fused_module
@@ -227,6 +233,30 @@ def activation_sensitivity(calibration: Calibration, samples, config=None, targe
 _REST = "(the rest of the model)"
 
 
+def _precision_latencies(calibration, config, records, target, rpc, threads, echo):
+    """``({"w8a8": {layer: ms}, "w4a8": {layer: ms}}, rest ms)``: every conv/matmul layer's
+    kernels measured on the board with the whole model at one precision, then the other."""
+    layers = weight_layers(calibration)
+    latencies, rest_ms = {}, 0.0
+    for precision, int4 in (("w8a8", ()), ("w4a8", layers)):
+        variant = calibration.resolve(replace(config, int4_weights=int4))
+        measured = layer_latencies(
+            calibration.quantize(variant), records, target, rpc=rpc, threads=threads, echo=echo
+        )
+        latencies[precision] = measured.layers
+        rest_ms = measured.rest_ms if precision == "w8a8" else rest_ms
+    return latencies, rest_ms
+
+
+def _option_table(calibration, config, measured, latency) -> dict[str, list[Option]]:
+    """The program's table; with ``latency`` (see :func:`_precision_latencies`) the fixed rest
+    of the model is a row of its own, so that latency totals are the whole model's."""
+    table = weight_options(calibration, config, measured, latency and latency[0])
+    if latency is not None:
+        table[_REST] = [Option("fixed", latency[1], 0.0, 0)]
+    return table
+
+
 def choose_weight_precisions(
     calibration: Calibration,
     config=None,
@@ -272,20 +302,10 @@ def choose_weight_precisions(
         # numbers, not speed: the probe runs on this host whatever the board
         probe = WeightProbe(calibration, config, list(samples), _tvm_target("x86"))
         measured = probe.measure()
-    latencies = rest_ms = None
+    latency = None
     if records is not None:
-        layers = list(weight_options(calibration, config, measured))
-        latencies = {}
-        for precision, int4 in (("w8a8", ()), ("w4a8", tuple(layers))):
-            variant = calibration.resolve(replace(config, int4_weights=int4))
-            measured_layers = layer_latencies(
-                calibration.quantize(variant), records, target, rpc=rpc, threads=threads, echo=echo
-            )
-            latencies[precision] = measured_layers.layers
-            rest_ms = measured_layers.rest_ms if precision == "w8a8" else rest_ms
-    table = weight_options(calibration, config, measured, latencies)
-    if rest_ms is not None:  # what no layer choice changes, so that totals are the model's
-        table[_REST] = [Option("fixed", rest_ms, 0.0, 0)]
+        latency = _precision_latencies(calibration, config, records, target, rpc, threads, echo)
+    table = _option_table(calibration, config, measured, latency)
     plan = choose_precisions(
         table,
         minimize="bytes" if max_error is not None else "error",

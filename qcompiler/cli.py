@@ -164,6 +164,32 @@ def _compile_within_budget(args, board):
     )
 
 
+def cmd_report(args) -> int:
+    from qcompiler import report
+
+    if not args.calib:
+        raise QCompilerError("qc report needs --calib (the layers are measured on it)")
+    board = _board(args)
+    config, model, calibration, probe = _calibrated_with_probe(args)
+    measured = report.mixed_precision_report(
+        model,
+        calibration,
+        config,
+        samples=probe,
+        records=args.tuning_records
+        or str(Path.home() / ".cache" / "qcompiler" / "records" / board.name),
+        target=board,
+        rpc=_endpoint(args),
+        threads=args.threads,
+        labelled=list(_labelled(args, model)) if args.data else None,
+        max_bytes=None if args.size_budget_kb is None else args.size_budget_kb * 1024,
+        max_latency_ms=args.latency_budget_ms,
+    )
+    for path in report.write(measured, args.output):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_targets(args) -> int:
     for board in boards(args.boards).values():
         info = board.summary()
@@ -459,6 +485,24 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. aarch64-linux-gnu-g++)",
     )
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser(
+        "report",
+        help="per-layer sensitivity and board latency at W8A8/W4A8, and a Pareto plot",
+    )
+    quant_options(p)
+    p.add_argument("-o", "--output", required=True, help="folder for report.md and pareto.png")
+    labelled_options(p, required=False)
+    p.add_argument("--size-budget-kb", type=float, help="mark the choice within this size")
+    p.add_argument("--latency-budget-ms", type=float, help="mark the choice within this latency")
+    p.add_argument("--tuning-records", help="tuning database (default ~/.cache/qcompiler/...)")
+    p.add_argument("--rpc-tracker", help="HOST:PORT of a tracker (default: a local one)")
+    p.add_argument("--rpc-key", help="key the board's RPC server registered under")
+    p.add_argument(
+        "--rpc-timeout", type=int, default=60, help="seconds a board may take per measurement"
+    )
+    p.add_argument("--threads", type=int, help="threads of the local server (default: all)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("tune", help="tune the kernels of the quantized model over RPC")
     quant_options(p)

@@ -180,6 +180,17 @@ def choose_precisions(
     )
 
 
+def weight_layers(calibration) -> tuple[str, ...]:
+    """The conv/matmul layers with constant weights: those a precision can be chosen for."""
+    main = calibration.mod["main"]
+    return tuple(
+        binding.var.name
+        for binding in bindings(main)
+        if op_name(binding.value) in CONV_OPS | MATMUL_OPS
+        and const_value(binding.value.args[1]) is not None
+    )
+
+
 def weight_options(
     calibration, config=None, measured=None, latency=None
 ) -> dict[str, list[Option]]:

@@ -265,3 +265,45 @@ def test_an_accuracy_budget_is_met_when_scored(mnist_calibration, shared):
     assert all(c.bytes >= plan.bytes or 100 * (reference - c.top1) > 1.0 for c in tried)
     with pytest.raises(QCompilerError, match="top-1 drop <= -5 points cannot be met"):
         qcompiler.api.choose_within_accuracy_drop(model, calibration, labelled, -5.0, samples=probe)
+
+
+def test_pareto_front_keeps_the_points_nothing_beats():
+    from qcompiler.report import Point, pareto_front
+
+    def p(ms, db):
+        return Point((), 0, ms, db)
+
+    points = [p(1.0, 10), p(2.0, 20), p(1.5, 5), p(3.0, 20), p(2.5, 30), p(1.0, 8)]
+    front = pareto_front(points, lambda q: q.sqnr_db)
+    assert [(q.latency_ms, q.sqnr_db) for q in front] == [(1.0, 10), (2.0, 20), (2.5, 30)]
+
+
+def test_report_measures_layers_and_traces_candidates(mnist_calibration, mnist_records, tmp_path):
+    import qcompiler
+    from qcompiler import report
+    from qcompiler.targets.bitwidth import weight_layers
+
+    model, calibration, images, _ = mnist_calibration
+    eight = qcompiler.quantize(model, None, calibration=calibration).build("x86")
+    budget = int(0.75 * eight.manifest["weight_bytes"])
+    measured = report.mixed_precision_report(
+        model,
+        calibration,
+        samples=[{"Input3": x} for x in images[:4]],
+        records=mnist_records,
+        max_bytes=budget,
+        echo=lambda _: None,
+    )
+    assert [row.name for row in measured.layers] == list(weight_layers(calibration))
+    assert all(row.ms["w8a8"] > 0 and row.ms["w4a8"] > 0 for row in measured.layers)
+    by_size = sorted(measured.points, key=lambda p: p.bytes)
+    assert by_size[-1].int4_weights == () and by_size[0].bytes < by_size[-1].bytes
+    assert by_size[-1].sqnr_db == pytest.approx(measured.base_sqnr_db)
+    # a candidate's bytes are what its build stores
+    smallest = by_size[0]
+    config = qcompiler.api.QuantConfig(int4_weights=smallest.int4_weights)
+    built = qcompiler.quantize(model, None, config, calibration=calibration).build("x86")
+    assert built.manifest["weight_bytes"] == smallest.bytes
+    assert measured.chosen is not None and measured.chosen.bytes <= budget
+    text, png = report.write(measured, tmp_path / "report")
+    assert "| lv4 |" in text.read_text() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -189,6 +189,21 @@ def test_compile_within_a_latency_and_size_budget(compiled, shared):
     assert "latency_ms <= 0.001 cannot be met: the smallest achievable is" in failed.stderr
 
 
+def test_report_writes_the_layer_table_and_the_pareto_plot(compiled, shared):
+    tmp, _, _, _ = compiled
+    model = shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"
+    out = tmp / "report"
+    cmd = [sys.executable, "-m", "qcompiler.cli", "report", str(model),
+           "--calib", str(tmp / "calib.npz"), "--threads", "1",
+           "--tuning-records", str(tmp / "records"), "--size-budget-kb", "4",
+           "-o", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    table = (out / "report.md").read_text()
+    assert "SQNR alone at 4 bits" in table and table.count("| yes |") >= 1
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_compile_within_an_accuracy_drop(compiled, shared):
     tmp, _, _, _ = compiled
     model = shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"

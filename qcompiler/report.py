@@ -222,7 +222,7 @@ def _plot(report: Report, front, accuracy, labelled: bool, path: Path) -> Path:
     ax.set_xlabel(f"predicted latency on {report.board} (ms)")
     ax.set_ylabel("top-1" if labelled else "output SQNR (dB)")
     ax.set_title(f"{report.model}: W8A8 / W4A8 per layer")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

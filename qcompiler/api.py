@@ -47,12 +47,12 @@ from qcompiler.targets.bitwidth import (
     Option,
     Plan,
     choose_precisions,
+    size_ladder,
     weight_layers,
     weight_options,
 )
 from qcompiler.targets.boards import host_arch, resolve_board
 from qcompiler.targets.build import build as build_executable
-from qcompiler.targets.build import fused_module
 from qcompiler.targets.latency import LayerLatencies, attribute
 from qcompiler.targets.sensitivity import SensitivityProbe, WeightProbe
 from qcompiler.targets.tuning import LocalRPC, RPCEndpoint, TuneReport, load_database
@@ -236,16 +236,13 @@ _REST = "(the rest of the model)"
 def _precision_latencies(calibration, config, records, target, rpc, threads, echo):
     """``({"w8a8": {layer: ms}, "w4a8": {layer: ms}}, rest ms)``: every conv/matmul layer's
     kernels measured on the board with the whole model at one precision, then the other."""
-    layers = weight_layers(calibration)
-    latencies, rest_ms = {}, 0.0
-    for precision, int4 in (("w8a8", ()), ("w4a8", layers)):
+    measured = {}
+    for precision, int4 in (("w8a8", ()), ("w4a8", weight_layers(calibration))):
         variant = calibration.resolve(replace(config, int4_weights=int4))
-        measured = layer_latencies(
+        measured[precision] = layer_latencies(
             calibration.quantize(variant), records, target, rpc=rpc, threads=threads, echo=echo
         )
-        latencies[precision] = measured.layers
-        rest_ms = measured.rest_ms if precision == "w8a8" else rest_ms
-    return latencies, rest_ms
+    return {p: m.layers for p, m in measured.items()}, measured["w8a8"].rest_ms
 
 
 def _option_table(calibration, config, measured, latency) -> dict[str, list[Option]]:
@@ -314,7 +311,7 @@ def choose_weight_precisions(
         max_latency_ms=max_latency_ms,
     )
     plan = replace(plan, precisions={k: v for k, v in plan.precisions.items() if k != _REST})
-    int4 = tuple(layer for layer, p in plan.precisions.items() if p == "w4a8")
+    int4 = plan.int4_layers
     if probe is not None:
         plan = replace(plan, measured_sqnr_db=probe.run(set(int4)))
     return replace(config, int4_weights=int4), plan
@@ -356,23 +353,13 @@ def choose_within_accuracy_drop(
         raise QCompilerError("an accuracy budget needs labelled samples to score on")
     reference = top1(compile_float(model, target), labelled)
     probe = WeightProbe(calibration, config, list(samples), _tvm_target("x86"))
-    table = weight_options(calibration, config, probe.measure())
-    everything = sum(max(o.error for o in options) for options in table.values())
-    plans = {}
-    for step in range(steps):
-        plan = choose_precisions(table, minimize="bytes", max_error=everything / 2**step)
-        plans.setdefault(plan.bytes, plan)
-    eight = choose_precisions(table, minimize="error")  # all at 8 bits: no added error
-    plans.setdefault(eight.bytes, eight)
-    ordered = sorted(plans.values(), key=lambda p: p.bytes)  # smallest first
+    ordered = size_ladder(weight_options(calibration, config, probe.measure()), steps)
     tried: list[Candidate] = []
 
     def score(plan: Plan) -> float:
-        int4 = tuple(layer for layer, p in plan.precisions.items() if p == "w4a8")
-        chosen = replace(config, int4_weights=int4)
-        built = quantize(model, None, chosen, calibration=calibration).build(target)
-        tried.append(Candidate(int4, plan.bytes, top1(built, labelled)))
-        return tried[-1].top1
+        accuracy = top1_with(model, calibration, config, plan.int4_layers, labelled, target)
+        tried.append(Candidate(plan.int4_layers, plan.bytes, accuracy))
+        return accuracy
 
     def fits(plan: Plan) -> bool:
         return 100 * (reference - score(plan)) <= max_drop_points
@@ -392,8 +379,13 @@ def choose_within_accuracy_drop(
         else:
             low = middle + 1
     plan = ordered[high]
-    int4 = tuple(layer for layer, p in plan.precisions.items() if p == "w4a8")
-    return replace(config, int4_weights=int4), plan, reference, tried
+    return replace(config, int4_weights=plan.int4_layers), plan, reference, tried
+
+
+def top1_with(model, calibration, config, int4_weights, labelled, target="x86") -> float:
+    """Top-1 on ``labelled`` of ``model`` quantized with ``int4_weights`` at 4 bits."""
+    chosen = replace(_as_config(config), int4_weights=tuple(int4_weights))
+    return top1(quantize(model, None, chosen, calibration=calibration).build(target), labelled)
 
 
 def _tvm_target(target):
@@ -476,8 +468,9 @@ def layer_latencies(
     board, and of the rest (see :mod:`qcompiler.targets.latency`): every kernel not yet in
     the tuning database ``records`` is measured there first, over RPC (its default schedule;
     tuned records are used where the database has them)."""
-    report = _tune_module(mod, records, target, 0, rpc=rpc, threads=threads, echo=echo)
-    return attribute(mod, fused_module(mod, resolve_board(target).tvm_target), report)
+    return attribute(
+        mod, _tune_module(mod, records, target, 0, rpc=rpc, threads=threads, echo=echo)
+    )
 
 
 def _tune_module(mod, records, target, trials, *, rpc, threads, echo) -> TuneReport:

@@ -86,6 +86,12 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _records(args, board) -> str:
+    """The tuning database latencies are measured into: ``--tuning-records``, else one per
+    board in the user's cache (kernels are keyed by their code, so models share it)."""
+    return args.tuning_records or str(Path.home() / ".cache" / "qcompiler" / "records" / board.name)
+
+
 def _calibrated_with_probe(args):
     """The config, the calibrated model and 8 calibration samples for the weight probe."""
     config = _config(args)
@@ -138,12 +144,9 @@ def _compile_within_budget(args, board):
         raise QCompilerError("a size or latency budget needs --calib (the layers' statistics)")
     latency = {}
     if args.latency_budget_ms is not None:
-        records = args.tuning_records or str(
-            Path.home() / ".cache" / "qcompiler" / "records" / board.name
-        )
         latency = {
             "max_latency_ms": args.latency_budget_ms,
-            "records": records,
+            "records": _records(args, board),
             "rpc": _endpoint(args),
             "threads": args.threads,
         }
@@ -176,8 +179,7 @@ def cmd_report(args) -> int:
         calibration,
         config,
         samples=probe,
-        records=args.tuning_records
-        or str(Path.home() / ".cache" / "qcompiler" / "records" / board.name),
+        records=_records(args, board),
         target=board,
         rpc=_endpoint(args),
         threads=args.threads,
@@ -429,6 +431,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--target", default="x86", help="board (see `qc targets`) or TVM target tag")
         p.add_argument("--boards", help="TOML file of extra board profiles")
 
+    def measure_options(p):
+        """Where kernels are measured: a board behind a tracker, or a local server."""
+        p.add_argument("--rpc-tracker", help="HOST:PORT of a tracker (default: a local one)")
+        p.add_argument("--rpc-key", help="key the board's RPC server registered under")
+        p.add_argument(
+            "--rpc-timeout", type=int, default=60, help="seconds a board may take per measurement"
+        )
+        p.add_argument("--threads", type=int, help="threads of the local server (default: all)")
+
     def labelled_options(p, required: bool):
         p.add_argument(
             "--data",
@@ -472,12 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tuning-records, or ~/.cache/qcompiler/records/BOARD) through --rpc-tracker/--rpc-key, "
         "or on this host",
     )
-    p.add_argument("--rpc-tracker", help="HOST:PORT of a tracker, for --latency-budget-ms")
-    p.add_argument("--rpc-key", help="key the board's RPC server registered under")
-    p.add_argument(
-        "--rpc-timeout", type=int, default=60, help="seconds a board may take per measurement"
-    )
-    p.add_argument("--threads", type=int, help="threads of the local server (default: all)")
+    measure_options(p)
     p.add_argument("--tuning-records", help="directory written by `qc tune`")
     p.add_argument(
         "--cross-compiler",
@@ -496,24 +502,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size-budget-kb", type=float, help="mark the choice within this size")
     p.add_argument("--latency-budget-ms", type=float, help="mark the choice within this latency")
     p.add_argument("--tuning-records", help="tuning database (default ~/.cache/qcompiler/...)")
-    p.add_argument("--rpc-tracker", help="HOST:PORT of a tracker (default: a local one)")
-    p.add_argument("--rpc-key", help="key the board's RPC server registered under")
-    p.add_argument(
-        "--rpc-timeout", type=int, default=60, help="seconds a board may take per measurement"
-    )
-    p.add_argument("--threads", type=int, help="threads of the local server (default: all)")
+    measure_options(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("tune", help="tune the kernels of the quantized model over RPC")
     quant_options(p)
     p.add_argument("-o", "--output", required=True, help="tuning records directory (reused)")
     p.add_argument("--trials", type=int, default=64, help="search trials for the whole model")
-    p.add_argument("--rpc-tracker", help="HOST:PORT of a tracker (default: a local one)")
-    p.add_argument("--rpc-key", help="key the board's RPC server registered under")
-    p.add_argument(
-        "--rpc-timeout", type=int, default=60, help="seconds a board may take per measurement"
-    )
-    p.add_argument("--threads", type=int, help="threads of the local server (default: all)")
+    measure_options(p)
     p.add_argument("--float", action="store_true", help="tune the float model instead")
     p.set_defaults(func=cmd_tune)
 

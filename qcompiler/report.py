@@ -19,12 +19,12 @@ The plot needs matplotlib (``pip install qcompiler[report]``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qcompiler import api
 from qcompiler.passes.errors import QCompilerError
-from qcompiler.targets.bitwidth import choose_precisions
+from qcompiler.targets.bitwidth import choose_precisions, size_ladder
 from qcompiler.targets.sensitivity import WeightProbe
 
 
@@ -96,28 +96,18 @@ def mixed_precision_report(
         report.float_top1 = api.top1(api.compile_float(model, "x86"), labelled)
 
     def point(plan) -> Point:
-        int4 = tuple(layer for layer, p in plan.precisions.items() if p == "w4a8")
+        int4 = plan.int4_layers
         top1 = None
         if labelled:
-            chosen = replace(config, int4_weights=int4)
-            built = api.quantize(model, None, chosen, calibration=calibration).build("x86")
-            top1 = api.top1(built, labelled)
+            top1 = api.top1_with(model, calibration, config, int4, labelled)
         return Point(int4, plan.bytes, plan.latency_ms, probe.run(set(int4)), top1)
 
-    everything = sum(max(o.error for o in options) for options in table.values())
-    plans = {}
-    for step in range(steps):
-        plan = choose_precisions(table, minimize="bytes", max_error=everything / 2**step)
-        plans.setdefault(plan.bytes, plan)
-    eight = choose_precisions(table, minimize="error")
-    plans.setdefault(eight.bytes, eight)
-    report.points = [point(plan) for _, plan in sorted(plans.items())]
+    report.points = [point(plan) for plan in size_ladder(table, steps)]
     if max_bytes is not None or max_latency_ms is not None:
         plan = choose_precisions(
             table, minimize="error", max_bytes=max_bytes, max_latency_ms=max_latency_ms
         )
-        int4 = {layer for layer, p in plan.precisions.items() if p == "w4a8"}
-        same = [p for p in report.points if set(p.int4_weights) == int4]
+        same = [p for p in report.points if set(p.int4_weights) == set(plan.int4_layers)]
         report.chosen = same[0] if same else point(plan)
         if not same:
             report.points.append(report.chosen)

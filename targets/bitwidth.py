@@ -59,6 +59,11 @@ class Plan:
     bytes: int
     measured_sqnr_db: float | None = None  # the chosen configuration, run (when it was)
 
+    @property
+    def int4_layers(self) -> tuple[str, ...]:
+        """The layers this plan gives 4-bit weights."""
+        return tuple(layer for layer, p in self.precisions.items() if p == "w4a8")
+
 
 class _Program:
     """Variables, the one-per-layer rows and the tie rows of a table."""
@@ -180,15 +185,32 @@ def choose_precisions(
     )
 
 
+def _weighted_layers(calibration):
+    """``(binding, weights)`` of each conv/matmul layer with constant weights."""
+    for binding in bindings(calibration.mod["main"]):
+        call = binding.value
+        weight = const_value(call.args[1]) if op_name(call) in CONV_OPS | MATMUL_OPS else None
+        if weight is not None:
+            yield binding, weight
+
+
 def weight_layers(calibration) -> tuple[str, ...]:
     """The conv/matmul layers with constant weights: those a precision can be chosen for."""
-    main = calibration.mod["main"]
-    return tuple(
-        binding.var.name
-        for binding in bindings(main)
-        if op_name(binding.value) in CONV_OPS | MATMUL_OPS
-        and const_value(binding.value.args[1]) is not None
-    )
+    return tuple(binding.var.name for binding, _ in _weighted_layers(calibration))
+
+
+def size_ladder(table: Mapping[str, Sequence[Option]], steps: int = 8) -> list[Plan]:
+    """Plans between all-4-bit and all-8-bit weights, smallest first: the fewest bytes within
+    each of ``steps`` error budgets, from the total of every layer's worst option down by
+    halves, and the least-error plan (all at 8 bits) last."""
+    everything = sum(max(o.error for o in options) for options in table.values())
+    plans = {}
+    for step in range(steps):
+        plan = choose_precisions(table, minimize="bytes", max_error=everything / 2**step)
+        plans.setdefault(plan.bytes, plan)
+    least = choose_precisions(table, minimize="error")
+    plans.setdefault(least.bytes, least)
+    return [plan for _, plan in sorted(plans.items())]
 
 
 def weight_options(
@@ -224,11 +246,8 @@ def weight_options(
             raise QCompilerError(f"no measured {precision} latency for layer {layer!r}")
         return float(latency[precision][layer])
 
-    for binding in bindings(calibration.mod["main"]):
+    for binding, weight in _weighted_layers(calibration):
         call = binding.value
-        weight = const_value(call.args[1]) if op_name(call) in CONV_OPS | MATMUL_OPS else None
-        if weight is None:
-            continue
         name, small = binding.var.name, (weight.size + 1) // 2
         if measured is not None:
             alone, base = measured

@@ -76,49 +76,37 @@ _dot_16x4_desc = _dot_desc(16, "uint8")
 _dot_4x4_desc = _dot_desc(4, "int8")
 
 
-@T.prim_func(s_tir=True)
-def _dot_16x4_vnni(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            C.vload([0], dtype="int32x16"),
-            T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64"),
-            B.vload([0, 0], dtype="int8x64"),
-            dtype="int32x16",
-        )
+def _dot_instruction(lanes: int, data_dtype: str, llvm_intrinsic: str):
+    """The description as one LLVM intrinsic ``(acc, activations, weights) -> acc``: the
+    activation word broadcast to every lane, the weight tile loaded whole."""
+    word, vector, out = f"{data_dtype}x4", f"{data_dtype}x{4 * lanes}", f"int32x{lanes}"
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), data_dtype, offset_factor=1)
+        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            a_i32 = T.reinterpret(A.vload([0], word), dtype="int32")
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_intrinsic),
+                C.vload([0], dtype=out),
+                T.reinterpret(T.broadcast(a_i32, lanes), dtype=vector),
+                B.vload([0, 0], dtype=f"int8x{4 * lanes}"),
+                dtype=out,
+            )
+
+    return impl
 
 
+# vpdpbusd multiplies unsigned (its second operand) by signed bytes; sdot is signed x signed.
+_dot_16x4_vnni = _dot_instruction(16, "uint8", "llvm.x86.avx512.vpdpbusd.512")
 TensorIntrin.register(VNNI_INTRIN, _dot_16x4_desc, _dot_16x4_vnni, override=True)
 
 SDOT_INTRIN = "qc_dot_4x4_sdot"
-
-
-@T.prim_func(s_tir=True)
-def _dot_4x4_sdot(
-    A: T.Buffer((4,), "int8", offset_factor=1),
-    B: T.Buffer((4, 4), "int8", offset_factor=1),
-    C: T.Buffer((4,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
-        T.writes(C[0:4])
-        a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
-        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
-            C.vload([0], dtype="int32x4"),
-            B.vload([0, 0], dtype="int8x16"),
-            T.reinterpret(T.broadcast(a_i32, 4), dtype="int8x16"),
-            dtype="int32x4",
-        )
-
-
+_dot_4x4_sdot = _dot_instruction(4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8")
 TensorIntrin.register(SDOT_INTRIN, _dot_4x4_desc, _dot_4x4_sdot, override=True)
 
 NEON_INTRIN = "qc_dot_4x4_neon"

@@ -80,13 +80,15 @@ def _calls(fused: tvm.IRModule):
         yield binding.var, call.args[0].name_hint, [a for a in operands if isinstance(a, relax.Var)]
 
 
-def attribute(mod: tvm.IRModule, fused: tvm.IRModule, report: TuneReport) -> LayerLatencies:
-    """Split the per-call latencies of ``report`` (a tuning run over ``fused``, the lowered
-    ``mod``) into the layers of ``mod`` and the rest."""
+def attribute(mod: tvm.IRModule, report: TuneReport) -> LayerLatencies:
+    """Split the per-call latencies of ``report`` (a tuning run over ``mod``, which holds the
+    lowered module) into the layers of ``mod`` and the rest."""
+    fused = report.module
     seconds = {task.name: task.best_s or task.default_s for task in report.tasks}
     layers = layer_names(mod)
     weight_side: dict[relax.Var, float] = {}  # outputs of kernels with constant operands only
     attributed: list[float] = []
+    is_layer: dict[str, bool] = {}  # per kernel: a function is called once per use
     total = 0.0
     for var, name, operands in _calls(fused):
         if seconds.get(name) is None:
@@ -94,7 +96,10 @@ def attribute(mod: tvm.IRModule, fused: tvm.IRModule, report: TuneReport) -> Lay
         total += seconds[name]
         if not operands:
             weight_side[var] = seconds[name]
-        elif _is_layer_kernel(fused[name]):
+            continue
+        if name not in is_layer:
+            is_layer[name] = _is_layer_kernel(fused[name])
+        if is_layer[name]:
             attributed.append(seconds[name] + sum(weight_side.get(a, 0.0) for a in operands))
     if len(attributed) != len(layers):
         raise QCompilerError(

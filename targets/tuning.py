@@ -347,6 +347,7 @@ class TuneReport:
     trials: int = 0
     wall_s: float = 0.0
     skipped: int = 0  # tasks the database already held
+    module: tvm.IRModule | None = None  # the lowered module the tasks came from
 
     def estimated_ms(self) -> float:
         """Sum over tasks of weight x best measured latency."""
@@ -594,8 +595,9 @@ def tune(
     records_dir = str(records_dir)
     database = open_database(records_dir)
     boards = max(1, rpc.check())
-    tasks = [t for t in extract_tasks(fused_module(mod, target), target) if t.dispatched]
-    report = TuneReport(records_dir)
+    fused = fused_module(mod, target)
+    tasks = [t for t in extract_tasks(fused, target) if t.dispatched]
+    report = TuneReport(records_dir, module=fused)
     builder, runner = _builder(cross_compiler), _runner(rpc, boards)
     per_task = trials_per_task or TRIALS_PER_TASK
     echo(f"tuning {len(tasks)} tasks on {rpc} ({boards} board(s)); records in {records_dir}")

@@ -44,7 +44,7 @@ from qcompiler.passes.graph import (
 from qcompiler.passes.integerize import FALLBACK_ATTR, integerize
 from qcompiler.passes.observers import quantization_sqnr
 from qcompiler.passes.prequantized import channels_last, prepare_prequantized
-from qcompiler.passes.scheme import QuantConfig
+from qcompiler.passes.scheme import AUTO, QuantConfig
 from qcompiler.passes.verify import verify_accumulators, verify_integer_only
 
 
@@ -67,17 +67,48 @@ def prepare(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 @dataclass
+class Int16Choice:
+    """Which activations get 16 bits, and what :func:`qcompiler.targets.sensitivity.choose_int16`
+    measured to choose them (output PSNR in dB against the float model)."""
+
+    chosen: tuple[str, ...]
+    weights_db: float  # weights quantized, every activation exact
+    all_db: float  # every activation at 8 bits
+    chosen_db: float  # the chosen ones at 16 bits (exact in the probe), the rest at 8
+    alone_db: dict[str, float]  # each activation alone at 8 bits; empty if not needed
+
+    def summary(self) -> str:
+        if not self.alone_db:
+            return (
+                f"int16 activations: none needed (all 8-bit {self.all_db:.1f} dB output PSNR, "
+                f"weights alone {self.weights_db:.1f} dB)"
+            )
+        return (
+            f"int16 activations: {len(self.chosen)} of {len(self.alone_db)} "
+            f"({', '.join(self.chosen) or 'none costs enough alone'}): output PSNR "
+            f"{self.all_db:.1f} -> {self.chosen_db:.1f} dB (weights alone {self.weights_db:.1f})"
+        )
+
+
+@dataclass
 class Calibration:
     """A prepared float module with its quantization plan and calibration statistics.
 
     One calibration serves every scheme and range method: ``quantize`` can be called with
     several configs without touching the data again.
+
+    ``samples`` keeps the first :data:`PROBE_SAMPLES` calibration samples for measurements on
+    the model's outputs; ``int16_choices`` holds the 16-bit activations measured for
+    ``int16_activations="auto"``: an :class:`Int16Choice` per config (keyed without its
+    ``int16_activations``), see :meth:`resolve`.
     """
 
     mod: tvm.IRModule
     plan: object
     observers: dict
     layers: dict = dataclasses.field(default_factory=dict)
+    samples: list = dataclasses.field(default_factory=list)
+    int16_choices: dict = dataclasses.field(default_factory=dict)
 
     def quantize(self, config: QuantConfig, dump_dir: str | None = None) -> tvm.IRModule:
         config = self.resolve(config)
@@ -95,10 +126,21 @@ class Calibration:
         return integer
 
     def resolve(self, config: QuantConfig) -> QuantConfig:
-        """``config`` with a share of int16 activations turned into the tensors' names."""
+        """``config`` with its int16 activations as the tensors' names: a share is looked up
+        in the histograms (:meth:`noisiest`); ``"auto"`` must have been measured already,
+        into :attr:`int16_choices` (:func:`qcompiler.targets.sensitivity.choose_int16`;
+        :func:`qcompiler.quantize` does it)."""
         share = config.int16_activations
         if isinstance(share, tuple):
             return config
+        if share == AUTO:
+            key = dataclasses.replace(config, int16_activations=())
+            if key not in self.int16_choices:
+                raise QCompilerError(
+                    "int16_activations='auto' is measured on the model's outputs: quantize "
+                    "through qcompiler.quantize, or give a share or tensor names"
+                )
+            return dataclasses.replace(config, int16_activations=self.int16_choices[key].chosen)
         count = math.ceil(share * len(self.observers)) if share > 0 else 0
         return dataclasses.replace(config, int16_activations=self.noisiest(config, count))
 
@@ -136,8 +178,22 @@ def run_calibration(
             weight = const_value(call.args[1])
         if rounding.supported(call, weight):
             layers[binding.var] = rounding.LayerStats(call, weight.shape)
-    observers = calibrate(mod, plan, samples, bins=bins, layers=layers)
-    return Calibration(mod, plan, observers, layers)
+    kept = []
+    observers = calibrate(mod, plan, _keeping(samples, kept), bins=bins, layers=layers)
+    return Calibration(mod, plan, observers, layers, kept)
+
+
+# Calibration samples kept for measuring the outputs (the int16 choice): a fixed few, so that
+# memory does not grow with the calibration set.
+PROBE_SAMPLES = 2
+
+
+def _keeping(samples: Iterable[dict], kept: list) -> Iterable[dict]:
+    """``samples`` passed through, copying the first :data:`PROBE_SAMPLES` into ``kept``."""
+    for sample in samples:
+        if len(kept) < PROBE_SAMPLES:
+            kept.append({name: np.array(value) for name, value in sample.items()})
+        yield sample
 
 
 def quantize_module(
@@ -147,7 +203,7 @@ def quantize_module(
     dump_dir: str | None = None,
 ) -> tvm.IRModule:
     """The whole pipeline: float module + calibration samples -> integer-only module."""
-    config = config or QuantConfig()
+    config = config or QuantConfig(int16_activations=())
     calibration = run_calibration(mod, samples, bins=config.calibration.bins, dump_dir=dump_dir)
     return calibration.quantize(config, dump_dir=dump_dir)
 

@@ -150,6 +150,9 @@ class CalibConfig:
 
 WEIGHT_ROUNDINGS = ("nearest", "optimized")
 
+# ``QuantConfig.int16_activations``: chosen by measuring the outputs.
+AUTO = "auto"
+
 # Activations that need more than 8 bits: asymmetric int16 codes.
 INT16_ACTIVATION = QuantSpec(16, signed=True, symmetric=False)
 
@@ -158,10 +161,16 @@ INT16_ACTIVATION = QuantSpec(16, signed=True, symmetric=False)
 class QuantConfig:
     """Everything the quantizer needs to know besides the model and the data.
 
-    ``int16_activations``: names of activation tensors (quantization points) kept at 16 bits
-    (:data:`INT16_ACTIVATION`) instead of the scheme's activation spec, or a share in (0, 1]:
-    that fraction of the tensors whose 8-bit quantization is noisiest on the calibration data
-    (see :meth:`Calibration.noisiest <qcompiler.passes.pipeline.Calibration.noisiest>`).
+    ``int16_activations``: which activation tensors (quantization points) are kept at 16 bits
+    (:data:`INT16_ACTIVATION`) instead of the scheme's activation spec:
+
+    - ``"auto"`` (the default): those whose 8-bit rounding alone costs the model's outputs the
+      most, measured on a few calibration samples, and only when the all-8-bit outputs lose
+      enough to need it (:func:`qcompiler.targets.sensitivity.choose_int16`);
+    - names of tensors;
+    - a share in [0, 1]: that fraction of the tensors whose 8-bit quantization is noisiest by
+      the calibration histograms alone (see :meth:`Calibration.noisiest
+      <qcompiler.passes.pipeline.Calibration.noisiest>`); ``0`` keeps every activation at 8 bits.
 
     ``weight_rounding``: ``nearest``, or ``optimized``: each weight rounded down or up to
     reduce the layer's output error on the calibration data (:mod:`~qcompiler.passes.rounding`).
@@ -175,7 +184,7 @@ class QuantConfig:
 
     scheme: QuantScheme = field(default_factory=lambda: PRESETS["hybrid"])
     calibration: CalibConfig = field(default_factory=CalibConfig)
-    int16_activations: tuple[str, ...] | float = ()
+    int16_activations: tuple[str, ...] | float | str = AUTO
     weight_rounding: str = "nearest"
     bias_correction: bool = False
     int4_weights: tuple[str, ...] = ()
@@ -194,9 +203,15 @@ class QuantConfig:
         if self.int4_weights and not self.scheme.weight.symmetric:
             raise QCompilerError("int4 weights need a scheme with symmetric weights")
         wide = self.int16_activations
-        if isinstance(wide, int | float) and not isinstance(wide, bool):
+        if wide == AUTO:
+            pass
+        elif isinstance(wide, int | float) and not isinstance(wide, bool):
             if not 0.0 <= wide <= 1.0:
                 raise QCompilerError(f"int16_activations share must be in [0, 1], got {wide}")
+        elif isinstance(wide, str):
+            raise QCompilerError(
+                f"int16_activations must be {AUTO!r}, a share or tensor names, got {wide!r}"
+            )
         else:
             object.__setattr__(self, "int16_activations", tuple(str(n) for n in wide))
 

@@ -35,6 +35,7 @@ from qcompiler.frontend import ImportedModel, load_model
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.pipeline import (
     Calibration,
+    Int16Choice,
     float_fallbacks,
     layer_table,
     lower_prequantized,
@@ -42,7 +43,7 @@ from qcompiler.passes.pipeline import (
     run_calibration,
 )
 from qcompiler.passes.prequantized import check_supported, io_quantization, is_prequantized
-from qcompiler.passes.scheme import CalibConfig, QuantConfig, QuantScheme, QuantSpec
+from qcompiler.passes.scheme import AUTO, CalibConfig, QuantConfig, QuantScheme, QuantSpec
 from qcompiler.targets.bitwidth import (
     Option,
     Plan,
@@ -54,7 +55,7 @@ from qcompiler.targets.bitwidth import (
 from qcompiler.targets.boards import host_arch, resolve_board
 from qcompiler.targets.build import build as build_executable
 from qcompiler.targets.latency import LayerLatencies, attribute
-from qcompiler.targets.sensitivity import SensitivityProbe, WeightProbe
+from qcompiler.targets.sensitivity import SensitivityProbe, WeightProbe, choose_int16
 from qcompiler.targets.tuning import LocalRPC, RPCEndpoint, TuneReport, load_database
 from qcompiler.targets.tuning import tune as tune_kernels
 
@@ -85,13 +86,15 @@ class QuantizedModel:
     """An integer-only Relax module with the model it came from.
 
     ``config`` is None for a model that arrived quantized (its own parameters were used, with
-    the arithmetic named by ``rounding``).
+    the arithmetic named by ``rounding``). ``int16_choice``: what was measured to choose the
+    16-bit activations (``int16_activations="auto"``), else None.
     """
 
     mod: tvm.IRModule
     model: ImportedModel
     config: QuantConfig | None
     activation_params: dict
+    int16_choice: Int16Choice | None = None
     rounding: str = "half_up"
 
     @property
@@ -119,6 +122,12 @@ class QuantizedModel:
             "scheme": asdict(self.config.scheme),
             "calibration": asdict(self.config.calibration),
             "int16_activations": list(self.config.int16_activations),
+            "int16_measured": self.int16_choice
+            and {
+                "weights_db": self.int16_choice.weights_db,
+                "all_8_bit_db": self.int16_choice.all_db,
+                "chosen_db": self.int16_choice.chosen_db,
+            },
             "weight_rounding": self.config.weight_rounding,
             "bias_correction": self.config.bias_correction,
             "rounding": self.rounding,
@@ -217,9 +226,24 @@ def quantize(
             bins=config.calibration.bins,
             layer_inputs=config.needs_layer_inputs,
         )
-    config = calibration.resolve(config)  # a share of int16 activations becomes their names
-    mod = calibration.quantize(config)
-    return QuantizedModel(mod, model, config, calibration.activation_params(config))
+    resolved = resolve(calibration, config)
+    mod = calibration.quantize(resolved)
+    choice = calibration.int16_choices.get(replace(config, int16_activations=()))
+    measured = choice if config.int16_activations == AUTO else None
+    return QuantizedModel(mod, model, resolved, calibration.activation_params(resolved), measured)
+
+
+def resolve(calibration: Calibration, config=None) -> QuantConfig:
+    """``config`` with its 16-bit activations as tensor names. ``"auto"`` (the default) is
+    measured once per config on the calibration's kept samples, on this host
+    (:func:`~qcompiler.targets.sensitivity.choose_int16`); a share is looked up in the
+    calibration histograms."""
+    config = _as_config(config)
+    if config.int16_activations == AUTO:
+        key = replace(config, int16_activations=())
+        if key not in calibration.int16_choices:
+            calibration.int16_choices[key] = choose_int16(calibration, key, _tvm_target("host"))
+    return calibration.resolve(config)
 
 
 def activation_sensitivity(calibration: Calibration, samples, config=None, target="x86"):
@@ -238,7 +262,7 @@ def _precision_latencies(calibration, config, records, target, rpc, threads, ech
     kernels measured on the board with the whole model at one precision, then the other."""
     measured = {}
     for precision, int4 in (("w8a8", ()), ("w4a8", weight_layers(calibration))):
-        variant = calibration.resolve(replace(config, int4_weights=int4))
+        variant = resolve(calibration, replace(config, int4_weights=int4))
         measured[precision] = layer_latencies(
             calibration.quantize(variant), records, target, rpc=rpc, threads=threads, echo=echo
         )
@@ -398,7 +422,7 @@ def quantize_prequantized(model) -> QuantizedModel:
     check_supported(model.mod, model.name)
     rounding = "tflite" if model.format == "tflite" else "onnxruntime"
     mod = lower_prequantized(model.mod, rounding)
-    return QuantizedModel(mod, model, None, {}, rounding)
+    return QuantizedModel(mod, model, None, {}, rounding=rounding)
 
 
 def compile(

@@ -21,6 +21,7 @@ from qcompiler import api
 from qcompiler.data import Preprocess, labelled_images, load_calibration, save_npz_stream
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.scheme import (
+    AUTO,
     CALIBRATION_METHODS,
     PRESETS,
     WEIGHT_ROUNDINGS,
@@ -43,8 +44,11 @@ def _config(args) -> QuantConfig:
 
 
 def _int16(text: str | None):
-    """``--int16``: a share of the activations (``0.05``) or tensor names (``lv12,lv40``)."""
-    if not text:
+    """``--int16``: ``auto`` (the default), ``none``, a share of the activations (``0.05``) or
+    tensor names (``lv12,lv40``)."""
+    if not text or text == AUTO:
+        return AUTO
+    if text == "none":
         return ()
     try:
         return float(text)
@@ -78,10 +82,19 @@ def cmd_compile(args) -> int:
             cross_compiler=args.cross_compiler,
         )
     path = art.export(args.output)
-    fallbacks = art.manifest["quantization"]["float_fallbacks"]
+    quantization = art.manifest["quantization"]
+    wide = quantization.get("int16_activations", [])
+    measured = quantization.get("int16_measured")
+    why = (
+        f", measured: output PSNR {measured['all_8_bit_db']:.1f} dB all at 8 bits, "
+        f"{measured['chosen_db']:.1f} dB with these"
+        if measured
+        else ""
+    )
     print(
         f"wrote {path} for {board.name} ({art.manifest['weight_bytes']} weight bytes, "
-        f"{len(fallbacks)} float fallback op(s))"
+        f"{len(quantization['float_fallbacks'])} float fallback op(s), "
+        f"{len(wide)} int16 activation(s){why})"
     )
     return 0
 
@@ -408,8 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--percentile", type=float, default=99.99)
         p.add_argument(
             "--int16",
-            help="16-bit activations: a share of the tensors whose 8-bit quantization is "
-            "noisiest on the calibration data (e.g. 0.05), or tensor names (lv12,lv40)",
+            help="16-bit activations: 'auto' (default: those whose 8-bit rounding alone costs "
+            "the outputs most, measured on two calibration samples, when the outputs need it), "
+            "'none', a share of the tensors whose 8-bit quantization is noisiest by the "
+            "calibration histograms (e.g. 0.05), or tensor names (lv12,lv40)",
         )
         p.add_argument(
             "--int4",

@@ -12,9 +12,19 @@ when activation ``k`` alone is rounded to 8 bits (its *sensitivity*), or any set
 (:meth:`SensitivityProbe.run`).
 
 Activations kept out (``switch = 0``) stand for int16 ones: 16-bit rounding is ~48 dB below
-8-bit, well under what is measured here. Choosing int16 tensors by a target in output dB did not
-work on YOLOX (its background rows' box errors dominate any such target), so nothing chooses
-automatically from this yet.
+8-bit, well under what is measured here. :func:`choose_int16` uses it to pick the int16
+activations of the default build (``int16_activations="auto"``). Its rule, measured in output
+PSNR (:func:`output_psnr`) on :data:`~qcompiler.passes.pipeline.PROBE_SAMPLES` samples:
+
+- nothing needs 16 bits when the all-8-bit outputs are within :data:`TOLERANCE_DB` of the
+  weights-only ones, or at least :data:`GOOD_DB` (two runs of the probe: EfficientNet-Lite0
+  and ResNet-8 stop here);
+- otherwise every activation is rounded alone, and those that alone cost at least
+  :data:`ALONE_LOSS_DB` go to 16 bits, most costly first, at most :data:`MOST_SHARE` of them.
+
+Greedy rules that add tensors until the all-8-bit PSNR reaches a target did not work: on YOLOX
+that PSNR moves by several dB, up or down, with any one tensor's rounding, while each tensor's
+cost alone ranks the same on other samples.
 """
 
 from __future__ import annotations
@@ -31,8 +41,22 @@ from qcompiler.passes import qmath
 from qcompiler.passes.annotate import annotate, quantize_constant, weight_axis
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.graph import CONV_OPS, MATMUL_OPS, bindings, const_value, op_name
+from qcompiler.passes.pipeline import Int16Choice
 from qcompiler.passes.scheme import QuantConfig
 from qcompiler.targets.build import build as build_executable
+
+
+def _columns(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]):
+    """Per output: ``(reference, candidate)`` as float64 ``[values, columns]``, one list of
+    output arrays per sample stacked. An output whose last axis holds columns of different
+    meaning (a detector's box coordinates beside its scores: ``[..., rows, columns]`` with at
+    least 64 rows) keeps them apart; any other output is one column."""
+    for out in range(len(reference[0])):
+        ref = np.stack([np.asarray(r[out], dtype=np.float64) for r in reference])
+        got = np.stack([np.asarray(c[out], dtype=np.float64) for c in candidate])
+        columns = ref.ndim >= 3 and ref.shape[-1] > 1 and ref[..., 0].size >= 64
+        ref = ref.reshape(-1, ref.shape[-1]) if columns else ref.reshape(-1, 1)
+        yield ref, got.reshape(ref.shape)
 
 
 def output_sqnr(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float:
@@ -42,18 +66,29 @@ def output_sqnr(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]
     is nothing in the first and much in the second. Outputs without such columns are taken
     whole, against their peak."""
     noise = signal = 0.0
-    for out in range(len(reference[0])):
-        ref = np.stack([np.asarray(r[out], dtype=np.float64) for r in reference])
-        got = np.stack([np.asarray(c[out], dtype=np.float64) for c in candidate])
-        columns = ref.ndim >= 3 and ref.shape[-1] > 1 and ref[..., 0].size >= 64
-        ref = ref.reshape(-1, ref.shape[-1]) if columns else ref.reshape(-1, 1)
-        got = got.reshape(ref.shape)
+    for ref, got in _columns(reference, candidate):
         peak = np.maximum(np.abs(ref).max(axis=0), 1e-20) ** 2
         noise += float((((ref - got) ** 2).mean(axis=0) / peak).sum())
         signal += float(((ref**2).mean(axis=0) / peak).sum())
     if noise == 0:
         return float("inf")
     return float(10.0 * np.log10(max(signal, 1e-30) / noise))
+
+
+def output_psnr(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float:
+    """Peak SNR in dB of ``candidate`` against ``reference``: each output column's mean squared
+    error relative to the column's squared peak, averaged over the columns of every output.
+
+    Unlike :func:`output_sqnr` the error is not divided by the column's mean power, so a
+    column that is nearly all zeros (the score of a class no sample shows, a background mask)
+    does not outweigh the rest: on YOLOX that made the SQNR of the whole output swing by
+    several dB with any one tensor's rounding."""
+    noise = [
+        ((ref - got) ** 2).mean(axis=0) / np.maximum(np.abs(ref).max(axis=0), 1e-20) ** 2
+        for ref, got in _columns(reference, candidate)
+    ]
+    mean = float(np.concatenate(noise).mean())
+    return float("inf") if mean == 0 else float(-10.0 * np.log10(mean))
 
 
 @mutator
@@ -112,9 +147,12 @@ class Sensitivity:
 class SensitivityProbe:
     """One compiled fake-quantized model, run with any set of activations rounded."""
 
-    def __init__(self, calibration, config: QuantConfig, samples: list[dict], target):
+    def __init__(
+        self, calibration, config: QuantConfig, samples: list[dict], target, metric=output_sqnr
+    ):
         if not samples:
             raise QCompilerError("sensitivity needs at least one calibration sample")
+        self.metric = metric
         config = dataclasses.replace(config, int16_activations=())
         self.names = [p.name for p in calibration.plan.points]
         annotated = annotate(
@@ -139,15 +177,39 @@ class SensitivityProbe:
         return [r.numpy() for r in items]
 
     def run(self, eight_bit: set[str]) -> float:
-        """Output SQNR (dB) with the activations named in ``eight_bit`` rounded to 8 bits."""
+        """Output SQNR (dB; or the probe's ``metric``) with the activations named in
+        ``eight_bit`` rounded to 8 bits."""
         switch = np.array([n in eight_bit for n in self.names], dtype="float32")
         flag = tvm.runtime.tensor(switch)
         got = [self._outputs(self._probe(*args, flag)) for args in self._inputs]
-        return output_sqnr(self.reference, got)
+        return self.metric(self.reference, got)
 
     def measure(self) -> Sensitivity:
         alone = {n: self.run({n}) for n in self.names}
         return Sensitivity(self.names, alone, self.run(set(self.names)), self.run(set()))
+
+
+GOOD_DB = 30.0  # all-8-bit output PSNR that needs nothing more
+TOLERANCE_DB = 1.0  # all-8-bit loss against weights-only that needs nothing more
+ALONE_LOSS_DB = 1.0  # a tensor that alone costs this much gets 16 bits
+MOST_SHARE = 0.1  # at most this share of the activations
+
+
+def choose_int16(calibration, config: QuantConfig, target) -> Int16Choice:
+    """The activations of ``calibration`` that get 16 bits under ``config`` (its own
+    ``int16_activations`` ignored): the rule in this module's docstring, measured on the
+    calibration's kept samples with one compiled probe."""
+    probe = SensitivityProbe(calibration, config, calibration.samples, target, output_psnr)
+    everything = set(probe.names)
+    weights_db, all_db = probe.run(set()), probe.run(everything)
+    if all_db >= GOOD_DB or weights_db - all_db <= TOLERANCE_DB:
+        return Int16Choice((), weights_db, all_db, all_db, {})
+    alone = {n: probe.run({n}) for n in probe.names}
+    costly = [
+        n for n in sorted(probe.names, key=alone.get) if weights_db - alone[n] >= ALONE_LOSS_DB
+    ]
+    chosen = tuple(costly[: max(1, int(MOST_SHARE * len(probe.names)))])
+    return Int16Choice(chosen, weights_db, all_db, probe.run(everything - set(chosen)), alone)
 
 
 # -- weights ------------------------------------------------------------------------------------

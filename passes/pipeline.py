@@ -90,6 +90,13 @@ class Int16Choice:
         )
 
 
+def int16_key(config: QuantConfig) -> QuantConfig:
+    """What the measured int16 choice depends on: ``config`` without its 16-bit activations and
+    4-bit weights. One choice serves every mix of 4-bit layers (they are measured with 8-bit
+    weights), so that candidates of a bit-width search differ only in their weights."""
+    return dataclasses.replace(config, int16_activations=(), int4_weights=())
+
+
 @dataclass
 class Calibration:
     """A prepared float module with its quantization plan and calibration statistics.
@@ -98,9 +105,9 @@ class Calibration:
     several configs without touching the data again.
 
     ``samples`` keeps the first :data:`PROBE_SAMPLES` calibration samples for measurements on
-    the model's outputs; ``int16_choices`` holds the 16-bit activations measured for
-    ``int16_activations="auto"``: an :class:`Int16Choice` per config (keyed without its
-    ``int16_activations``), see :meth:`resolve`.
+    the model's outputs (``float_outputs``: the float model's on them, once computed);
+    ``int16_choices`` holds the 16-bit activations measured for ``int16_activations="auto"``:
+    an :class:`Int16Choice` per :func:`int16_key` of a config, see :meth:`resolve`.
     """
 
     mod: tvm.IRModule
@@ -108,15 +115,16 @@ class Calibration:
     observers: dict
     layers: dict = dataclasses.field(default_factory=dict)
     samples: list = dataclasses.field(default_factory=list)
+    float_outputs: list | None = None
     int16_choices: dict = dataclasses.field(default_factory=dict)
 
     def quantize(self, config: QuantConfig, dump_dir: str | None = None) -> tvm.IRModule:
-        config = self.resolve(config)
         if config.needs_layer_inputs and not self.layers:
             raise QCompilerError(
                 "weight_rounding='optimized' and bias_correction need the layers' input "
                 "statistics: calibrate with layer_inputs=True"
             )
+        config = self.resolve(config)
         annotated = annotate(self.mod, self.plan, self.observers, config, self.layers)
         _dump(dump_dir, "04-annotate", annotated)
         integer = integerize(annotated)
@@ -134,7 +142,7 @@ class Calibration:
         if isinstance(share, tuple):
             return config
         if share == AUTO:
-            key = dataclasses.replace(config, int16_activations=())
+            key = int16_key(config)
             if key not in self.int16_choices:
                 raise QCompilerError(
                     "int16_activations='auto' is measured on the model's outputs: quantize "

@@ -37,6 +37,7 @@ from qcompiler.passes.pipeline import (
     Calibration,
     Int16Choice,
     float_fallbacks,
+    int16_key,
     layer_table,
     lower_prequantized,
     prepare,
@@ -228,7 +229,7 @@ def quantize(
         )
     resolved = resolve(calibration, config)
     mod = calibration.quantize(resolved)
-    choice = calibration.int16_choices.get(replace(config, int16_activations=()))
+    choice = calibration.int16_choices.get(int16_key(config))
     measured = choice if config.int16_activations == AUTO else None
     return QuantizedModel(mod, model, resolved, calibration.activation_params(resolved), measured)
 
@@ -240,7 +241,7 @@ def resolve(calibration: Calibration, config=None) -> QuantConfig:
     calibration histograms."""
     config = _as_config(config)
     if config.int16_activations == AUTO:
-        key = replace(config, int16_activations=())
+        key = int16_key(config)
         if key not in calibration.int16_choices:
             calibration.int16_choices[key] = choose_int16(calibration, key, _tvm_target("host"))
     return calibration.resolve(config)

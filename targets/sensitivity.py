@@ -41,7 +41,7 @@ from qcompiler.passes import qmath
 from qcompiler.passes.annotate import annotate, quantize_constant, weight_axis
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.graph import CONV_OPS, MATMUL_OPS, bindings, const_value, op_name
-from qcompiler.passes.pipeline import Int16Choice
+from qcompiler.passes.pipeline import Int16Choice, int16_key
 from qcompiler.passes.scheme import QuantConfig
 from qcompiler.targets.build import build as build_executable
 
@@ -145,10 +145,17 @@ class Sensitivity:
 
 
 class SensitivityProbe:
-    """One compiled fake-quantized model, run with any set of activations rounded."""
+    """One compiled fake-quantized model, run with any set of activations rounded
+    (``reference``: the float model's outputs on ``samples``, if known already)."""
 
     def __init__(
-        self, calibration, config: QuantConfig, samples: list[dict], target, metric=output_sqnr
+        self,
+        calibration,
+        config: QuantConfig,
+        samples: list[dict],
+        target,
+        metric=output_sqnr,
+        reference: list | None = None,
     ):
         if not samples:
             raise QCompilerError("sensitivity needs at least one calibration sample")
@@ -163,8 +170,10 @@ class SensitivityProbe:
         self._inputs = [
             [tvm.runtime.tensor(np.ascontiguousarray(s[n])) for n in params] for s in samples
         ]
-        reference = self._vm(calibration.mod, target)
-        self.reference = [self._outputs(reference(*args)) for args in self._inputs]
+        if reference is None:
+            run = self._vm(calibration.mod, target)
+            reference = [self._outputs(run(*args)) for args in self._inputs]
+        self.reference = reference
 
     @staticmethod
     def _vm(mod, target):
@@ -197,9 +206,14 @@ MOST_SHARE = 0.1  # at most this share of the activations
 
 def choose_int16(calibration, config: QuantConfig, target) -> Int16Choice:
     """The activations of ``calibration`` that get 16 bits under ``config`` (its own
-    ``int16_activations`` ignored): the rule in this module's docstring, measured on the
-    calibration's kept samples with one compiled probe."""
-    probe = SensitivityProbe(calibration, config, calibration.samples, target, output_psnr)
+    ``int16_activations`` and 4-bit weights ignored, see
+    :func:`~qcompiler.passes.pipeline.int16_key`): the rule in this module's docstring, measured
+    on the calibration's kept samples with one compiled probe."""
+    config = int16_key(config)
+    probe = SensitivityProbe(
+        calibration, config, calibration.samples, target, output_psnr, calibration.float_outputs
+    )
+    calibration.float_outputs = probe.reference
     everything = set(probe.names)
     weights_db, all_db = probe.run(set()), probe.run(everything)
     if all_db >= GOOD_DB or weights_db - all_db <= TOLERANCE_DB:

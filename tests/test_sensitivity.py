@@ -3,11 +3,11 @@ the compiled integer model."""
 
 import numpy as np
 import pytest
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from test_detector_exits import head_model, samples
 
 import qcompiler
-from qcompiler.targets.sensitivity import output_sqnr
+from qcompiler.targets.sensitivity import output_psnr, output_sqnr
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -132,3 +132,87 @@ def test_weight_probe_matches_onnxruntime_with_4_bit_weights():
         expected = output_sqnr(ref, [session.run(None, s) for s in probe_samples])
         assert alone[name] == pytest.approx(expected, abs=0.1)
         assert alone[name] < base
+
+
+def _outlier_model(outlier: float):
+    """x[1,4,8,8] -> Conv (1x1) -> Relu -> Conv (1x1) -> y[1,2,8,8]. With ``outlier`` > 1 the
+    first conv's channel 0 spans ``outlier`` times the others while the second conv all but
+    ignores it: one shared 8-bit step for the hidden tensor, set by a channel that does not
+    matter, leaves the channels that do only a few codes."""
+    rng = np.random.default_rng(3)
+    w1 = rng.normal(scale=0.5, size=(4, 4, 1, 1)).astype(np.float32)
+    w1[0] *= outlier
+    w2 = rng.normal(scale=0.5, size=(2, 4, 1, 1)).astype(np.float32)
+    w2[:, 0] /= outlier
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Conv", ["r", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "outlier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 8])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _calib(n, seed):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(size=(1, 4, 8, 8)).astype(np.float32)} for _ in range(n)]
+
+
+def _error(model, artifact, tests):
+    """Mean squared error of ``artifact`` against onnxruntime's float ``model``."""
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.mean([(artifact.run(s)["output"] - session.run(None, s)[0]) ** 2 for s in tests])
+
+
+def test_default_int16_goes_where_8_bits_cost_the_outputs():
+    model = _outlier_model(outlier=300.0)
+    imported, calibration = qcompiler.calibrate(qcompiler.api.load_model(model), _calib(16, 4))
+    default = qcompiler.quantize(imported, None, calibration=calibration)
+    choice = default.int16_choice
+    assert choice is not None and choice.all_db < choice.weights_db - 1
+    # the hidden tensor (the relu's output, the widest calibration range) and nothing else
+    widest = max(calibration.observers, key=lambda p: np.ptp(calibration.observers[p].range(
+        "minmax", default.config.scheme.activation)))  # fmt: skip
+    assert default.config.int16_activations == (widest.name,)
+    assert choice.chosen_db > choice.all_db + 10
+    tests = _calib(4, 5)
+    eight = qcompiler.quantize(
+        imported, None, qcompiler.QuantConfig(int16_activations=()), calibration=calibration
+    )
+    # what is left is mostly the input's own 8-bit rounding (one tensor of two may go to 16)
+    assert _error(model, default.build(), tests) < _error(model, eight.build(), tests) / 5
+    manifest = default.build().manifest["quantization"]
+    assert manifest["int16_activations"] == [widest.name]
+    assert manifest["int16_measured"]["chosen_db"] == pytest.approx(choice.chosen_db)
+
+
+def test_default_int16_leaves_a_model_that_8_bits_serve():
+    model = _outlier_model(outlier=1.0)
+    quantized = qcompiler.quantize(model, _calib(16, 4))
+    assert quantized.config.int16_activations == ()
+    assert quantized.int16_choice.alone_db == {}  # two runs of the probe decided it
+    assert quantized.int16_choice.all_db >= 30
+
+
+def test_auto_int16_needs_the_measurement():
+    _, calibration = qcompiler.calibrate(
+        qcompiler.api.load_model(_outlier_model(1.0)), _calib(4, 4)
+    )
+    with pytest.raises(qcompiler.api.QCompilerError, match="measured on the model's outputs"):
+        calibration.quantize(qcompiler.QuantConfig())
+    assert len(calibration.samples) == 2  # kept for the probe, no more
+
+
+def test_output_psnr_is_each_columns_error_against_its_peak_averaged():
+    ref = [[np.array([[[1.0, 0.01], [-2.0, 0.0], [0.5, 0.02]] * 22])]]  # 66 rows, 2 columns
+    got = [[ref[0][0] + np.array([0.1, 0.001])]]
+    # column 0: error 0.1 against peak 2; column 1: 0.001 against 0.02 (both -26.02 dB)
+    expected = -10 * np.log10(np.mean([(0.1 / 2) ** 2, (0.001 / 0.02) ** 2]))
+    assert output_psnr(ref, got) == pytest.approx(expected)
+    assert output_psnr(ref, ref) == float("inf")

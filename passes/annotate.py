@@ -38,8 +38,8 @@ from qcompiler.passes.scheme import QuantConfig, QuantSpec
 def activation_qparams(observer, config: QuantConfig) -> tuple[float, int]:
     """Scale and zero point of one activation from its calibration statistics."""
     spec = config.activation_spec(observer.name)
-    calib = config.calibration
-    lo, hi = observer.range(calib.method, spec, percentile=calib.percentile)
+    method = config.range_method(observer.name)
+    lo, hi = observer.range(method, spec, percentile=config.calibration.percentile)
     scale, zero_point = qmath.qparams_from_range(lo, hi, spec)
     return float(scale), int(zero_point)
 

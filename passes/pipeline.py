@@ -67,15 +67,18 @@ def prepare(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 @dataclass
-class Int16Choice:
-    """Which activations get 16 bits, and what :func:`qcompiler.targets.sensitivity.choose_int16`
-    measured to choose them (output PSNR in dB against the float model)."""
+class ActivationChoice:
+    """Which activations get 16 bits and which range method the costly 8-bit ones use, with
+    what :func:`qcompiler.targets.sensitivity.choose_activations` measured to choose them
+    (output PSNR in dB against the float model)."""
 
     chosen: tuple[str, ...]
     weights_db: float  # weights quantized, every activation exact
     all_db: float  # every activation at 8 bits
-    chosen_db: float  # the chosen ones at 16 bits (exact in the probe), the rest at 8
+    chosen_db: float  # the chosen ones at 16 bits (exact in the probe), the rest at 8 bits
+    # with their methods
     alone_db: dict[str, float]  # each activation alone at 8 bits; empty if not needed
+    methods: dict[str, str] = dataclasses.field(default_factory=dict)  # tensor: range method
 
     def summary(self) -> str:
         if not self.alone_db:
@@ -87,14 +90,16 @@ class Int16Choice:
             f"int16 activations: {len(self.chosen)} of {len(self.alone_db)} "
             f"({', '.join(self.chosen) or 'none costs enough alone'}): output PSNR "
             f"{self.all_db:.1f} -> {self.chosen_db:.1f} dB (weights alone {self.weights_db:.1f})"
+            + (f"; range methods {self.methods}" if self.methods else "")
         )
 
 
-def int16_key(config: QuantConfig) -> QuantConfig:
-    """What the measured int16 choice depends on: ``config`` without its 16-bit activations and
-    4-bit weights. One choice serves every mix of 4-bit layers (they are measured with 8-bit
-    weights), so that candidates of a bit-width search differ only in their weights."""
-    return dataclasses.replace(config, int16_activations=(), int4_weights=())
+def choice_key(config: QuantConfig) -> QuantConfig:
+    """What the measured activation choice depends on: ``config`` without its 16-bit
+    activations, per-tensor range methods and 4-bit weights. One choice serves every mix of
+    4-bit layers (they are measured with 8-bit weights), so that candidates of a bit-width
+    search differ only in their weights."""
+    return dataclasses.replace(config, int16_activations=(), int4_weights=(), tensor_methods=())
 
 
 @dataclass
@@ -106,8 +111,8 @@ class Calibration:
 
     ``samples`` keeps the first :data:`PROBE_SAMPLES` calibration samples for measurements on
     the model's outputs (``float_outputs``: the float model's on them, once computed);
-    ``int16_choices`` holds the 16-bit activations measured for ``int16_activations="auto"``:
-    an :class:`Int16Choice` per :func:`int16_key` of a config, see :meth:`resolve`.
+    ``activation_choices`` holds the 16-bit activations measured for ``int16_activations="auto"``:
+    an :class:`ActivationChoice` per :func:`choice_key` of a config, see :meth:`resolve`.
     """
 
     mod: tvm.IRModule
@@ -116,7 +121,7 @@ class Calibration:
     layers: dict = dataclasses.field(default_factory=dict)
     samples: list = dataclasses.field(default_factory=list)
     float_outputs: list | None = None
-    int16_choices: dict = dataclasses.field(default_factory=dict)
+    activation_choices: dict = dataclasses.field(default_factory=dict)
 
     def quantize(self, config: QuantConfig, dump_dir: str | None = None) -> tvm.IRModule:
         if config.needs_layer_inputs and not self.layers:
@@ -136,19 +141,23 @@ class Calibration:
     def resolve(self, config: QuantConfig) -> QuantConfig:
         """``config`` with its int16 activations as the tensors' names: a share is looked up
         in the histograms (:meth:`noisiest`); ``"auto"`` must have been measured already,
-        into :attr:`int16_choices` (:func:`qcompiler.targets.sensitivity.choose_int16`;
+        into :attr:`activation_choices` (:func:`qcompiler.targets.sensitivity.choose_activations`;
         :func:`qcompiler.quantize` does it)."""
         share = config.int16_activations
         if isinstance(share, tuple):
             return config
         if share == AUTO:
-            key = int16_key(config)
-            if key not in self.int16_choices:
+            key = choice_key(config)
+            if key not in self.activation_choices:
                 raise QCompilerError(
                     "int16_activations='auto' is measured on the model's outputs: quantize "
                     "through qcompiler.quantize, or give a share or tensor names"
                 )
-            return dataclasses.replace(config, int16_activations=self.int16_choices[key].chosen)
+            choice = self.activation_choices[key]
+            methods = {**choice.methods, **dict(config.tensor_methods)}  # the user's win
+            return dataclasses.replace(
+                config, int16_activations=choice.chosen, tensor_methods=tuple(methods.items())
+            )
         count = math.ceil(share * len(self.observers)) if share > 0 else 0
         return dataclasses.replace(config, int16_activations=self.noisiest(config, count))
 

@@ -166,7 +166,7 @@ class QuantConfig:
 
     - ``"auto"`` (the default): those whose 8-bit rounding alone costs the model's outputs the
       most, measured on a few calibration samples, and only when the all-8-bit outputs lose
-      enough to need it (:func:`qcompiler.targets.sensitivity.choose_int16`);
+      enough to need it (:func:`qcompiler.targets.sensitivity.choose_activations`);
     - names of tensors;
     - a share in [0, 1]: that fraction of the tensors whose 8-bit quantization is noisiest by
       the calibration histograms alone (see :meth:`Calibration.noisiest
@@ -176,6 +176,10 @@ class QuantConfig:
     reduce the layer's output error on the calibration data (:mod:`~qcompiler.passes.rounding`).
     ``bias_correction``: remove the mean output shift that weight rounding causes, per channel.
     Both need symmetric weights and apply to conv2d/matmul layers with constant weights.
+
+    ``tensor_methods``: ``(tensor name, range method)`` pairs overriding
+    ``calibration.method`` for those activations (``"auto"`` int16 fills them for the 8-bit
+    tensors whose rounding the outputs feel, by what each method's range costs there).
 
     ``int4_weights``: names of conv2d/matmul layers (the op's tensor in the imported model, as
     the manifest's layer table lists them) whose weights get 4 bits, symmetric per channel
@@ -188,6 +192,7 @@ class QuantConfig:
     weight_rounding: str = "nearest"
     bias_correction: bool = False
     int4_weights: tuple[str, ...] = ()
+    tensor_methods: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if isinstance(self.scheme, str):
@@ -200,6 +205,14 @@ class QuantConfig:
                 f"{list(WEIGHT_ROUNDINGS)}"
             )
         object.__setattr__(self, "int4_weights", tuple(str(n) for n in self.int4_weights))
+        methods = tuple((str(n), str(m)) for n, m in dict(self.tensor_methods).items())
+        for name, method in methods:
+            if method not in CALIBRATION_METHODS:
+                raise QCompilerError(
+                    f"unknown calibration method {method!r} for tensor {name!r}, candidates "
+                    f"are {list(CALIBRATION_METHODS)}"
+                )
+        object.__setattr__(self, "tensor_methods", methods)
         if self.int4_weights and not self.scheme.weight.symmetric:
             raise QCompilerError("int4 weights need a scheme with symmetric weights")
         wide = self.int16_activations
@@ -225,6 +238,10 @@ class QuantConfig:
         if layer in self.int4_weights:
             return dataclasses.replace(self.scheme.weight, bits=4, narrow_range=True)
         return self.scheme.weight
+
+    def range_method(self, name: str) -> str:
+        """The range method of the activation tensor called ``name``."""
+        return dict(self.tensor_methods).get(name, self.calibration.method)
 
     def activation_spec(self, name: str) -> QuantSpec:
         """The spec of the activation tensor called ``name``."""

@@ -34,10 +34,10 @@ from qcompiler.deploy.remote import RemoteModel, RunInterrupted
 from qcompiler.frontend import ImportedModel, load_model
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.pipeline import (
+    ActivationChoice,
     Calibration,
-    Int16Choice,
+    choice_key,
     float_fallbacks,
-    int16_key,
     layer_table,
     lower_prequantized,
     prepare,
@@ -56,7 +56,7 @@ from qcompiler.targets.bitwidth import (
 from qcompiler.targets.boards import host_arch, resolve_board
 from qcompiler.targets.build import build as build_executable
 from qcompiler.targets.latency import LayerLatencies, attribute
-from qcompiler.targets.sensitivity import SensitivityProbe, WeightProbe, choose_int16
+from qcompiler.targets.sensitivity import SensitivityProbe, WeightProbe, choose_activations
 from qcompiler.targets.tuning import LocalRPC, RPCEndpoint, TuneReport, load_database
 from qcompiler.targets.tuning import tune as tune_kernels
 
@@ -87,7 +87,7 @@ class QuantizedModel:
     """An integer-only Relax module with the model it came from.
 
     ``config`` is None for a model that arrived quantized (its own parameters were used, with
-    the arithmetic named by ``rounding``). ``int16_choice``: what was measured to choose the
+    the arithmetic named by ``rounding``). ``activation_choice``: what was measured to choose the
     16-bit activations (``int16_activations="auto"``), else None.
     """
 
@@ -95,7 +95,7 @@ class QuantizedModel:
     model: ImportedModel
     config: QuantConfig | None
     activation_params: dict
-    int16_choice: Int16Choice | None = None
+    activation_choice: ActivationChoice | None = None
     rounding: str = "half_up"
 
     @property
@@ -123,11 +123,12 @@ class QuantizedModel:
             "scheme": asdict(self.config.scheme),
             "calibration": asdict(self.config.calibration),
             "int16_activations": list(self.config.int16_activations),
-            "int16_measured": self.int16_choice
+            "tensor_methods": dict(self.config.tensor_methods),
+            "activations_measured": self.activation_choice
             and {
-                "weights_db": self.int16_choice.weights_db,
-                "all_8_bit_db": self.int16_choice.all_db,
-                "chosen_db": self.int16_choice.chosen_db,
+                "weights_db": self.activation_choice.weights_db,
+                "all_8_bit_db": self.activation_choice.all_db,
+                "chosen_db": self.activation_choice.chosen_db,
             },
             "weight_rounding": self.config.weight_rounding,
             "bias_correction": self.config.bias_correction,
@@ -229,7 +230,7 @@ def quantize(
         )
     resolved = resolve(calibration, config)
     mod = calibration.quantize(resolved)
-    choice = calibration.int16_choices.get(int16_key(config))
+    choice = calibration.activation_choices.get(choice_key(config))
     measured = choice if config.int16_activations == AUTO else None
     return QuantizedModel(mod, model, resolved, calibration.activation_params(resolved), measured)
 
@@ -237,13 +238,15 @@ def quantize(
 def resolve(calibration: Calibration, config=None) -> QuantConfig:
     """``config`` with its 16-bit activations as tensor names. ``"auto"`` (the default) is
     measured once per config on the calibration's kept samples, on this host
-    (:func:`~qcompiler.targets.sensitivity.choose_int16`); a share is looked up in the
+    (:func:`~qcompiler.targets.sensitivity.choose_activations`); a share is looked up in the
     calibration histograms."""
     config = _as_config(config)
     if config.int16_activations == AUTO:
-        key = int16_key(config)
-        if key not in calibration.int16_choices:
-            calibration.int16_choices[key] = choose_int16(calibration, key, _tvm_target("host"))
+        key = choice_key(config)
+        if key not in calibration.activation_choices:
+            calibration.activation_choices[key] = choose_activations(
+                calibration, key, _tvm_target("host")
+            )
     return calibration.resolve(config)
 
 

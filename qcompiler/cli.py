@@ -84,7 +84,7 @@ def cmd_compile(args) -> int:
     path = art.export(args.output)
     quantization = art.manifest["quantization"]
     wide = quantization.get("int16_activations", [])
-    measured = quantization.get("int16_measured")
+    measured = quantization.get("activations_measured")
     why = (
         f", measured: output PSNR {measured['all_8_bit_db']:.1f} dB all at 8 bits, "
         f"{measured['chosen_db']:.1f} dB with these"

@@ -12,7 +12,7 @@ when activation ``k`` alone is rounded to 8 bits (its *sensitivity*), or any set
 (:meth:`SensitivityProbe.run`).
 
 Activations kept out (``switch = 0``) stand for int16 ones: 16-bit rounding is ~48 dB below
-8-bit, well under what is measured here. :func:`choose_int16` uses it to pick the int16
+8-bit, well under what is measured here. :func:`choose_activations` uses it to pick the int16
 activations of the default build (``int16_activations="auto"``). Its rule, measured in output
 PSNR (:func:`output_psnr`) on :data:`~qcompiler.passes.pipeline.PROBE_SAMPLES` samples:
 
@@ -20,7 +20,11 @@ PSNR (:func:`output_psnr`) on :data:`~qcompiler.passes.pipeline.PROBE_SAMPLES` s
   weights-only ones, or at least :data:`GOOD_DB` (two runs of the probe: EfficientNet-Lite0
   and ResNet-8 stop here);
 - otherwise every activation is rounded alone, and those that alone cost at least
-  :data:`ALONE_LOSS_DB` go to 16 bits, most costly first, at most :data:`MOST_SHARE` of them.
+  :data:`ALONE_LOSS_DB` go to 16 bits, most costly first, at most :data:`MOST_SHARE` of them;
+- each 8-bit tensor that alone costs at least :data:`RANGE_LOSS_DB` is rounded alone once more
+  with the range of every other method (minmax, percentile, KL, MSE from its calibration
+  histogram), and keeps the one that costs the outputs least: the range is chosen per tensor
+  by the error it causes downstream, not by one global method.
 
 Greedy rules that add tensors until the all-8-bit PSNR reaches a target did not work: on YOLOX
 that PSNR moves by several dB, up or down, with any one tensor's rounding, while each tensor's
@@ -38,11 +42,16 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from qcompiler.passes import qmath
-from qcompiler.passes.annotate import annotate, quantize_constant, weight_axis
+from qcompiler.passes.annotate import (
+    activation_qparams,
+    annotate,
+    quantize_constant,
+    weight_axis,
+)
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.graph import CONV_OPS, MATMUL_OPS, bindings, const_value, op_name
-from qcompiler.passes.pipeline import Int16Choice, int16_key
-from qcompiler.passes.scheme import QuantConfig
+from qcompiler.passes.pipeline import ActivationChoice, choice_key
+from qcompiler.passes.scheme import CALIBRATION_METHODS, QuantConfig
 from qcompiler.targets.build import build as build_executable
 
 
@@ -93,40 +102,53 @@ def output_psnr(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]
 
 @mutator
 class _Switches(PyExprMutator):
-    """Puts every activation's quantize/dequantize pair behind ``switch[k]``."""
+    """Puts every activation's rounding behind ``switch[k]``, with its scale and zero point
+    read from ``scale[k]`` and ``zero[k]``: any range can be tried without a new build."""
 
-    def __init__(self, mod, names: list[str], switch: relax.Var):
+    def __init__(self, mod, names: list[str], params: list[relax.Var]):
         super().__init__(mod)
         self.index = {f"{n}_dq": k for k, n in enumerate(names)}
-        self.switch = switch
+        self.switch, self.scale, self.zero = params
         self.quantized = {}
+
+    def _take(self, vector, k):
+        return self.builder_.emit(relax.op.take(vector, relax.const(k, "int64"), axis=0))
 
     def visit_var_binding_(self, binding):
         var, value = binding.var, binding.value
         if op_name(value) == "relax.quantize":
-            self.quantized[var] = value.args[0]
+            self.quantized[var] = value
         k = self.index.get(var.name)
         if k is None or op_name(value) != "relax.dequantize" or value.args[0] not in self.quantized:
             return super().visit_var_binding_(binding)
-        exact = self.visit_expr(self.quantized[value.args[0]])
-        rounded = self.builder_.emit(self.visit_expr(value))
-        on = self.builder_.emit(relax.op.take(self.switch, relax.const(k, "int64"), axis=0))
+        quantize = self.quantized[value.args[0]]
+        info = np.iinfo(str(quantize.attrs.out_dtype))
+        exact = self.visit_expr(quantize.args[0])
+        scale, zero = self._take(self.scale, k), self._take(self.zero, k)
+        codes = relax.op.add(relax.op.round(relax.op.divide(exact, scale)), zero)
+        codes = relax.op.minimum(relax.op.maximum(codes, relax.const(float(info.min))),
+                                 relax.const(float(info.max)))  # fmt: skip
+        rounded = self.builder_.emit(relax.op.multiply(relax.op.subtract(codes, zero), scale))
         noise = self.builder_.emit(relax.op.subtract(rounded, exact))
-        mixed = relax.op.add(exact, relax.op.multiply(on, noise))
+        mixed = relax.op.add(exact, relax.op.multiply(self._take(self.switch, k), noise))
         emit = (
             self.builder_.emit if isinstance(var, relax.DataflowVar) else self.builder_.emit_output
         )
         self.set_var_remap(var, emit(mixed, var.name))
 
 
+SWITCHES = ("qc_switch", "qc_scale", "qc_zero")
+
+
 def switchable(annotated: tvm.IRModule, names: list[str]) -> tvm.IRModule:
-    """``annotated`` (quantize/dequantize pairs) with an extra last input ``qc_switch``: one
-    float per name in ``names``, 1 to round that activation, 0 to leave it exact."""
+    """``annotated`` (quantize/dequantize pairs) with three extra last inputs, one float per
+    name in ``names`` each (:data:`SWITCHES`): 1 to round that activation (0 leaves it exact),
+    and the scale and zero point to round it with."""
     func = annotated["main"]
-    switch = relax.Var("qc_switch", relax.TensorType((len(names),), "float32"))
-    body = _Switches(annotated, names, switch).visit_expr(func).body
+    params = [relax.Var(n, relax.TensorType((len(names),), "float32")) for n in SWITCHES]
+    body = _Switches(annotated, names, params).visit_expr(func).body
     out = tvm.IRModule(dict(annotated.functions), attrs=annotated.attrs)
-    out["main"] = relax.Function([*func.params, switch], body, func.ret_ty, attrs=func.attrs)
+    out["main"] = relax.Function([*func.params, *params], body, func.ret_ty, attrs=func.attrs)
     return out
 
 
@@ -166,6 +188,9 @@ class SensitivityProbe:
             calibration.mod, calibration.plan, calibration.observers, config, calibration.layers
         )
         self._probe = self._vm(switchable(annotated, self.names), target)
+        self.params = {
+            p.name: activation_qparams(o, config) for p, o in calibration.observers.items()
+        }
         params = [p.name for p in calibration.mod["main"].params]
         self._inputs = [
             [tvm.runtime.tensor(np.ascontiguousarray(s[n])) for n in params] for s in samples
@@ -185,12 +210,18 @@ class SensitivityProbe:
         items = [result] if hasattr(result, "numpy") else list(result)
         return [r.numpy() for r in items]
 
-    def run(self, eight_bit: set[str]) -> float:
+    def run(self, eight_bit: set[str], params: dict | None = None) -> float:
         """Output SQNR (dB; or the probe's ``metric``) with the activations named in
-        ``eight_bit`` rounded to 8 bits."""
-        switch = np.array([n in eight_bit for n in self.names], dtype="float32")
-        flag = tvm.runtime.tensor(switch)
-        got = [self._outputs(self._probe(*args, flag)) for args in self._inputs]
+        ``eight_bit`` rounded to 8 bits, with the config's scales and zero points or those in
+        ``params`` (``{name: (scale, zero point)}``)."""
+        params = {**self.params, **(params or {})}
+        vectors = [
+            [n in eight_bit for n in self.names],
+            [params[n][0] for n in self.names],
+            [params[n][1] for n in self.names],
+        ]
+        flags = [tvm.runtime.tensor(np.array(v, dtype="float32")) for v in vectors]
+        got = [self._outputs(self._probe(*args, *flags)) for args in self._inputs]
         return self.metric(self.reference, got)
 
     def measure(self) -> Sensitivity:
@@ -202,14 +233,15 @@ GOOD_DB = 30.0  # all-8-bit output PSNR that needs nothing more
 TOLERANCE_DB = 1.0  # all-8-bit loss against weights-only that needs nothing more
 ALONE_LOSS_DB = 1.0  # a tensor that alone costs this much gets 16 bits
 MOST_SHARE = 0.1  # at most this share of the activations
+RANGE_LOSS_DB = 0.25  # an 8-bit tensor that alone costs this much gets its least costly range
 
 
-def choose_int16(calibration, config: QuantConfig, target) -> Int16Choice:
+def choose_activations(calibration, config: QuantConfig, target) -> ActivationChoice:
     """The activations of ``calibration`` that get 16 bits under ``config`` (its own
     ``int16_activations`` and 4-bit weights ignored, see
-    :func:`~qcompiler.passes.pipeline.int16_key`): the rule in this module's docstring, measured
+    :func:`~qcompiler.passes.pipeline.choice_key`): the rule in this module's docstring, measured
     on the calibration's kept samples with one compiled probe."""
-    config = int16_key(config)
+    config = choice_key(config)
     probe = SensitivityProbe(
         calibration, config, calibration.samples, target, output_psnr, calibration.float_outputs
     )
@@ -217,13 +249,35 @@ def choose_int16(calibration, config: QuantConfig, target) -> Int16Choice:
     everything = set(probe.names)
     weights_db, all_db = probe.run(set()), probe.run(everything)
     if all_db >= GOOD_DB or weights_db - all_db <= TOLERANCE_DB:
-        return Int16Choice((), weights_db, all_db, all_db, {})
+        return ActivationChoice((), weights_db, all_db, all_db, {})
     alone = {n: probe.run({n}) for n in probe.names}
-    costly = [
-        n for n in sorted(probe.names, key=alone.get) if weights_db - alone[n] >= ALONE_LOSS_DB
-    ]
+    costly = [n for n in sorted(alone, key=alone.get) if weights_db - alone[n] >= ALONE_LOSS_DB]
     chosen = tuple(costly[: max(1, int(MOST_SHARE * len(probe.names)))])
-    return Int16Choice(chosen, weights_db, all_db, probe.run(everything - set(chosen)), alone)
+    methods = {}
+    for name in (n for n in alone if n not in chosen and weights_db - alone[n] >= RANGE_LOSS_DB):
+        methods[name] = _least_costly_range(probe, calibration, config, name, alone[name])
+    methods = {n: m for n, m in methods.items() if m != config.calibration.method}
+    ranges = {n: _qparams(calibration, config, n, m) for n, m in methods.items()}
+    chosen_db = probe.run(everything - set(chosen), ranges)
+    return ActivationChoice(chosen, weights_db, all_db, chosen_db, alone, methods)
+
+
+def _qparams(calibration, config: QuantConfig, name: str, method: str) -> tuple[float, int]:
+    observer = next(o for p, o in calibration.observers.items() if p.name == name)
+    return activation_qparams(
+        observer, dataclasses.replace(config, tensor_methods=((name, method),))
+    )
+
+
+def _least_costly_range(probe, calibration, config, name: str, own_db: float) -> str:
+    """The range method whose 8-bit rounding of ``name`` alone costs the outputs least."""
+    best, best_db = config.calibration.method, own_db
+    for method in CALIBRATION_METHODS:
+        if method != config.calibration.method:
+            db = probe.run({name}, {name: _qparams(calibration, config, name, method)})
+            if db > best_db:
+                best, best_db = method, db
+    return best
 
 
 # -- weights ------------------------------------------------------------------------------------

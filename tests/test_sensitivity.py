@@ -174,7 +174,7 @@ def test_default_int16_goes_where_8_bits_cost_the_outputs():
     model = _outlier_model(outlier=300.0)
     imported, calibration = qcompiler.calibrate(qcompiler.api.load_model(model), _calib(16, 4))
     default = qcompiler.quantize(imported, None, calibration=calibration)
-    choice = default.int16_choice
+    choice = default.activation_choice
     assert choice is not None and choice.all_db < choice.weights_db - 1
     # the hidden tensor (the relu's output, the widest calibration range) and nothing else
     widest = max(calibration.observers, key=lambda p: np.ptp(calibration.observers[p].range(
@@ -189,15 +189,15 @@ def test_default_int16_goes_where_8_bits_cost_the_outputs():
     assert _error(model, default.build(), tests) < _error(model, eight.build(), tests) / 5
     manifest = default.build().manifest["quantization"]
     assert manifest["int16_activations"] == [widest.name]
-    assert manifest["int16_measured"]["chosen_db"] == pytest.approx(choice.chosen_db)
+    assert manifest["activations_measured"]["chosen_db"] == pytest.approx(choice.chosen_db)
 
 
 def test_default_int16_leaves_a_model_that_8_bits_serve():
     model = _outlier_model(outlier=1.0)
     quantized = qcompiler.quantize(model, _calib(16, 4))
     assert quantized.config.int16_activations == ()
-    assert quantized.int16_choice.alone_db == {}  # two runs of the probe decided it
-    assert quantized.int16_choice.all_db >= 30
+    assert quantized.activation_choice.alone_db == {}  # two runs of the probe decided it
+    assert quantized.activation_choice.all_db >= 30
 
 
 def test_auto_int16_needs_the_measurement():

@@ -96,6 +96,7 @@ def main(argv=None) -> int:
         ("int8, every activation 8-bit (minmax)", api.QuantConfig(**eight)),
         ("int8 default (minmax, measured int16)", api.QuantConfig()),
         ("int8 default, optimized rounding", api.QuantConfig(weight_rounding="optimized")),
+        ("int8 default, per-tensor ranges", api.QuantConfig(calibration="auto")),
         ("int8, optimized rounding", api.QuantConfig(weight_rounding="optimized", **eight)),
         ("int8, bias correction", api.QuantConfig(bias_correction=True, **eight)),
         ("int8 percentile", api.QuantConfig(calibration="percentile", **eight)),

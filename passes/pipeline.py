@@ -167,7 +167,8 @@ class Calibration:
         spec, calib = config.scheme.activation, config.calibration
         sqnr = {}
         for point, observer in self.observers.items():
-            lo, hi = observer.range(calib.method, spec, percentile=calib.percentile)
+            method = config.range_method(point.name)
+            lo, hi = observer.range(method, spec, percentile=calib.percentile)
             sqnr[point.name] = quantization_sqnr(observer, lo, hi, spec)
         return tuple(sorted(sqnr, key=sqnr.get)[:count])
 

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from qcompiler.passes.errors import QCompilerError
 
 CALIBRATION_METHODS = ("minmax", "percentile", "kl", "mse")
+# ``CalibConfig.method``: each activation's range measured on the outputs (needs
+# ``int16_activations="auto"``); tensors the outputs do not feel use MinMax.
+AUTO_METHOD = "auto"
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,10 @@ class CalibConfig:
     Parameters
     ----------
     method : str
-        ``minmax``, ``percentile``, ``kl`` (TensorRT-style entropy) or ``mse``.
+        ``minmax``, ``percentile``, ``kl`` (TensorRT-style entropy), ``mse``, or ``auto``: per
+        tensor, the one of these whose range costs the model's outputs least, measured for the
+        tensors whose 8-bit rounding the outputs feel (see
+        :func:`qcompiler.targets.sensitivity.choose_activations`), MinMax for the rest.
     percentile : float
         For ``percentile``: the share of values (in percent) kept inside the range, e.g. 99.99.
     bins : int
@@ -137,10 +143,10 @@ class CalibConfig:
     bins: int = 2048
 
     def __post_init__(self):
-        if self.method not in CALIBRATION_METHODS:
+        if self.method not in (*CALIBRATION_METHODS, AUTO_METHOD):
             raise QCompilerError(
                 f"unknown calibration method {self.method!r}, candidates are "
-                f"{list(CALIBRATION_METHODS)}"
+                f"{[*CALIBRATION_METHODS, AUTO_METHOD]}"
             )
         if not 50.0 < self.percentile <= 100.0:
             raise QCompilerError(f"percentile must be in (50, 100], got {self.percentile}")
@@ -178,8 +184,7 @@ class QuantConfig:
     Both need symmetric weights and apply to conv2d/matmul layers with constant weights.
 
     ``tensor_methods``: ``(tensor name, range method)`` pairs overriding
-    ``calibration.method`` for those activations (``"auto"`` int16 fills them for the 8-bit
-    tensors whose rounding the outputs feel, by what each method's range costs there).
+    ``calibration.method`` for those activations (``calibration.method="auto"`` fills them).
 
     ``int4_weights``: names of conv2d/matmul layers (the op's tensor in the imported model, as
     the manifest's layer table lists them) whose weights get 4 bits, symmetric per channel
@@ -213,6 +218,10 @@ class QuantConfig:
                     f"are {list(CALIBRATION_METHODS)}"
                 )
         object.__setattr__(self, "tensor_methods", methods)
+        if self.calibration.method == AUTO_METHOD and self.int16_activations != AUTO:
+            raise QCompilerError(
+                "calibration method 'auto' is measured with int16_activations='auto'"
+            )
         if self.int4_weights and not self.scheme.weight.symmetric:
             raise QCompilerError("int4 weights need a scheme with symmetric weights")
         wide = self.int16_activations
@@ -241,7 +250,8 @@ class QuantConfig:
 
     def range_method(self, name: str) -> str:
         """The range method of the activation tensor called ``name``."""
-        return dict(self.tensor_methods).get(name, self.calibration.method)
+        method = dict(self.tensor_methods).get(name, self.calibration.method)
+        return "minmax" if method == AUTO_METHOD else method
 
     def activation_spec(self, name: str) -> QuantSpec:
         """The spec of the activation tensor called ``name``."""

@@ -22,6 +22,7 @@ from qcompiler.data import Preprocess, labelled_images, load_calibration, save_n
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.scheme import (
     AUTO,
+    AUTO_METHOD,
     CALIBRATION_METHODS,
     PRESETS,
     WEIGHT_ROUNDINGS,
@@ -417,7 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--limit", type=int, help="use at most this many calibration samples")
         p.add_argument("--scheme", default="hybrid", choices=sorted(PRESETS))
-        p.add_argument("--calib-method", default="minmax", choices=CALIBRATION_METHODS)
+        p.add_argument(
+            "--calib-method",
+            default="minmax",
+            choices=[*CALIBRATION_METHODS, AUTO_METHOD],
+            help="activation range method; 'auto': per tensor, measured on the outputs",
+        )
         p.add_argument("--percentile", type=float, default=99.99)
         p.add_argument(
             "--int16",

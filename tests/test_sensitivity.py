@@ -3,11 +3,12 @@ the compiled integer model."""
 
 import numpy as np
 import pytest
+import tvm
 from onnx import TensorProto, helper, numpy_helper
 from test_detector_exits import head_model, samples
 
 import qcompiler
-from qcompiler.targets.sensitivity import output_psnr, output_sqnr
+from qcompiler.targets.sensitivity import SensitivityProbe, output_psnr, output_sqnr
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -216,3 +217,47 @@ def test_output_psnr_is_each_columns_error_against_its_peak_averaged():
     expected = -10 * np.log10(np.mean([(0.1 / 2) ** 2, (0.001 / 0.02) ** 2]))
     assert output_psnr(ref, got) == pytest.approx(expected)
     assert output_psnr(ref, ref) == float("inf")
+
+
+def _conv1x1(x, w):
+    return np.einsum("nchw,oc->nohw", x, w[:, :, 0, 0].astype(np.float64))
+
+
+def test_probe_rounds_with_any_scale_and_zero_point_it_is_given():
+    """The probe's rounding of one tensor with a scale and zero point passed at run time,
+    against the same model in numpy: weights rounded per channel (max-abs / 127), the hidden
+    tensor rounded to uint8 with the given parameters, everything else exact."""
+    model = _outlier_model(outlier=1.0)
+    _, calibration = qcompiler.calibrate(qcompiler.api.load_model(model), _calib(8, 4))
+    probe = SensitivityProbe(
+        calibration, qcompiler.QuantConfig(), calibration.samples, tvm.target.Target("llvm"),
+        output_psnr,
+    )  # fmt: skip
+    w1, w2 = (numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer)
+
+    def rounded(w):
+        scale = np.abs(w).reshape(len(w), -1).max(axis=1).reshape(-1, 1, 1, 1) / 127
+        return np.clip(np.rint(w / scale), -127, 127) * scale
+
+    hidden = next(p.name for p in calibration.plan.points if p.name != "x")
+    for scale, zero in ((0.05, 0), (0.2, 7), (0.013, 100)):
+        reference, got = [], []
+        for sample in calibration.samples:
+            x = sample["x"].astype(np.float64)
+            h = np.maximum(_conv1x1(x, rounded(w1)), 0)
+            fake = (np.clip(np.round(h / scale) + zero, 0, 255) - zero) * scale
+            exact = np.maximum(_conv1x1(x, w1), 0)
+            reference.append([_conv1x1(exact, w2)])
+            got.append([_conv1x1(fake, rounded(w2))])
+        expected = output_psnr(reference, got)
+        assert probe.run({hidden}, {hidden: (scale, zero)}) == pytest.approx(expected, abs=0.05)
+
+
+def test_per_tensor_methods_are_checked_and_auto_needs_the_measurement():
+    with pytest.raises(qcompiler.QCompilerError, match="unknown calibration method 'minimax'"):
+        qcompiler.QuantConfig(tensor_methods=(("lv1", "minimax"),))
+    with pytest.raises(qcompiler.QCompilerError, match="measured with int16_activations='auto'"):
+        qcompiler.QuantConfig(calibration="auto", int16_activations=())
+    config = qcompiler.QuantConfig(calibration="percentile", tensor_methods=(("lv1", "mse"),))
+    assert config.range_method("lv1") == "mse" and config.range_method("lv2") == "percentile"
+    assert qcompiler.QuantConfig(calibration="auto").range_method("lv2") == "minmax"

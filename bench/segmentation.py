@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calib", type=int, default=25, help="calibration images (the rest score)")
     parser.add_argument("--probe", type=int, default=4, help="calibration images the probe runs")
-    parser.add_argument("--sensitive", nargs="+", type=int, default=[3, 8])
+    parser.add_argument("--sensitive", nargs="*", type=int, default=[3, 8])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

@@ -218,10 +218,7 @@ class QuantConfig:
                     f"are {list(CALIBRATION_METHODS)}"
                 )
         object.__setattr__(self, "tensor_methods", methods)
-        if self.calibration.method == AUTO_METHOD and self.int16_activations != AUTO:
-            raise QCompilerError(
-                "calibration method 'auto' is measured with int16_activations='auto'"
-            )
+
         if self.int4_weights and not self.scheme.weight.symmetric:
             raise QCompilerError("int4 weights need a scheme with symmetric weights")
         wide = self.int16_activations

@@ -44,7 +44,14 @@ from qcompiler.passes.pipeline import (
     run_calibration,
 )
 from qcompiler.passes.prequantized import check_supported, io_quantization, is_prequantized
-from qcompiler.passes.scheme import AUTO, CalibConfig, QuantConfig, QuantScheme, QuantSpec
+from qcompiler.passes.scheme import (
+    AUTO,
+    AUTO_METHOD,
+    CalibConfig,
+    QuantConfig,
+    QuantScheme,
+    QuantSpec,
+)
 from qcompiler.targets.bitwidth import (
     Option,
     Plan,
@@ -241,6 +248,8 @@ def resolve(calibration: Calibration, config=None) -> QuantConfig:
     (:func:`~qcompiler.targets.sensitivity.choose_activations`); a share is looked up in the
     calibration histograms."""
     config = _as_config(config)
+    if config.calibration.method == AUTO_METHOD and config.int16_activations != AUTO:
+        raise QCompilerError("calibration method 'auto' is measured with int16_activations='auto'")
     if config.int16_activations == AUTO:
         key = choice_key(config)
         if key not in calibration.activation_choices:

@@ -256,8 +256,15 @@ def test_probe_rounds_with_any_scale_and_zero_point_it_is_given():
 def test_per_tensor_methods_are_checked_and_auto_needs_the_measurement():
     with pytest.raises(qcompiler.QCompilerError, match="unknown calibration method 'minimax'"):
         qcompiler.QuantConfig(tensor_methods=(("lv1", "minimax"),))
+    _, calibration = qcompiler.calibrate(
+        qcompiler.api.load_model(_outlier_model(1.0)), _calib(4, 4)
+    )
     with pytest.raises(qcompiler.QCompilerError, match="measured with int16_activations='auto'"):
-        qcompiler.QuantConfig(calibration="auto", int16_activations=())
+        qcompiler.quantize(None, None, qcompiler.QuantConfig(calibration="auto",
+                           int16_activations=()), calibration=calibration)  # fmt: skip
+    chosen = qcompiler.quantize(None, None, qcompiler.QuantConfig(calibration="auto"),
+                                calibration=calibration)  # fmt: skip
+    assert chosen.config.int16_activations == ()  # a model 8 bits serve: nothing measured
     config = qcompiler.QuantConfig(calibration="percentile", tensor_methods=(("lv1", "mse"),))
     assert config.range_method("lv1") == "mse" and config.range_method("lv2") == "percentile"
     assert qcompiler.QuantConfig(calibration="auto").range_method("lv2") == "minmax"

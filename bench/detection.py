@@ -104,11 +104,12 @@ def main(argv=None) -> int:
     for m in args.methods:
         if m != "auto":  # per-tensor ranges are measured with the int16 choice
             configs.append((f"qcompiler int8 {m}, every activation 8-bit", _eight_bit(m)))
+        default = " (the default)" if m == "minmax" else ""
         configs.append(
-            (f"qcompiler int8 {m}, measured int16 (the default)", api.QuantConfig(calibration=m))
+            (f"qcompiler int8 {m}, measured int16{default}", api.QuantConfig(calibration=m))
         )
     for share in args.int16_shares:
-        for m in args.methods:
+        for m in (m for m in args.methods if m != "auto"):
             configs.append(
                 (
                     f"qcompiler int8 {m}, int16 for {share:.0%} of activations",

@@ -363,6 +363,13 @@ class Candidate:
     top1: float
 
 
+def within_drop(reference: float, accuracy: float, max_drop_points: float) -> bool:
+    """Whether ``accuracy`` is at most ``max_drop_points`` (percentage points) below
+    ``reference``, both shares of samples: a drop of exactly the budget counts as within
+    (``100 * (0.875 - 0.865)`` is 1.0000000000000009 in floating point)."""
+    return 100 * (reference - accuracy) <= max_drop_points + 1e-9
+
+
 def choose_within_accuracy_drop(
     model: ImportedModel,
     calibration: Calibration,
@@ -399,7 +406,7 @@ def choose_within_accuracy_drop(
         return accuracy
 
     def fits(plan: Plan) -> bool:
-        return 100 * (reference - score(plan)) <= max_drop_points
+        return within_drop(reference, score(plan), max_drop_points)
 
     low, high = 0, len(ordered) - 1  # the largest plan (all 8-bit) is the last resort
     if not fits(ordered[high]):

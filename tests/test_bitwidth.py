@@ -6,6 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
+from qcompiler.api import within_drop
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.targets.bitwidth import Option, choose_precisions
 
@@ -307,3 +308,10 @@ def test_report_measures_layers_and_traces_candidates(mnist_calibration, mnist_r
     assert measured.chosen is not None and measured.chosen.bytes <= budget
     text, png = report.write(measured, tmp_path / "report")
     assert "| lv4 |" in text.read_text() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_drop_of_exactly_the_budget_is_within_it():
+    # EfficientNet-Lite0 on 400 images: fp32 350 right, a candidate 346 (-1.00 points)
+    assert within_drop(350 / 400, 346 / 400, 1.0)
+    assert not within_drop(350 / 400, 345 / 400, 1.0)
+    assert within_drop(0.5, 0.6, 0.0)  # a gain is within any budget

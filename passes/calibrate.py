@@ -57,11 +57,16 @@ def calibrate(
     bins: int = 2048,
     target: tvm.target.Target | None = None,
     layers: dict | None = None,
+    keep: list | None = None,
+    keep_count: int = 0,
 ) -> dict:
     """Observe every point of ``plan`` over ``samples``.
 
     ``layers`` maps conv2d/matmul vars to :class:`~qcompiler.passes.rounding.LayerStats`, fed
-    with the layer's (float) input from the same runs.
+    with the layer's (float) input from the same runs. ``keep``: a list that receives
+    ``(sample, outputs)`` for the first ``keep_count`` samples (copies, and the float model's
+    outputs on them as numpy arrays), so that they can be measured against later without
+    compiling the float model again.
 
     Returns
     -------
@@ -91,6 +96,10 @@ def calibrate(
             )
         args = [np.ascontiguousarray(sample[n]) for n in names]
         results = vm["main"](*[tvm.runtime.tensor(a) for a in args])
+        if keep is not None and seen < keep_count:
+            first = results[0]
+            outputs = [r.numpy() for r in ([first] if hasattr(first, "numpy") else list(first))]
+            keep.append(({n: a.copy() for n, a in zip(names, args)}, outputs))
         values = dict(zip(params, args))
         values.update((x, v.numpy()) for x, v in zip(exposed, list(results)[1:]))
         for point in plan.points:

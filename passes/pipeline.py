@@ -110,7 +110,7 @@ class Calibration:
     several configs without touching the data again.
 
     ``samples`` keeps the first :data:`PROBE_SAMPLES` calibration samples for measurements on
-    the model's outputs (``float_outputs``: the float model's on them, once computed);
+    the model's outputs (``float_outputs``: the float model's outputs on them, from the same runs);
     ``activation_choices`` holds the 16-bit activations measured for ``int16_activations="auto"``:
     an :class:`ActivationChoice` per :func:`choice_key` of a config, see :meth:`resolve`.
     """
@@ -197,21 +197,17 @@ def run_calibration(
         if rounding.supported(call, weight):
             layers[binding.var] = rounding.LayerStats(call, weight.shape)
     kept = []
-    observers = calibrate(mod, plan, _keeping(samples, kept), bins=bins, layers=layers)
-    return Calibration(mod, plan, observers, layers, kept)
+    observers = calibrate(
+        mod, plan, samples, bins=bins, layers=layers, keep=kept, keep_count=PROBE_SAMPLES
+    )
+    calibration = Calibration(mod, plan, observers, layers, [sample for sample, _ in kept])
+    calibration.float_outputs = [outputs for _, outputs in kept]
+    return calibration
 
 
 # Calibration samples kept for measuring the outputs (the int16 choice): a fixed few, so that
 # memory does not grow with the calibration set.
 PROBE_SAMPLES = 2
-
-
-def _keeping(samples: Iterable[dict], kept: list) -> Iterable[dict]:
-    """``samples`` passed through, copying the first :data:`PROBE_SAMPLES` into ``kept``."""
-    for sample in samples:
-        if len(kept) < PROBE_SAMPLES:
-            kept.append({name: np.array(value) for name, value in sample.items()})
-        yield sample
 
 
 def quantize_module(

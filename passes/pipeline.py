@@ -75,8 +75,7 @@ class ActivationChoice:
     chosen: tuple[str, ...]
     weights_db: float  # weights quantized, every activation exact
     all_db: float  # every activation at 8 bits
-    chosen_db: float  # the chosen ones at 16 bits (exact in the probe), the rest at 8 bits
-    # with their methods
+    chosen_db: float  # the chosen at 16 bits (exact in the probe), the rest at 8 with `methods`
     alone_db: dict[str, float]  # each activation alone at 8 bits; empty if not needed
     methods: dict[str, str] = dataclasses.field(default_factory=dict)  # tensor: range method
 
@@ -200,9 +199,8 @@ def run_calibration(
     observers = calibrate(
         mod, plan, samples, bins=bins, layers=layers, keep=kept, keep_count=PROBE_SAMPLES
     )
-    calibration = Calibration(mod, plan, observers, layers, [sample for sample, _ in kept])
-    calibration.float_outputs = [outputs for _, outputs in kept]
-    return calibration
+    kept_samples, outputs = [s for s, _ in kept], [o for _, o in kept]
+    return Calibration(mod, plan, observers, layers, samples=kept_samples, float_outputs=outputs)
 
 
 # Calibration samples kept for measuring the outputs (the int16 choice): a fixed few, so that

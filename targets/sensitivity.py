@@ -247,7 +247,6 @@ def choose_activations(calibration, config: QuantConfig, target) -> ActivationCh
     probe = SensitivityProbe(
         calibration, config, calibration.samples, target, output_psnr, calibration.float_outputs
     )
-    calibration.float_outputs = probe.reference
     everything = set(probe.names)
     weights_db, all_db = probe.run(set()), probe.run(everything)
     if all_db >= GOOD_DB or weights_db - all_db <= TOLERANCE_DB:

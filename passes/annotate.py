@@ -23,7 +23,9 @@ from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.graph import (
     CONV_OPS,
     LAYER_NAMES_ATTR,
+    LAYER_OPS,
     MATMUL_OPS,
+    TRANSPOSED_CONV_OPS,
     QuantPlan,
     bindings,
     const_value,
@@ -45,8 +47,9 @@ def activation_qparams(observer, config: QuantConfig) -> tuple[float, int]:
 
 
 def weight_axis(call) -> int:
-    """The output-channel axis of the weight (second operand) of a conv2d or matmul."""
-    if op_name(call) in CONV_OPS:
+    """The output-channel axis of the weight (second operand) of a (transposed) conv2d or
+    matmul."""
+    if op_name(call) in CONV_OPS | TRANSPOSED_CONV_OPS:
         return str(call.attrs.kernel_layout).index("O")
     return -1
 
@@ -144,7 +147,7 @@ class _Annotator(PyExprMutator):
         else:
             new_var = emit(new_value, var.name)
             self.set_var_remap(var, new_var)
-        if op_name(binding.value) in CONV_OPS | MATMUL_OPS:
+        if op_name(binding.value) in LAYER_OPS:
             self.names[new_var.name] = var.name
 
     def _insert_qdq(self, var, emit, value=None):
@@ -164,10 +167,15 @@ class _Annotator(PyExprMutator):
         name = op_name(call)
         args = list(call.args)
         scheme = self.config.scheme
-        if name in CONV_OPS | MATMUL_OPS:
+        if name in LAYER_OPS:
             weight = const_value(args[1])
             if weight is not None:
-                spec = self.config.weight_spec(var.name)
+                # 4-bit weights are chosen for conv2d/matmul layers only
+                spec = (
+                    scheme.weight
+                    if name in TRANSPOSED_CONV_OPS
+                    else self.config.weight_spec(var.name)
+                )
                 codes, scale, zp, axis = quantize_constant(weight, spec, weight_axis(call))
                 if spec.bits == 4:
                     self.int4.append(var.name)

@@ -28,11 +28,15 @@ from tvm.ir import Op
 from tvm.ir.expr import Constant, GenericConst
 
 CONV_OPS = {"relax.nn.conv2d"}
+TRANSPOSED_CONV_OPS = {"relax.nn.conv2d_transpose"}
 # Layouts ConvertLayout asks for (channels innermost, for the int8 dot-product instructions).
 # The transposed conv stays NCHW: it would otherwise follow its input to NHWC, where TVM 0.27
 # cannot legalize it.
 CHANNELS_LAST = {"relax.nn.conv2d": ["NHWC", "OHWI"], "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
 MATMUL_OPS = {"relax.matmul"}
+# Ops with constant weights lowered to int8 x int8 -> int32 accumulators. Weight precisions are
+# chosen among CONV_OPS | MATMUL_OPS only.
+LAYER_OPS = CONV_OPS | TRANSPOSED_CONV_OPS | MATMUL_OPS
 BINARY_OPS = {"relax.add", "relax.subtract", "relax.multiply"}
 CLAMP_OPS = {"relax.nn.relu", "relax.nn.relu6", "relax.clip", "relax.maximum", "relax.minimum"}
 REDUCE_OPS = {"relax.mean", "relax.nn.avg_pool2d"}
@@ -281,7 +285,7 @@ def activation_operands(call) -> list:
 def is_head(call) -> bool:
     """Can ``call`` be lowered to integers as the first op of a chain?"""
     name = op_name(call)
-    if name in CONV_OPS or name in MATMUL_OPS or name in REDUCE_OPS or name == "relax.concat":
+    if name in LAYER_OPS or name in REDUCE_OPS or name == "relax.concat":
         return True
     if elementwise_func(call) is not None:
         return True
@@ -377,7 +381,7 @@ class QuantPlan:
 
 def _chain_from(head, flow: Dataflow, biases: set) -> list:
     chain = [head]
-    if op_name(flow.producer[head]) in CONV_OPS | MATMUL_OPS:
+    if op_name(flow.producer[head]) in LAYER_OPS:
         nxt = flow.sole_consumer(head)
         if nxt is not None and _is_bias_add(flow.producer[nxt], head):
             chain.append(nxt)
@@ -440,7 +444,7 @@ def plan_quantization(func: relax.Function) -> QuantPlan:
             chain = _chain_from(var, flow, biases)
             absorbed.update(chain)
             chains[chain[-1]] = chain
-            if name in CONV_OPS | MATMUL_OPS and not feeds_integer_ops(chain[-1]):
+            if name in LAYER_OPS and not feeds_integer_ops(chain[-1]):
                 continue  # an exit: the int32 accumulator is dequantized directly
             if chain[-1] in exits:
                 continue  # computed from integers, kept in float to the output (see exits)

@@ -52,7 +52,7 @@ from qcompiler.passes.graph import (
     CONV_OPS,
     EXIT_MOVES,
     LAYER_NAMES_ATTR,
-    MATMUL_OPS,
+    LAYER_OPS,
     Dataflow,
     clamp_interval,
     const_value,
@@ -139,6 +139,30 @@ def _const(value, dtype: str) -> GenericConst:
     return relax.const(np.asarray(value).astype(dtype), dtype)
 
 
+# Fraction bits of the integer bilinear weights of 8-bit codes (TFLite's integer resize uses 10).
+LERP_BITS = 10
+
+# Source coordinate of output index ``i`` for an input of ``n`` and an output of ``m`` pixels,
+# as ``topi.image.get_inx`` computes it.
+_SOURCE_COORDINATE = {
+    "half_pixel": lambda i, n, m: (i + 0.5) * (n / m) - 0.5,
+    "pytorch_half_pixel": lambda i, n, m: (i + 0.5) * (n / m) - 0.5 if m > 1 else 0.0 * i,
+    "align_corners": lambda i, n, m: i * ((n - 1) / (m - 1) if m > 1 else 0.0),
+    "asymmetric": lambda i, n, m: i * (n / m),
+}
+
+
+def _lerp_taps(n: int, m: int, mode: str, bits: int):
+    """For each of ``m`` outputs along an axis of ``n`` inputs: the two input indices (clamped
+    to the edge) and their integer weights, which sum to ``2**bits``."""
+    source = _SOURCE_COORDINATE[mode](np.arange(m, dtype=np.float64), n, m)
+    floor = np.floor(source)
+    high = np.rint((source - floor) * 2**bits).astype(np.int64)
+    lo = np.clip(floor, 0, n - 1).astype(np.int64)
+    hi = np.clip(floor + 1, 0, n - 1).astype(np.int64)
+    return lo, hi, 2**bits - high, high
+
+
 def _channel_shape(ndim: int, axis: int) -> list[int]:
     shape = [1] * ndim
     shape[axis] = -1
@@ -211,12 +235,12 @@ class _Integerizer(PyExprMutator):
         bias, layer = None, var
         if name in ("relax.add", "relax.subtract") and const_value(call.args[1]) is not None:
             head = self.flow.producer.get(call.args[0])
-            if op_name(head) not in CONV_OPS | MATMUL_OPS:
+            if op_name(head) not in LAYER_OPS:
                 return None
             bias = const_value(call.args[1]).astype(np.float64)
             bias = -bias if name == "relax.subtract" else bias
             call, layer = head, call.args[0]
-        elif name in CONV_OPS | MATMUL_OPS:
+        elif name in LAYER_OPS:
             nxt = self.flow.sole_consumer(var)
             if nxt is not None and op_name(self.flow.producer[nxt]) in (
                 "relax.add",
@@ -322,13 +346,13 @@ class _Integerizer(PyExprMutator):
         layer = node
         if name in ("relax.add", "relax.subtract") and const_value(call.args[1]) is not None:
             producer = self.flow.producer.get(call.args[0])
-            if op_name(producer) in CONV_OPS | MATMUL_OPS:
+            if op_name(producer) in LAYER_OPS:
                 bias = const_value(call.args[1]).astype(np.float64)
                 bias = -bias if name == "relax.subtract" else bias
                 chain.append(call.args[0])
                 layer = call.args[0]
                 call, name = producer, op_name(producer)
-        if name in CONV_OPS | MATMUL_OPS:
+        if name in LAYER_OPS:
             acc, acc_scale, axis = self._accumulate(call, bias, layer.name)
             # LiteRT's integer FULLY_CONNECTED rounds once (measured: its reference kernel
             # matches a single rounding on every output where the doubling-high-multiply
@@ -368,6 +392,8 @@ class _Integerizer(PyExprMutator):
             return self._mean(call, out)
         if name == "relax.nn.softmax" and self.tflite:
             return self._tflite_softmax(call, out)
+        if name == "relax.image.resize2d":
+            return self._bilinear(call, out)
         raise _NoLowering(f"no integer lowering for {name}")
 
     # -- helpers -------------------------------------------------------------------------------
@@ -633,6 +659,8 @@ class _Integerizer(PyExprMutator):
         layer table and ``int4_weights`` use it)."""
         if op_name(call) in CONV_OPS:
             return self._conv2d(call, bias, name)
+        if op_name(call) == "relax.nn.conv2d_transpose":
+            return self._conv2d_transpose(call, bias)
         return self._matmul(call, bias, name)
 
     def _conv2d(self, call, bias, name: str = ""):
@@ -673,6 +701,40 @@ class _Integerizer(PyExprMutator):
         )
         self.layer_names[acc.name] = layer_name(self.func, name)
         bias_codes = self._bias_codes(bias, acc_scale, zero_sum)
+        acc = self._emit(
+            relax.op.add(acc, _const(bias_codes.reshape(_channel_shape(4, c_axis)), "int32"))
+        )
+        return acc, acc_scale, c_axis
+
+    def _conv2d_transpose(self, call, bias):
+        """Transposed conv2d on the centered codes ``q_x - z_x``: the zeros it inserts between
+        input pixels and its padding are then the code of 0.0, and no zero-point term is left
+        to fold. Weights and data share a 16-bit (32-bit for 16-bit codes) dtype."""
+        (x,) = self._inputs(call, 1)
+        attrs = call.attrs
+        o_axis = str(attrs.kernel_layout).index("O")
+        w, w_scale = self._weight(call.args[1], o_axis)
+        c_axis = str(attrs.out_layout).index("C")
+        bias = self._per_channel_bias(bias, w.shape[o_axis], len(call.ty.shape), c_axis)
+        w, w_scale = self._fit_bias(w, w_scale, bias, x.s, o_axis)
+        dtype = "int16" if np.iinfo(x.dtype).bits <= 8 and np.abs(w).max() < 2**15 else "int32"
+        acc = self._emit(
+            relax.op.nn.conv2d_transpose(
+                self._centered(x, dtype),
+                _const(w, dtype),
+                strides=attrs.strides,
+                padding=attrs.padding,
+                output_padding=attrs.output_padding,
+                dilation=attrs.dilation,
+                groups=attrs.groups,
+                data_layout=str(attrs.data_layout),
+                kernel_layout=str(attrs.kernel_layout),
+                out_layout=str(attrs.out_layout),
+                out_dtype="int32",
+            )
+        )
+        acc_scale = self._product(x.s, w_scale, call.args[1])
+        bias_codes = self._bias_codes(bias, acc_scale, 0)
         acc = self._emit(
             relax.op.add(acc, _const(bias_codes.reshape(_channel_shape(4, c_axis)), "int32"))
         )
@@ -720,6 +782,47 @@ class _Integerizer(PyExprMutator):
         )
         table = np.clip(np.rint(real / out.scale) + out.zero_point, out.qlo, out.qhi)
         return relax.op.take(_const(table, out.dtype), index, axis=0, mode="clip")
+
+    def _bilinear(self, call, out: OutParams):
+        """Bilinear resizing on the codes: along H, then W, each output is
+        ``w_lo * x[lo] + w_hi * x[hi]`` with integer weights summing to ``2**bits`` (gathers and
+        integer multiply-adds of the centered codes), then a requantize. The source coordinates
+        and edge clamping are TVM's (``topi.image.resize2d``)."""
+        attrs = call.attrs
+        if str(attrs.method) != "linear":
+            raise _NoLowering(f"no integer lowering for {attrs.method} resizing")
+        mode = str(attrs.coordinate_transformation_mode)
+        if mode not in _SOURCE_COORDINATE:
+            raise _NoLowering(f"no integer lowering for {mode} coordinates")
+        (x,) = self._inputs(call, 1)
+        layout = str(attrs.layout)
+        try:
+            sizes = [int(d) for d in x.expr.ty.shape], [int(d) for d in call.ty.shape]
+        except TypeError:
+            raise _NoLowering("resizing with a dynamic shape") from None
+        # 8-bit codes: |q - z| * 4**LERP_BITS stays within int32, and one requantize rounds.
+        # 16-bit codes: 16-bit taps in int64, rounded back to input codes before the requantize
+        # (whose 31-bit multiplier would overflow int64 on the wider sum).
+        wide = np.iinfo(x.dtype).bits > 8
+        bits, dtype = (16, "int64") if wide else (LERP_BITS, "int32")
+        acc = self._centered(x, dtype)
+        for axis in (layout.index("H"), layout.index("W")):
+            lo, hi, w_lo, w_hi = _lerp_taps(sizes[0][axis], sizes[1][axis], mode, bits)
+            shape = _channel_shape(len(sizes[0]), axis)
+            pair = []
+            for index, weight in ((lo, w_lo), (hi, w_hi)):
+                tap = relax.op.take(acc, _const(index, "int32"), axis=axis, mode="clip")
+                tap = self._emit(tap)
+                weight = _const(weight.reshape(shape), dtype)
+                pair.append(self._emit(relax.op.multiply(tap, weight)))
+            acc = self._emit(relax.op.add(*pair))
+        ratio = x.s / out.scale
+        if wide:
+            half = self._emit(relax.op.add(acc, _const(1 << (2 * bits - 1), dtype)))
+            acc = self._emit(relax.op.right_shift(half, _const(2 * bits, dtype)))
+        else:
+            ratio /= 4.0**bits
+        return self._requantize(acc, np.float64(ratio), out)
 
     def _mean(self, call, out: OutParams):
         (x,) = self._inputs(call, 1)

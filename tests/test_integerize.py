@@ -740,3 +740,136 @@ def test_reshape_between_equal_qdq_becomes_integer_reshape():
     # alias binding of the output to the integer reshape stays.
     after = _integerize_strict(Before)
     tvm.ir.assert_structural_equal(after, Expected)
+
+
+def _onnx_resize(x, size, mode):
+    """onnxruntime's float Resize (linear) of NCHW ``x`` to ``size`` (H, W)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    out_shape = [*x.shape[:2], *size]
+    node = helper.make_node(
+        "Resize",
+        ["x", "", "", "sizes"],
+        ["y"],
+        mode="linear",
+        coordinate_transformation_mode=mode,
+    )
+    graph = helper.make_graph(
+        [node],
+        "resize",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        [helper.make_tensor("sizes", TensorProto.INT64, [4], out_shape)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize(
+    "mode, size, dtype",
+    [
+        ("half_pixel", (8, 10), "uint8"),
+        ("half_pixel", (7, 3), "int8"),
+        ("align_corners", (9, 13), "uint8"),
+        ("asymmetric", (6, 15), "uint8"),
+        ("pytorch_half_pixel", (1, 8), "uint8"),
+        ("half_pixel", (11, 10), "int16"),
+    ],
+)
+def test_bilinear_resize_on_codes_matches_onnxruntime(mode, size, dtype):
+    """Integer bilinear resizing (fixed-point taps, one requantize) against onnxruntime's float
+    Resize of the dequantized input, rounded to the output's codes: off by at most one code
+    (the fixed-point taps; 16-bit codes are rounded twice), and 8-bit codes exact almost
+    everywhere."""
+    s_x, z_x = F32(0.03), {"uint8": 100, "int8": -5, "int16": 7}[dtype]
+    s_y, z_y = F32(0.035), {"uint8": 90, "int8": 3, "int16": -20}[dtype]
+    x_in = ("x", (1, 3, 4, 5), s_x, z_x, dtype)
+
+    def body(bb, x):
+        y = bb.emit(
+            relax.op.image.resize2d(
+                x, size, layout="NCHW", method="linear", coordinate_transformation_mode=mode
+            )
+        )
+        return _quantize(y, s_y, z_y, dtype)
+
+    lowered = _integerize_strict(_qdq_function([x_in], body))
+    _assert_integer_only(lowered)
+    x, _ = _on_grid(np.random.default_rng(7), x_in[1], s_x, z_x, dtype)
+    got = _run(lowered, x).astype(np.int64)
+    real = _onnx_resize(x, size, mode).astype(np.float64)
+    info = np.iinfo(dtype)
+    want = np.clip(np.rint(real / np.float64(s_y)) + z_y, info.min, info.max)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1
+    assert np.mean(got == want) >= (0.95 if dtype != "int16" else 0.6)
+
+
+def _conv_transpose_ref(xc, w, strides, padding, output_padding):
+    """int64 NCHW/IOHW transposed conv of centred codes ``xc``: every input pixel scatters
+    ``x * w`` onto the output, which is then cropped by the padding."""
+    n, c, h, wd = xc.shape
+    _, o, kh, kw = w.shape
+    sh, sw = strides
+    top, left, bottom, right = padding
+    full_h = (h - 1) * sh + kh + output_padding[0]
+    full = np.zeros((n, o, full_h, (wd - 1) * sw + kw + output_padding[1]), np.int64)
+    for i in range(h):
+        for j in range(wd):
+            full[:, :, i * sh : i * sh + kh, j * sw : j * sw + kw] += np.einsum(
+                "nc,cokl->nokl", xc[:, :, i, j], w.astype(np.int64)
+            )
+    return full[:, :, top : full.shape[2] - bottom, left : full.shape[3] - right]
+
+
+@pytest.mark.parametrize(
+    "stride, padding, output_padding, z_x, in_dtype",
+    [
+        ((2, 2), (0, 0, 0, 0), (0, 0), 100, "uint8"),  # MediaPipe's upsampling head
+        ((2, 1), (1, 0, 0, 1), (1, 0), -20, "int8"),
+        ((3, 3), (1, 1, 1, 1), (0, 0), 1000, "int16"),
+    ],
+)
+def test_conv2d_transpose_matches_integer_reference(stride, padding, output_padding, z_x, in_dtype):
+    """A transposed conv with a per-channel bias, on an input with a zero point: exact against
+    numpy's scatter of the centred codes and the requantize reference."""
+    rng = np.random.default_rng(11)
+    c_in, c_out, k = 5, 3, 3
+    s_x, s_y, z_y = F32(0.02), F32(0.09), 7
+    w_iohw = rng.integers(-127, 128, size=(c_in, c_out, k, k)).astype(np.int8)
+    s_w = rng.uniform(2e-3, 2e-2, size=c_out).astype(F32)
+    bias = rng.normal(scale=0.5, size=c_out).astype(F32)
+    x_shape = (1, c_in, 4, 5)
+
+    def body(bb, x_dq):
+        w_dq = bb.emit(
+            relax.op.dequantize(
+                _c(w_iohw, "int8"), _c(s_w, "float32"), _c(np.zeros(c_out), "int32"), axis=1
+            )
+        )
+        y = bb.emit(
+            relax.op.nn.conv2d_transpose(
+                x_dq,
+                w_dq,
+                strides=stride,
+                padding=padding,
+                output_padding=output_padding,
+                kernel_layout="IOHW",
+            )
+        )
+        y = bb.emit(relax.op.add(y, _c(bias.reshape(1, c_out, 1, 1), "float32")))
+        return _quantize(y, s_y, z_y, "uint8")
+
+    lowered = _integerize_strict(_qdq_function([("x", x_shape, s_x, z_x, in_dtype)], body))
+    _assert_integer_only(lowered)
+    assert _accumulator_dtypes(lowered, "relax.nn.conv2d_transpose") == ["int32"]
+    x, q_x = _on_grid(rng, x_shape, s_x, z_x, in_dtype)
+    got = _run(lowered, x)
+    acc = _conv_transpose_ref(q_x - z_x, w_iohw, stride, padding, output_padding)
+    acc_scale = np.float64(s_x) * s_w.astype(np.float64)
+    acc += np.rint(bias.astype(np.float64) / acc_scale).astype(np.int64).reshape(1, -1, 1, 1)
+    expected = _requant_ref(acc, acc_scale / np.float64(s_y), z_y, 0, 255, axis=1)
+    assert got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)

@@ -566,13 +566,15 @@ def render_markdown(report: Report) -> str:
     return "\n".join(out) + "\n"
 
 
-def print_agreement_table(title: str, metric: str, threads: int, rows) -> None:
+def print_agreement_table(title: str, metric, threads: int, rows) -> None:
     """Markdown table of ``(build, metric value, latency ms, build s or None)`` rows, then the
-    process's peak RSS."""
-    print(f"\n| {title} build | {metric} | latency ms ({threads} thread) | build s |")
-    print("|---|---:|---:|---:|")
+    process's peak RSS. ``metric`` may be a tuple of names, each row's value a tuple as long."""
+    metrics = metric if isinstance(metric, tuple) else (metric,)
+    print(f"\n| {title} build | {' | '.join(metrics)} | latency ms ({threads} thread) | build s |")
+    print("|---|" + "---:|" * (len(metrics) + 2))
     for name, value, ms, built in rows:
-        print(f"| {name} | {value:.4f} | {ms:.2f} | {'' if built is None else f'{built:.0f}'} |")
+        values = " | ".join(f"{v:.4f}" for v in (value if isinstance(value, tuple) else (value,)))
+        print(f"| {name} | {values} | {ms:.2f} | {'' if built is None else f'{built:.0f}'} |")
     print(f"\npeak RSS {_peak_rss_mib():.0f} MiB")
 
 

@@ -146,6 +146,19 @@ def mask_iou(truth: np.ndarray, predicted: np.ndarray, threshold: float = 0.5) -
     return 1.0 if union == 0 else np.count_nonzero(a & b) / union
 
 
+def pooled_mask_iou(truths, predictions, threshold: float = 0.5) -> float:
+    """IoU of the masks ``>= threshold`` over a whole set of images: the intersections summed,
+    over the unions summed (how VOC and Cityscapes score a class). Unlike the mean of
+    :func:`mask_iou` over images, an image whose masks are (nearly) empty weighs by its few
+    pixels, not as a whole image scored 0 or 1."""
+    inter = union = 0
+    for truth, predicted in zip(truths, predictions, strict=True):
+        a, b = np.asarray(truth) >= threshold, np.asarray(predicted) >= threshold
+        inter += np.count_nonzero(a & b)
+        union += np.count_nonzero(a | b)
+    return 1.0 if union == 0 else inter / union
+
+
 def label_miou(truth: np.ndarray, predicted: np.ndarray) -> float:
     """Mean over the classes present in either label map of their IoU (semantic segmentation's
     mIoU, e.g. DeepLab's argmax output against a reference's)."""

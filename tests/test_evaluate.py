@@ -12,6 +12,7 @@ from qcompiler.evaluate import (
     map50,
     mask_iou,
     nms,
+    pooled_mask_iou,
 )
 
 
@@ -86,6 +87,18 @@ def test_mask_iou_by_hand():
     b = np.array([[0.7, 0.2], [0.5, 0.4]])
     assert mask_iou(a, b) == pytest.approx(1 / 4)  # a: 3 pixels, b: 2; both: 1, union 4
     assert mask_iou(np.zeros((2, 2)), np.zeros((2, 2))) == 1.0
+
+
+def test_pooled_mask_iou_by_hand():
+    a = np.array([[0.9, 0.8], [0.1, 0.6]])
+    b = np.array([[0.7, 0.2], [0.5, 0.4]])
+    empty, speck = np.zeros((2, 2)), np.array([[0.0, 0.0], [0.0, 0.9]])
+    # image 1: intersection 1, union 4; image 2: intersection 0, union 1
+    assert pooled_mask_iou([a, empty], [b, speck]) == pytest.approx(1 / 5)
+    assert np.mean([mask_iou(a, b), mask_iou(empty, speck)]) == pytest.approx(1 / 8)
+    assert pooled_mask_iou([empty], [empty]) == 1.0
+    with pytest.raises(ValueError):
+        pooled_mask_iou([a, a], [b])
 
 
 def test_label_miou_by_hand():

@@ -81,7 +81,10 @@ def main(argv=None) -> int:
         median, _ = time_call(lambda: artifact.run(score[0]), args.runs, 3)
         name = name if fallbacks is None else f"{name} ({fallbacks} float fallbacks)"
         rows.append((name, (mean, pooled), median * 1e3, build_s))
-        print(f"  {name}: mask IoU {mean:.4f} (pooled {pooled:.4f}), {median * 1e3:.2f} ms", flush=True)
+        print(
+            f"  {name}: mask IoU {mean:.4f} (pooled {pooled:.4f}), {median * 1e3:.2f} ms",
+            flush=True,
+        )
 
     row("qcompiler fp32", reference)
     start = time.time()

@@ -707,17 +707,50 @@ class _Integerizer(PyExprMutator):
         return acc, acc_scale, c_axis
 
     def _conv2d_transpose(self, call, bias):
-        """Transposed conv2d on the centered codes ``q_x - z_x``: the zeros it inserts between
-        input pixels and its padding are then the code of 0.0, and no zero-point term is left
-        to fold. Weights and data share a 16-bit (32-bit for 16-bit codes) dtype."""
+        """int32 accumulator of a transposed conv2d (NCHW, IOHW), bias folded in.
+
+        When the stride equals the kernel (no overlap, no padding: MediaPipe's upsampling
+        head), every output pixel takes one kernel tap of one input pixel: a matmul of the
+        ``(pixels, C)`` codes by the ``(C, O * kh * kw)`` weights, with the zero point folded
+        into the bias as for a conv, then a depth-to-space reshape. Otherwise TVM's transposed
+        conv on the centered codes ``q_x - z_x``, so that the zeros it inserts between input
+        pixels and its padding are the code of 0.0."""
         (x,) = self._inputs(call, 1)
         attrs = call.attrs
-        o_axis = str(attrs.kernel_layout).index("O")
-        w, w_scale = self._weight(call.args[1], o_axis)
-        c_axis = str(attrs.out_layout).index("C")
-        bias = self._per_channel_bias(bias, w.shape[o_axis], len(call.ty.shape), c_axis)
-        w, w_scale = self._fit_bias(w, w_scale, bias, x.s, o_axis)
-        dtype = "int16" if np.iinfo(x.dtype).bits <= 8 and np.abs(w).max() < 2**15 else "int32"
+        layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout))
+        if layouts != ("NCHW", "IOHW", "NCHW") or int(attrs.groups) != 1:
+            raise _NoLowering(f"transposed conv with layouts {layouts}, groups {attrs.groups}")
+        w, w_scale = self._weight(call.args[1], 1)
+        c, o, kh, kw = w.shape
+        bias = self._per_channel_bias(bias, o, len(call.ty.shape), 1)
+        w, w_scale = self._fit_bias(w, w_scale, bias, x.s, 1)
+        info = np.iinfo(x.dtype)
+        if c * kh * kw * (int(info.max) - int(info.min)) * int(np.abs(w).max()) >= 2**31:
+            raise _NoLowering("the transposed conv's sums could overflow int32")
+        acc_scale = self._product(x.s, w_scale, call.args[1])
+        wide = "int8" if info.bits <= 8 else "int16"
+        no_overlap = (
+            [int(v) for v in attrs.strides] == [kh, kw]
+            and not any(int(v) for v in attrs.padding)
+            and not any(int(v) for v in attrs.output_padding)
+            and all(int(v) == 1 for v in attrs.dilation)
+        )
+        if no_overlap:
+            n, _, h, width = (int(d) for d in x.expr.ty.shape)
+            rows = self._emit(relax.op.permute_dims(x.expr, [0, 2, 3, 1]))
+            rows = self._emit(relax.op.reshape(rows, (n * h * width, c)))
+            columns = w.reshape(c, o * kh * kw)
+            dtype = self._weight_dtype(columns) if wide == "int8" else "int16"
+            acc = self._emit(relax.op.matmul(rows, _const(columns, dtype), out_dtype="int32"))
+            folded = self._bias_codes(
+                np.repeat(bias, kh * kw), np.repeat(acc_scale, kh * kw), x.z * columns.sum(axis=0)
+            )
+            acc = self._emit(relax.op.add(acc, _const(folded, "int32")))
+            acc = self._emit(relax.op.reshape(acc, (n, h, width, o, kh, kw)))
+            acc = self._emit(relax.op.permute_dims(acc, [0, 3, 1, 4, 2, 5]))
+            acc = self._emit(relax.op.reshape(acc, (n, o, h * kh, width * kw)))
+            return acc, acc_scale, 1
+        dtype = "int16" if info.bits <= 8 and np.abs(w).max() < 2**15 else "int32"
         acc = self._emit(
             relax.op.nn.conv2d_transpose(
                 self._centered(x, dtype),
@@ -726,19 +759,13 @@ class _Integerizer(PyExprMutator):
                 padding=attrs.padding,
                 output_padding=attrs.output_padding,
                 dilation=attrs.dilation,
-                groups=attrs.groups,
-                data_layout=str(attrs.data_layout),
-                kernel_layout=str(attrs.kernel_layout),
-                out_layout=str(attrs.out_layout),
                 out_dtype="int32",
+                kernel_layout="IOHW",
             )
         )
-        acc_scale = self._product(x.s, w_scale, call.args[1])
         bias_codes = self._bias_codes(bias, acc_scale, 0)
-        acc = self._emit(
-            relax.op.add(acc, _const(bias_codes.reshape(_channel_shape(4, c_axis)), "int32"))
-        )
-        return acc, acc_scale, c_axis
+        acc = self._emit(relax.op.add(acc, _const(bias_codes.reshape(1, -1, 1, 1), "int32")))
+        return acc, acc_scale, 1
 
     def _matmul(self, call, bias, name: str = ""):
         (x,) = self._inputs(call, 1)

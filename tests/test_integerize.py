@@ -827,7 +827,8 @@ def _conv_transpose_ref(xc, w, strides, padding, output_padding):
 @pytest.mark.parametrize(
     "stride, padding, output_padding, z_x, in_dtype",
     [
-        ((2, 2), (0, 0, 0, 0), (0, 0), 100, "uint8"),  # MediaPipe's upsampling head
+        ((2, 2), (0, 0, 0, 0), (0, 0), 100, "uint8"),
+        ((3, 3), (0, 0, 0, 0), (0, 0), -9, "int16"),
         ((2, 1), (1, 0, 0, 1), (1, 0), -20, "int8"),
         ((3, 3), (1, 1, 1, 1), (0, 0), 1000, "int16"),
     ],
@@ -836,7 +837,8 @@ def test_conv2d_transpose_matches_integer_reference(stride, padding, output_padd
     """A transposed conv with a per-channel bias, on an input with a zero point: exact against
     numpy's scatter of the centred codes and the requantize reference."""
     rng = np.random.default_rng(11)
-    c_in, c_out, k = 5, 3, 3
+    c_in, c_out = 5, 3
+    k = 3 if stride != (2, 2) else 2  # stride = kernel: MediaPipe's upsampling head, a matmul
     s_x, s_y, z_y = F32(0.02), F32(0.09), 7
     w_iohw = rng.integers(-127, 128, size=(c_in, c_out, k, k)).astype(np.int8)
     s_w = rng.uniform(2e-3, 2e-2, size=c_out).astype(F32)
@@ -864,7 +866,8 @@ def test_conv2d_transpose_matches_integer_reference(stride, padding, output_padd
 
     lowered = _integerize_strict(_qdq_function([("x", x_shape, s_x, z_x, in_dtype)], body))
     _assert_integer_only(lowered)
-    assert _accumulator_dtypes(lowered, "relax.nn.conv2d_transpose") == ["int32"]
+    op = "relax.matmul" if stride == (k, k) and not any(padding) else "relax.nn.conv2d_transpose"
+    assert _accumulator_dtypes(lowered, op) == ["int32"]
     x, q_x = _on_grid(rng, x_shape, s_x, z_x, in_dtype)
     got = _run(lowered, x)
     acc = _conv_transpose_ref(q_x - z_x, w_iohw, stride, padding, output_padding)

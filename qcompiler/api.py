@@ -379,15 +379,15 @@ def choose_within_accuracy_drop(
     *,
     samples,
     target="x86",
-    steps: int = 8,
+    steps: int = 16,
 ) -> tuple[QuantConfig, Plan, float, list[Candidate]]:
     """The fewest weight bytes whose top-1 on ``labelled`` (``(inputs, label)`` pairs) stays
     within ``max_drop_points`` of the float model's, checked by running each candidate
     (``model`` and ``calibration`` as :func:`calibrate` returns them).
 
     Each layer's 4-bit error is measured once (the weight probe on ``samples``); the integer
-    program then gives, for ``steps`` error budgets from all-4-bit's total down by halves, the
-    fewest bytes within each. Those plans, ordered by size, are built and scored by binary
+    program then gives, for ``steps`` error budgets from all-4-bit's total down by a factor
+    sqrt(2) each, the fewest bytes within each. Those plans, ordered by size, are built and scored by binary
     search, on the assumption that a larger error budget never scores better. Returns the
     chosen config, its plan, the float model's top-1 and every candidate scored.
     """
@@ -397,7 +397,8 @@ def choose_within_accuracy_drop(
         raise QCompilerError("an accuracy budget needs labelled samples to score on")
     reference = top1(compile_float(model, target), labelled)
     probe = WeightProbe(calibration, config, list(samples), _tvm_target("x86"))
-    ordered = size_ladder(weight_options(calibration, config, probe.measure()), steps)
+    # 16 rungs span the 8 halvings of the error budget: twice the plans, one more build.
+    ordered = size_ladder(weight_options(calibration, config, probe.measure()), steps, 2**0.5)
     tried: list[Candidate] = []
 
     def score(plan: Plan) -> float:

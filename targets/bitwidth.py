@@ -199,14 +199,16 @@ def weight_layers(calibration) -> tuple[str, ...]:
     return tuple(binding.var.name for binding, _ in _weighted_layers(calibration))
 
 
-def size_ladder(table: Mapping[str, Sequence[Option]], steps: int = 8) -> list[Plan]:
+def size_ladder(
+    table: Mapping[str, Sequence[Option]], steps: int = 8, factor: float = 2.0
+) -> list[Plan]:
     """Plans between all-4-bit and all-8-bit weights, smallest first: the fewest bytes within
     each of ``steps`` error budgets, from the total of every layer's worst option down by
-    halves, and the least-error plan (all at 8 bits) last."""
+    ``factor`` at each step, and the least-error plan (all at 8 bits) last."""
     everything = sum(max(o.error for o in options) for options in table.values())
     plans = {}
     for step in range(steps):
-        plan = choose_precisions(table, minimize="bytes", max_error=everything / 2**step)
+        plan = choose_precisions(table, minimize="bytes", max_error=everything / factor**step)
         plans.setdefault(plan.bytes, plan)
     least = choose_precisions(table, minimize="error")
     plans.setdefault(least.bytes, least)

@@ -8,7 +8,7 @@ import pytest
 
 from qcompiler.api import within_drop
 from qcompiler.passes.errors import QCompilerError
-from qcompiler.targets.bitwidth import Option, choose_precisions
+from qcompiler.targets.bitwidth import Option, choose_precisions, size_ladder
 
 PRECISIONS = ("w4a8", "w8a8", "w8a16", "float")
 
@@ -315,3 +315,29 @@ def test_a_drop_of_exactly_the_budget_is_within_it():
     assert within_drop(350 / 400, 346 / 400, 1.0)
     assert not within_drop(350 / 400, 345 / 400, 1.0)
     assert within_drop(0.5, 0.6, 0.0)  # a gain is within any budget
+
+
+@pytest.mark.parametrize("factor", [2.0, 2**0.5])
+def test_size_ladder_rungs_are_the_fewest_bytes_within_each_budget(factor):
+    """Each rung of the ladder has the fewest bytes that exhaustive search finds within its
+    error budget (all-4-bit's total divided by ``factor`` per step); the rungs are the distinct
+    plans, smallest first, ending at the least error; a finer factor finds every plan of the
+    coarser ladder and more between them."""
+    # w4a8 and w8a8, errors added to all-8-bit's as weight_options gives them
+    table = {
+        k: [four, Option("w8a8", eight.latency_ms, 0.0, eight.bytes)]
+        for k, (four, eight, *_) in random_table(3, layers=8).items()
+    }
+    everything = sum(max(o.error for o in options) for options in table.values())
+    steps = int(round(8 * np.log(2) / np.log(factor)))
+    ladder = size_ladder(table, steps=steps, factor=factor)
+    sizes = [plan.bytes for plan in ladder]
+    assert sizes == sorted(set(sizes))
+    assert ladder[-1].error == pytest.approx(0.0)
+    for step in range(steps):
+        budget = everything / factor**step
+        _, fewest = exhaustive(table, "bytes", {"error": budget})
+        assert fewest in sizes
+    if factor < 2:
+        coarse = {plan.bytes for plan in size_ladder(table, steps=8, factor=2.0)}
+        assert coarse < set(sizes)

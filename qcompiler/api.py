@@ -387,8 +387,9 @@ def choose_within_accuracy_drop(
 
     Each layer's 4-bit error is measured once (the weight probe on ``samples``); the integer
     program then gives, for ``steps`` error budgets from all-4-bit's total down by a factor
-    sqrt(2) each, the fewest bytes within each. Those plans, ordered by size, are built and scored by binary
-    search, on the assumption that a larger error budget never scores better. Returns the
+    sqrt(2) each, the fewest bytes within each. Those plans, ordered by size, are built and
+    scored by binary search, on the assumption that a larger error budget never scores better.
+    Returns the
     chosen config, its plan, the float model's top-1 and every candidate scored.
     """
     config = _as_config(config)

@@ -641,7 +641,7 @@ def top1(artifact: Artifact, samples) -> float:
     return hits / max(total, 1)
 
 
-AGREEMENT_METRICS = ("top1", "map50", "miou")
+AGREEMENT_METRICS = ("top1", "map50", "miou", "pooled_iou")
 
 
 def agreement(reference: Artifact, candidate: Artifact, samples, metric: str, **options) -> float:
@@ -651,7 +651,10 @@ def agreement(reference: Artifact, candidate: Artifact, samples, metric: str, **
     - ``top1``: share of samples with the same argmax of the first output;
     - ``map50``: mAP@0.5 of the candidate's YOLOX detections against the reference's
       detections scoring >= ``truth_score`` (0.3) after NMS (:mod:`qcompiler.evaluate`);
-    - ``miou``: mean IoU of the masks ``output >= 0.5``.
+    - ``miou``: mean IoU of the masks ``output >= 0.5``;
+    - ``pooled_iou``: their IoU pooled over the samples (intersections over unions summed,
+      :func:`qcompiler.evaluate.pooled_mask_iou`), where a sample whose reference mask is
+      empty weighs by its stray pixels instead of scoring 0.
     """
     if metric not in AGREEMENT_METRICS:
         raise QCompilerError(f"unknown metric {metric!r}, candidates are {list(AGREEMENT_METRICS)}")
@@ -659,6 +662,7 @@ def agreement(reference: Artifact, candidate: Artifact, samples, metric: str, **
     shape = reference.manifest["inputs"][0]["shape"]
     hw = tuple(shape[2:4]) if shape[1] in (1, 3) else tuple(shape[1:3])
     scores, truth, found = [], [], []
+    inter = union = 0
     for sample in samples:
         ref = next(iter(reference.run(sample).values()))
         out = next(iter(candidate.run(sample).values()))
@@ -666,6 +670,10 @@ def agreement(reference: Artifact, candidate: Artifact, samples, metric: str, **
             scores.append(float(np.argmax(ref.reshape(-1)) == np.argmax(out.reshape(-1))))
         elif metric == "miou":
             scores.append(evaluate.mask_iou(ref, out))
+        elif metric == "pooled_iou":  # running counts: no masks kept
+            both, either = evaluate.mask_overlap(ref, out)
+            inter, union = inter + both, union + either
+            scores.append(0.0)
         else:
             truth.append(evaluate.decode_yolox(ref, hw).above(truth_score))
             found.append(evaluate.decode_yolox(out, hw))
@@ -673,4 +681,6 @@ def agreement(reference: Artifact, candidate: Artifact, samples, metric: str, **
         return evaluate.map50(truth, found)
     if not scores:
         raise QCompilerError("no samples to compare")
+    if metric == "pooled_iou":
+        return 1.0 if union == 0 else inter / union
     return float(np.mean(scores))

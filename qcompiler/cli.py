@@ -3,7 +3,7 @@
 qc compile MODEL [--calib DATA] --target BOARD [--tuning-records DIR] [--cross-compiler CXX] -o OUT
 qc tune MODEL --calib DATA --target BOARD --trials N [--rpc-tracker HOST:PORT --rpc-key KEY] -o DIR
 qc run OUT [--inputs X.npz] [--output Y.npz [--resume]] [--rpc-tracker HOST:PORT --rpc-key KEY]
-qc eval MODEL --calib DATA --data DATA --metric top1|map50|miou
+qc eval MODEL --calib DATA --data DATA --metric top1|map50|miou|pooled_iou
 qc targets                     the boards (x86, rpi4, rpi5, jetson-orin-nano, ...) and their targets
 """
 
@@ -562,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="top1",
         choices=api.AGREEMENT_METRICS,
         help="top1 (labels), or against the float model's answers: map50 (YOLOX "
-        "detections, mAP@0.5), miou (masks >= 0.5)",
+        "detections, mAP@0.5), miou (masks >= 0.5, mean of the images' IoUs), pooled_iou "
+        "(their IoU pooled over the images)",
     )
     p.set_defaults(func=cmd_eval)
     return parser

@@ -153,10 +153,15 @@ def pooled_mask_iou(truths, predictions, threshold: float = 0.5) -> float:
     pixels, not as a whole image scored 0 or 1."""
     inter = union = 0
     for truth, predicted in zip(truths, predictions, strict=True):
-        a, b = np.asarray(truth) >= threshold, np.asarray(predicted) >= threshold
-        inter += np.count_nonzero(a & b)
-        union += np.count_nonzero(a | b)
+        both, either = mask_overlap(truth, predicted, threshold)
+        inter, union = inter + both, union + either
     return 1.0 if union == 0 else inter / union
+
+
+def mask_overlap(truth: np.ndarray, predicted: np.ndarray, threshold: float = 0.5):
+    """Pixel counts of the intersection and of the union of the masks ``>= threshold``."""
+    a, b = np.asarray(truth) >= threshold, np.asarray(predicted) >= threshold
+    return int(np.count_nonzero(a & b)), int(np.count_nonzero(a | b))
 
 
 def label_miou(truth: np.ndarray, predicted: np.ndarray) -> float:

@@ -107,3 +107,43 @@ def test_label_miou_by_hand():
     # class 0: both {(0,0)}, union {(0,0),(0,1),(1,2)} -> 1/3; class 1: 2/3; class 2: 1/2
     assert label_miou(truth, predicted) == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
     assert label_miou(truth, truth) == 1.0
+
+
+def test_agreement_scores_masks_per_image_and_pooled():
+    """``qc eval --metric miou / pooled_iou`` on a conv + sigmoid "segmenter": the quantized
+    build against the float one, checked by plain numpy on the two builds' own masks."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qcompiler import api
+
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(1, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Sigmoid", ["c"], ["y"]),
+        ],
+        "segmenter",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 16, 16])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    samples = [{"x": rng.normal(size=(1, 3, 16, 16)).astype(np.float32)} for _ in range(6)]
+    imported = api.load_model(model)
+    reference = api.compile_float(imported)
+    candidate = api.quantize(imported, samples[:4], api.QuantConfig(int16_activations=())).build()
+    truths = [next(iter(reference.run(s).values())) >= 0.5 for s in samples]
+    masks = [next(iter(candidate.run(s).values())) >= 0.5 for s in samples]
+    inter = sum(int((t & m).sum()) for t, m in zip(truths, masks))
+    union = sum(int((t | m).sum()) for t, m in zip(truths, masks))
+    per_image = [1.0 if not (t | m).any() else (t & m).sum() / (t | m).sum()
+                 for t, m in zip(truths, masks)]  # fmt: skip
+    assert api.agreement(reference, candidate, samples, "pooled_iou") == pytest.approx(
+        inter / union
+    )
+    assert api.agreement(reference, candidate, samples, "miou") == pytest.approx(np.mean(per_image))
+    assert 0 < inter < union  # the builds differ on some pixels, as a test of the scores needs
+    assert inter / union != pytest.approx(np.mean(per_image))  # and the two scores tell apart

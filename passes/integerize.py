@@ -728,7 +728,6 @@ class _Integerizer(PyExprMutator):
         if c * kh * kw * (int(info.max) - int(info.min)) * int(np.abs(w).max()) >= 2**31:
             raise _NoLowering("the transposed conv's sums could overflow int32")
         acc_scale = self._product(x.s, w_scale, call.args[1])
-        wide = "int8" if info.bits <= 8 else "int16"
         no_overlap = (
             [int(v) for v in attrs.strides] == [kh, kw]
             and not any(int(v) for v in attrs.padding)
@@ -740,7 +739,7 @@ class _Integerizer(PyExprMutator):
             rows = self._emit(relax.op.permute_dims(x.expr, [0, 2, 3, 1]))
             rows = self._emit(relax.op.reshape(rows, (n * h * width, c)))
             columns = w.reshape(c, o * kh * kw)
-            dtype = self._weight_dtype(columns) if wide == "int8" else "int16"
+            dtype = self._weight_dtype(columns) if info.bits <= 8 else "int16"
             acc = self._emit(relax.op.matmul(rows, _const(columns, dtype), out_dtype="int32"))
             folded = self._bias_codes(
                 np.repeat(bias, kh * kw), np.repeat(acc_scale, kh * kw), x.z * columns.sum(axis=0)

@@ -389,8 +389,7 @@ def choose_within_accuracy_drop(
     program then gives, for ``steps`` error budgets from all-4-bit's total down by a factor
     sqrt(2) each, the fewest bytes within each. Those plans, ordered by size, are built and
     scored by binary search, on the assumption that a larger error budget never scores better.
-    Returns the
-    chosen config, its plan, the float model's top-1 and every candidate scored.
+    Returns the chosen config, its plan, the float model's top-1 and every candidate scored.
     """
     config = _as_config(config)
     labelled = list(labelled)
@@ -662,8 +661,9 @@ def agreement(reference: Artifact, candidate: Artifact, samples, metric: str, **
     shape = reference.manifest["inputs"][0]["shape"]
     hw = tuple(shape[2:4]) if shape[1] in (1, 3) else tuple(shape[1:3])
     scores, truth, found = [], [], []
-    inter = union = 0
+    inter = union = seen = 0
     for sample in samples:
+        seen += 1
         ref = next(iter(reference.run(sample).values()))
         out = next(iter(candidate.run(sample).values()))
         if metric == "top1":
@@ -673,13 +673,12 @@ def agreement(reference: Artifact, candidate: Artifact, samples, metric: str, **
         elif metric == "pooled_iou":  # running counts: no masks kept
             both, either = evaluate.mask_overlap(ref, out)
             inter, union = inter + both, union + either
-            scores.append(0.0)
         else:
             truth.append(evaluate.decode_yolox(ref, hw).above(truth_score))
             found.append(evaluate.decode_yolox(out, hw))
     if metric == "map50":
         return evaluate.map50(truth, found)
-    if not scores:
+    if not seen:
         raise QCompilerError("no samples to compare")
     if metric == "pooled_iou":
         return 1.0 if union == 0 else inter / union

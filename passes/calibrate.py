@@ -109,7 +109,7 @@ def calibrate(
         seen += 1
     if seen == 0:
         raise QCompilerError("the calibration set is empty: give at least one sample")
-    if seen < FEW_SAMPLES:
+    if seen < FEW_SAMPLES and plan.points:
         warnings.warn(
             f"calibrated on {seen} sample(s): activation ranges from so few are noisy "
             f"(use {FEW_SAMPLES} or more; 100 is typical)",

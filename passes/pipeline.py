@@ -35,6 +35,7 @@ from qcompiler.passes.graph import (
     CHANNELS_LAST,
     CONV_OPS,
     MATMUL_OPS,
+    QuantPlan,
     bindings,
     const_value,
     layer_name,
@@ -78,12 +79,25 @@ class ActivationChoice:
     chosen_db: float  # the chosen at 16 bits (exact in the probe), the rest at 8 with `methods`
     alone_db: dict[str, float]  # each activation alone at 8 bits; empty if not needed
     methods: dict[str, str] = dataclasses.field(default_factory=dict)  # tensor: range method
+    # Every activation widened, because the costliest share at 16 bits (``capped``, output PSNR
+    # ``capped_db``) still left the activations more noise than the weights': the weights,
+    # then the larger error, get ``weight_rounding="optimized"`` where the config says "auto".
+    widened: bool = False
+    capped: tuple[str, ...] = ()
+    capped_db: float | None = None
 
     def summary(self) -> str:
         if not self.alone_db:
             return (
                 f"int16 activations: none needed (all 8-bit {self.all_db:.1f} dB output PSNR, "
                 f"weights alone {self.weights_db:.1f} dB)"
+            )
+        if self.widened:
+            return (
+                f"int16 activations: all {len(self.chosen)}: the {len(self.capped)} costliest "
+                f"alone left {self.capped_db:.1f} dB output PSNR against {self.weights_db:.1f} "
+                f"with the weights alone (all 8-bit {self.all_db:.1f}); weights rounded "
+                "against their inputs"
             )
         return (
             f"int16 activations: {len(self.chosen)} of {len(self.alone_db)} "
@@ -121,6 +135,7 @@ class Calibration:
     samples: list = dataclasses.field(default_factory=list)
     float_outputs: list | None = None
     activation_choices: dict = dataclasses.field(default_factory=dict)
+    _kept_layers: dict | None = dataclasses.field(default=None, repr=False)
 
     def quantize(self, config: QuantConfig, dump_dir: str | None = None) -> tvm.IRModule:
         if config.needs_layer_inputs and not self.layers:
@@ -128,8 +143,12 @@ class Calibration:
                 "weight_rounding='optimized' and bias_correction need the layers' input "
                 "statistics: calibrate with layer_inputs=True"
             )
-        config = self.resolve(config)
-        annotated = annotate(self.mod, self.plan, self.observers, config, self.layers)
+        layers = self.layers
+        resolved = self.resolve(config)
+        if resolved.needs_layer_inputs and not layers and config.weight_rounding == AUTO:
+            layers = self.kept_layer_statistics()  # the measured choice asked for it
+        config = resolved
+        annotated = annotate(self.mod, self.plan, self.observers, config, layers)
         _dump(dump_dir, "04-annotate", annotated)
         integer = integerize(annotated)
         _dump(dump_dir, "05-integerize", integer)
@@ -143,8 +162,6 @@ class Calibration:
         into :attr:`activation_choices` (:func:`qcompiler.targets.sensitivity.choose_activations`;
         :func:`qcompiler.quantize` does it)."""
         share = config.int16_activations
-        if isinstance(share, tuple):
-            return config
         if share == AUTO:
             key = choice_key(config)
             if key not in self.activation_choices:
@@ -155,10 +172,25 @@ class Calibration:
             choice = self.activation_choices[key]
             methods = {**choice.methods, **dict(config.tensor_methods)}  # the user's win
             return dataclasses.replace(
-                config, int16_activations=choice.chosen, tensor_methods=tuple(methods.items())
+                config,
+                int16_activations=choice.chosen,
+                tensor_methods=tuple(methods.items()),
+                weight_rounding=_rounding(config, choice.widened),
             )
-        count = math.ceil(share * len(self.observers)) if share > 0 else 0
-        return dataclasses.replace(config, int16_activations=self.noisiest(config, count))
+        if not isinstance(share, tuple):
+            count = math.ceil(share * len(self.observers)) if share > 0 else 0
+            config = dataclasses.replace(config, int16_activations=self.noisiest(config, count))
+        return dataclasses.replace(config, weight_rounding=_rounding(config, False))
+
+    def kept_layer_statistics(self) -> dict:
+        """Every layer's input statistics from the kept samples (:attr:`samples`), each with
+        :data:`KEPT_POSITIONS` patch positions: what ``weight_rounding="auto"`` optimizes the
+        weights with when the calibration gathered none (cached)."""
+        if self._kept_layers is None:
+            layers = layer_statistics(self.mod, positions=KEPT_POSITIONS)
+            calibrate(self.mod, QuantPlan([], {}), self.samples, layers=layers)
+            self._kept_layers = layers
+        return self._kept_layers
 
     def noisiest(self, config: QuantConfig, count: int) -> tuple[str, ...]:
         """The ``count`` activation tensors whose 8-bit quantization (the scheme's spec and
@@ -188,13 +220,7 @@ def run_calibration(
     mod = prepare(mod)
     _dump(dump_dir, "01-prepare", mod)
     plan = plan_quantization(mod["main"])
-    layers = {}
-    for binding in bindings(mod["main"]) if layer_inputs else []:
-        call, weight = binding.value, None
-        if op_name(call) in CONV_OPS | MATMUL_OPS:
-            weight = const_value(call.args[1])
-        if rounding.supported(call, weight):
-            layers[binding.var] = rounding.LayerStats(call, weight.shape)
+    layers = layer_statistics(mod) if layer_inputs else {}
     kept = []
     observers = calibrate(
         mod, plan, samples, bins=bins, layers=layers, keep=kept, keep_count=PROBE_SAMPLES
@@ -206,6 +232,29 @@ def run_calibration(
 # Calibration samples kept for measuring the outputs (the int16 choice): a fixed few, so that
 # memory does not grow with the calibration set.
 PROBE_SAMPLES = 2
+# Patch positions per kept sample in :meth:`Calibration.kept_layer_statistics`: the two samples
+# give 3.5 times the longest patch gathered (``rounding.MAX_PATCH``).
+KEPT_POSITIONS = 4096
+
+
+def layer_statistics(mod: tvm.IRModule, positions: int = rounding.POSITIONS_PER_SAMPLE) -> dict:
+    """Empty :class:`~qcompiler.passes.rounding.LayerStats` for every conv2d/matmul of
+    ``main`` whose input statistics can be gathered, by the layer's var."""
+    layers = {}
+    for binding in bindings(mod["main"]):
+        call, weight = binding.value, None
+        if op_name(call) in CONV_OPS | MATMUL_OPS:
+            weight = const_value(call.args[1])
+        if rounding.supported(call, weight):
+            layers[binding.var] = rounding.LayerStats(call, weight.shape, positions=positions)
+    return layers
+
+
+def _rounding(config: QuantConfig, widened: bool) -> str:
+    """The weight rounding ``config`` resolves to (``"auto"``: see ``QuantConfig``)."""
+    if config.weight_rounding != AUTO:
+        return config.weight_rounding
+    return "optimized" if widened else "nearest"
 
 
 def quantize_module(

@@ -105,8 +105,11 @@ def _patches(call, x: np.ndarray, weight_shape: tuple) -> np.ndarray:
 class LayerStats:
     """Running ``E[x]`` and ``E[x xᵀ]`` of one layer's input patches, per group."""
 
-    def __init__(self, call, weight_shape: tuple, seed: int = 0):
+    def __init__(
+        self, call, weight_shape: tuple, seed: int = 0, positions: int = POSITIONS_PER_SAMPLE
+    ):
         self.call = call
+        self.positions = positions  # patch positions sampled per sample
         self.weight_shape = tuple(weight_shape)
         self.count = 0
         self.sum = None
@@ -121,8 +124,8 @@ class LayerStats:
         self.channel_max = peak if self.channel_max is None else np.maximum(self.channel_max, peak)
         # Index the positions on the (lazy) window view first: only the sample is copied.
         p = _patches(self.call, x, self.weight_shape)
-        if p.shape[0] > POSITIONS_PER_SAMPLE:
-            p = p[np.sort(self._rng.choice(p.shape[0], POSITIONS_PER_SAMPLE, replace=False))]
+        if p.shape[0] > self.positions:
+            p = p[np.sort(self._rng.choice(p.shape[0], self.positions, replace=False))]
         p = np.ascontiguousarray(p, dtype=np.float64)
         if self.sum is None:
             g, k = p.shape[1:]

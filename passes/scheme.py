@@ -154,10 +154,10 @@ class CalibConfig:
             raise QCompilerError(f"bins must be >= 128, got {self.bins}")
 
 
-WEIGHT_ROUNDINGS = ("nearest", "optimized")
-
-# ``QuantConfig.int16_activations``: chosen by measuring the outputs.
+# ``QuantConfig.int16_activations`` and ``weight_rounding``: chosen by measuring the outputs.
 AUTO = "auto"
+
+WEIGHT_ROUNDINGS = (AUTO, "nearest", "optimized")
 
 # Activations that need more than 8 bits: asymmetric int16 codes.
 INT16_ACTIVATION = QuantSpec(16, signed=True, symmetric=False)
@@ -179,7 +179,11 @@ class QuantConfig:
       <qcompiler.passes.pipeline.Calibration.noisiest>`); ``0`` keeps every activation at 8 bits.
 
     ``weight_rounding``: ``nearest``, or ``optimized``: each weight rounded down or up to
-    reduce the layer's output error on the calibration data (:mod:`~qcompiler.passes.rounding`).
+    reduce the layer's output error on the calibration data (:mod:`~qcompiler.passes.rounding`),
+    or ``"auto"`` (the default): ``nearest``, unless the measured ``int16_activations="auto"``
+    choice widens every activation, which leaves the weights the larger error; they are then
+    ``optimized`` on the input statistics of the kept calibration samples (see
+    :class:`~qcompiler.passes.pipeline.ActivationChoice`).
     ``bias_correction``: remove the mean output shift that weight rounding causes, per channel.
     Both need symmetric weights and apply to conv2d/matmul layers with constant weights.
 
@@ -194,7 +198,7 @@ class QuantConfig:
     scheme: QuantScheme = field(default_factory=lambda: PRESETS["hybrid"])
     calibration: CalibConfig = field(default_factory=CalibConfig)
     int16_activations: tuple[str, ...] | float | str = AUTO
-    weight_rounding: str = "nearest"
+    weight_rounding: str = AUTO
     bias_correction: bool = False
     int4_weights: tuple[str, ...] = ()
     tensor_methods: tuple[tuple[str, str], ...] = ()
@@ -237,7 +241,7 @@ class QuantConfig:
     @property
     def needs_layer_inputs(self) -> bool:
         """Whether quantizing needs each layer's input statistics from calibration."""
-        return self.weight_rounding != "nearest" or self.bias_correction
+        return self.weight_rounding == "optimized" or self.bias_correction
 
     def weight_spec(self, layer: str) -> QuantSpec:
         """The spec of the weights of the conv/matmul layer called ``layer``."""

@@ -136,6 +136,7 @@ class QuantizedModel:
                 "weights_db": self.activation_choice.weights_db,
                 "all_8_bit_db": self.activation_choice.all_db,
                 "chosen_db": self.activation_choice.chosen_db,
+                "widened": self.activation_choice.widened,
             },
             "weight_rounding": self.config.weight_rounding,
             "bias_correction": self.config.bias_correction,
@@ -235,8 +236,8 @@ def quantize(
             bins=config.calibration.bins,
             layer_inputs=config.needs_layer_inputs,
         )
-    resolved = resolve(calibration, config)
-    mod = calibration.quantize(resolved)
+    resolved = resolve(calibration, config)  # measured here, resolved again by quantize
+    mod = calibration.quantize(config)
     choice = calibration.activation_choices.get(choice_key(config))
     measured = choice if config.int16_activations == AUTO else None
     return QuantizedModel(mod, model, resolved, calibration.activation_params(resolved), measured)
@@ -275,7 +276,8 @@ def _precision_latencies(calibration, config, records, target, rpc, threads, ech
     kernels measured on the board with the whole model at one precision, then the other."""
     measured = {}
     for precision, int4 in (("w8a8", ()), ("w4a8", weight_layers(calibration))):
-        variant = resolve(calibration, replace(config, int4_weights=int4))
+        variant = replace(config, int4_weights=int4)
+        resolve(calibration, variant)
         measured[precision] = layer_latencies(
             calibration.quantize(variant), records, target, rpc=rpc, threads=threads, echo=echo
         )

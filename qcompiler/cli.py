@@ -439,10 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--weight-rounding",
-            default="nearest",
+            default="auto",
             choices=WEIGHT_ROUNDINGS,
             help="optimized: round each weight to reduce its layer's output error on the "
-            "calibration data (GPTQ + coordinate descent)",
+            "calibration data (GPTQ + coordinate descent); auto (default): nearest, or "
+            "optimized on the kept samples when the measured int16 choice widens every activation",
         )
         p.add_argument(
             "--bias-correction",

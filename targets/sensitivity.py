@@ -21,6 +21,13 @@ PSNR (:func:`output_psnr`) on :data:`~qcompiler.passes.pipeline.PROBE_SAMPLES` s
   and ResNet-8 stop here);
 - otherwise every activation is rounded alone, and those that alone cost at least
   :data:`ALONE_LOSS_DB` go to 16 bits, most costly first, at most :data:`MOST_SHARE` of them;
+- if the 8-bit activations left then still add more output noise than the weights alone
+  (PSNR more than :data:`WIDEN_DB` under the weights-only one), the loss is spread over too
+  many tensors for any share: every activation gets 16 bits (W8A16), and the weights, now the
+  larger error, are rounded against their inputs' statistics on the kept samples
+  (``weight_rounding="auto"``, :mod:`~qcompiler.passes.rounding`). MediaPipe's selfie
+  segmentation goes there (its 11 costliest of 114 left 36.7 dB against 41.8); YOLOX-Nano's
+  share leaves 2.7 dB and stays;
 - with ``CalibConfig(method="auto")``, each 8-bit tensor that alone costs at least
   :data:`RANGE_LOSS_DB` is rounded alone once more with the range of every other method
   (percentile, KL, MSE from its calibration histogram), and keeps the one that costs the
@@ -236,6 +243,9 @@ TOLERANCE_DB = 1.0  # all-8-bit loss against weights-only that needs nothing mor
 ALONE_LOSS_DB = 1.0  # a tensor that alone costs this much gets 16 bits
 MOST_SHARE = 0.1  # at most this share of the activations
 RANGE_LOSS_DB = 0.25  # an 8-bit tensor that alone costs this much gets its least costly range
+# Output noise the 8-bit activations left by the share may add, relative to the weights' alone,
+# before every activation is widened: 3 dB is as much noise again as the weights'.
+WIDEN_DB = 3.0
 
 
 def choose_activations(calibration, config: QuantConfig, target) -> ActivationChoice:
@@ -261,6 +271,10 @@ def choose_activations(calibration, config: QuantConfig, target) -> ActivationCh
         methods = {n: m for n, m in methods.items() if m != config.range_method(n)}
     ranges = {n: _qparams(calibration, config, n, m) for n, m in methods.items()}
     chosen_db = probe.run(everything - set(chosen), ranges)
+    if weights_db - chosen_db > WIDEN_DB:
+        return ActivationChoice(
+            tuple(probe.names), weights_db, all_db, weights_db, alone, {}, True, chosen, chosen_db
+        )
     return ActivationChoice(chosen, weights_db, all_db, chosen_db, alone, methods)
 
 

@@ -268,3 +268,54 @@ def test_per_tensor_methods_are_checked_and_auto_needs_the_measurement():
     config = qcompiler.QuantConfig(calibration="percentile", tensor_methods=(("lv1", "mse"),))
     assert config.range_method("lv1") == "mse" and config.range_method("lv2") == "percentile"
     assert qcompiler.QuantConfig(calibration="auto").range_method("lv2") == "minmax"
+
+
+def _spread_model(depth: int):
+    """x[1,4,8,8] -> ``depth`` x (Conv 1x1 -> Relu) -> y: every hidden tensor carries an
+    outlier channel (times 40) that the next conv all but ignores, so each one's 8-bit rounding
+    costs the output about as much as any other's: no share of them at 16 bits is enough."""
+    rng = np.random.default_rng(7)
+    nodes, inits, prev = [], [], "x"
+    for k in range(depth):
+        w = (np.eye(4) + rng.normal(scale=0.3, size=(4, 4)))[..., None, None].astype(np.float32)
+        if k > 0:
+            w[:, 0] /= 40.0  # reads the previous outlier channel at its usual scale
+        if k < depth - 1:
+            w[0] *= 40.0
+        inits.append(numpy_helper.from_array(w, f"w{k}"))
+        nodes.append(helper.make_node("Conv", [prev, f"w{k}"], [f"c{k}"]))
+        nodes.append(helper.make_node("Relu", [f"c{k}"], [f"r{k}"]))
+        prev = f"r{k}"
+    nodes[-1] = helper.make_node("Identity", [f"c{depth - 1}"], ["y"])
+    graph = helper.make_graph(
+        nodes,
+        "spread",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_default_widens_every_activation_when_no_share_is_enough():
+    model = _spread_model(depth=12)
+    imported, calibration = qcompiler.calibrate(qcompiler.api.load_model(model), _calib(16, 4))
+    default = qcompiler.quantize(imported, None, calibration=calibration)
+    choice = default.activation_choice
+    assert choice.widened and choice.capped_db < choice.weights_db - 3
+    assert 0 < len(choice.capped) < len(calibration.observers)
+    assert set(default.config.int16_activations) == {p.name for p in calibration.observers}
+    assert default.config.weight_rounding == "optimized"  # on the kept samples' statistics
+    manifest = default.build().manifest["quantization"]
+    assert manifest["weight_rounding"] == "optimized" and manifest["activations_measured"]["widened"]
+
+    def build(**kw):
+        config = qcompiler.QuantConfig(**kw)
+        return qcompiler.quantize(imported, None, config, calibration=calibration).build()
+
+    tests = _calib(4, 5)
+    capped = _error(model, build(int16_activations=choice.capped), tests)
+    nearest = build(weight_rounding="nearest")  # the user's explicit rounding wins
+    assert nearest.manifest["quantization"]["weight_rounding"] == "nearest"
+    assert _error(model, nearest, tests) < capped / 5
+    assert _error(model, default.build(), tests) < _error(model, nearest, tests)

@@ -89,6 +89,11 @@ def cmd_compile(args) -> int:
     why = (
         f", measured: output PSNR {measured['all_8_bit_db']:.1f} dB all at 8 bits, "
         f"{measured['chosen_db']:.1f} dB with these"
+        + (
+            " (no share was enough: every activation, the weights rounded against their inputs)"
+            if measured.get("widened")
+            else ""
+        )
         if measured
         else ""
     )

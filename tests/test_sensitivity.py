@@ -307,7 +307,8 @@ def test_default_widens_every_activation_when_no_share_is_enough():
     assert set(default.config.int16_activations) == {p.name for p in calibration.observers}
     assert default.config.weight_rounding == "optimized"  # on the kept samples' statistics
     manifest = default.build().manifest["quantization"]
-    assert manifest["weight_rounding"] == "optimized" and manifest["activations_measured"]["widened"]
+    assert manifest["weight_rounding"] == "optimized"
+    assert manifest["activations_measured"]["widened"]
 
     def build(**kw):
         config = qcompiler.QuantConfig(**kw)

@@ -80,8 +80,9 @@ class ActivationChoice:
     alone_db: dict[str, float]  # each activation alone at 8 bits; empty if not needed
     methods: dict[str, str] = dataclasses.field(default_factory=dict)  # tensor: range method
     # Every activation widened, because the costliest share at 16 bits (``capped``, output PSNR
-    # ``capped_db``) still left the activations more noise than the weights': the weights,
-    # then the larger error, get ``weight_rounding="optimized"`` where the config says "auto".
+    # ``capped_db``) was cut by its cap and still left the activations more noise than the
+    # weights': the weights, then the larger error, get ``weight_rounding="optimized"`` where
+    # the config says "auto".
     widened: bool = False
     capped: tuple[str, ...] = ()
     capped_db: float | None = None

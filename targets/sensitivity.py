@@ -21,13 +21,15 @@ PSNR (:func:`output_psnr`) on :data:`~qcompiler.passes.pipeline.PROBE_SAMPLES` s
   and ResNet-8 stop here);
 - otherwise every activation is rounded alone, and those that alone cost at least
   :data:`ALONE_LOSS_DB` go to 16 bits, most costly first, at most :data:`MOST_SHARE` of them;
-- if the 8-bit activations left then still add more output noise than the weights alone
-  (PSNR more than :data:`WIDEN_DB` under the weights-only one), the loss is spread over too
-  many tensors for any share: every activation gets 16 bits (W8A16), and the weights, now the
-  larger error, are rounded against their inputs' statistics on the kept samples
-  (``weight_rounding="auto"``, :mod:`~qcompiler.passes.rounding`). MediaPipe's selfie
-  segmentation goes there (its 11 costliest of 114 left 36.7 dB against 41.8); YOLOX-Nano's
-  share leaves 2.7 dB and stays;
+- if the share was cut by its cap (more tensors cost :data:`ALONE_LOSS_DB` alone than it
+  holds) and the 8-bit activations left still add more output noise than the weights alone
+  (PSNR more than :data:`WIDEN_DB` under the weights-only one), no share is enough: every
+  activation gets 16 bits (W8A16), and the weights, now the larger error, are rounded against
+  their inputs' statistics on the kept samples (``weight_rounding="auto"``,
+  :mod:`~qcompiler.passes.rounding`). MediaPipe's selfie segmentation goes there (14-17
+  costly tensors for a cap of 11, and 5-9 dB left, on four calibration subsets); YOLOX-Nano's
+  5-8 costly tensors fit its cap of 23, so its share stays, although it leaves 2.7-4.7 dB
+  (the gap alone widened YOLOX on two subsets of three, to 16.1 ms against 9.7);
 - with ``CalibConfig(method="auto")``, each 8-bit tensor that alone costs at least
   :data:`RANGE_LOSS_DB` is rounded alone once more with the range of every other method
   (percentile, KL, MSE from its calibration histogram), and keeps the one that costs the
@@ -263,7 +265,8 @@ def choose_activations(calibration, config: QuantConfig, target) -> ActivationCh
         return ActivationChoice((), weights_db, all_db, all_db, {})
     alone = {n: probe.run({n}) for n in probe.names}
     costly = [n for n in sorted(alone, key=alone.get) if weights_db - alone[n] >= ALONE_LOSS_DB]
-    chosen = tuple(costly[: max(1, int(MOST_SHARE * len(probe.names)))])
+    cap = max(1, int(MOST_SHARE * len(probe.names)))
+    chosen = tuple(costly[:cap])
     methods = {}
     if config.calibration.method == AUTO_METHOD:
         feel = [n for n in alone if n not in chosen and weights_db - alone[n] >= RANGE_LOSS_DB]
@@ -271,7 +274,7 @@ def choose_activations(calibration, config: QuantConfig, target) -> ActivationCh
         methods = {n: m for n, m in methods.items() if m != config.range_method(n)}
     ranges = {n: _qparams(calibration, config, n, m) for n, m in methods.items()}
     chosen_db = probe.run(everything - set(chosen), ranges)
-    if weights_db - chosen_db > WIDEN_DB:
+    if len(costly) > cap and weights_db - chosen_db > WIDEN_DB:
         return ActivationChoice(
             tuple(probe.names), weights_db, all_db, weights_db, alone, {}, True, chosen, chosen_db
         )

@@ -304,6 +304,8 @@ def test_default_widens_every_activation_when_no_share_is_enough():
     choice = default.activation_choice
     assert choice.widened and choice.capped_db < choice.weights_db - 3
     assert 0 < len(choice.capped) < len(calibration.observers)
+    costly = [n for n, db in choice.alone_db.items() if db <= choice.weights_db - 1]
+    assert len(costly) > len(choice.capped)  # the cap cut the share
     assert set(default.config.int16_activations) == {p.name for p in calibration.observers}
     assert default.config.weight_rounding == "optimized"  # on the kept samples' statistics
     manifest = default.build().manifest["quantization"]

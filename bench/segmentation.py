@@ -105,9 +105,10 @@ def main(argv=None) -> int:
     choice = api.quantize(model, None, calibration=calibration).activation_choice
     print(f"  {choice.summary()}", flush=True)
     share = choice.capped if choice.widened else choice.chosen
+    default = "int8 default (minmax, measured int16, auto rounding)"
     configs = [
         ("int8, every activation 8-bit (minmax)", api.QuantConfig(**eight)),
-        ("int8 default (minmax, measured int16, auto rounding)", api.QuantConfig()),
+        (default, api.QuantConfig()),
         ("int8 default, layer statistics from all calibration images", api.QuantConfig()),
         (
             "int8, the measured share alone (no widening, nearest rounding)",
@@ -140,12 +141,12 @@ def main(argv=None) -> int:
             api.QuantConfig(int16_activations=1.0, weight_rounding="optimized"),
         ),
     ]
-    # as `qc compile` calibrates by default: no layer statistics gathered, so the default's
-    # weight rounding (when it widens) uses the kept samples' only
+    # The default as `qc compile` calibrates: no layer statistics gathered, so its weight
+    # rounding (when it widens) uses the kept samples' only. The measured choice is shared.
     plain = dataclasses.replace(calibration, layers={})
-    for k, (name, config) in enumerate(configs):
+    for name, config in configs:
         start = time.time()
-        source = plain if k == 1 else calibration
+        source = plain if name == default else calibration
         quantized = api.quantize(model, None, config, calibration=source)
         artifact = quantized.build("x86")
         wide = len(quantized.config.int16_activations)

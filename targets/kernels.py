@@ -674,9 +674,8 @@ class _Int4Storage(PyExprMutator):
         weights = const_value(args[1]) if len(args) > 1 else None
         if weights is None or weights.dtype != np.int8 or _digest(weights) not in self.digests:
             return call
-        if weights.size % 2:
-            return call
-        # byte j holds code j (low nibble) and code j + n/2 (high) of the flattened tiles
+        # byte j holds code j (low nibble) and code j + n/2 (high) of the flattened tiles (whose
+        # size, a multiple of the dot product's lanes, is even)
         nibbles = qmath.pack_int4(weights.reshape(2, -1).T).reshape(-1)
         bb = self.builder_
         halves = bb.emit(

@@ -196,17 +196,13 @@ class _Annotator(PyExprMutator):
         if stats.count == 0:
             return codes
         call = stats.call
-        w = rounding.weight_groups(call, np.asarray(weight, dtype=np.float64))
-        s = np.broadcast_to(
-            np.asarray(scale, dtype=np.float64).reshape(-1), (w.shape[0] * w.shape[1],)
-        )
-        s = s.reshape(w.shape[:2])
-        q = rounding.weight_groups(call, codes)
-        if config.weight_rounding == "optimized":
-            spec = config.weight_spec(var.name)
-            q = rounding.round_weights(w, s, spec.qmin, spec.qmax, stats.second_moment)
-            codes = rounding.from_groups(call, q, codes.shape).astype(codes.dtype)
+        spec = config.weight_spec(var.name)
+        if config.optimized_rounding(spec.bits) and stats.spans_patches:
+            codes = rounding.optimized_codes(
+                call, weight, codes, scale, spec.qmin, spec.qmax, stats.second_moment
+            )
         if config.bias_correction:
+            w, s, q = rounding.grouped(call, weight, codes, scale)
             self.shifts[var] = rounding.bias_shift(w, q, s, stats.mean).reshape(-1)
         return codes
 

@@ -45,7 +45,7 @@ from qcompiler.passes.graph import (
 from qcompiler.passes.integerize import FALLBACK_ATTR, integerize
 from qcompiler.passes.observers import quantization_sqnr
 from qcompiler.passes.prequantized import channels_last, prepare_prequantized
-from qcompiler.passes.scheme import AUTO, QuantConfig
+from qcompiler.passes.scheme import AUTO, OPTIMIZED_4BIT, QuantConfig
 from qcompiler.passes.verify import verify_accumulators, verify_integer_only
 
 
@@ -141,15 +141,12 @@ class Calibration:
     def quantize(self, config: QuantConfig, dump_dir: str | None = None) -> tvm.IRModule:
         if config.needs_layer_inputs and not self.layers:
             raise QCompilerError(
-                "weight_rounding='optimized' and bias_correction need the layers' input "
-                "statistics: calibrate with layer_inputs=True"
+                f"weight_rounding={config.weight_rounding!r} and bias_correction need the "
+                "layers' input statistics: calibrate with layer_inputs=True"
             )
-        layers = self.layers
         resolved = self.resolve(config)
-        if resolved.needs_layer_inputs and not layers and config.weight_rounding == AUTO:
-            layers = self.kept_layer_statistics()  # the measured choice asked for it
-        config = resolved
-        annotated = annotate(self.mod, self.plan, self.observers, config, layers)
+        layers = self.rounding_statistics(config) if resolved.needs_layer_inputs else {}
+        annotated = annotate(self.mod, self.plan, self.observers, resolved, layers)
         _dump(dump_dir, "04-annotate", annotated)
         integer = integerize(annotated)
         _dump(dump_dir, "05-integerize", integer)
@@ -182,6 +179,13 @@ class Calibration:
             count = math.ceil(share * len(self.observers)) if share > 0 else 0
             config = dataclasses.replace(config, int16_activations=self.noisiest(config, count))
         return dataclasses.replace(config, weight_rounding=_rounding(config, False))
+
+    def rounding_statistics(self, config: QuantConfig) -> dict:
+        """The layers' input statistics that ``config`` rounds weights against: the
+        calibration's, else, for ``weight_rounding="auto"``, the kept samples'."""
+        if not self.layers and config.weight_rounding == AUTO:
+            return self.kept_layer_statistics()  # the measured choice asked for it
+        return self.layers
 
     def kept_layer_statistics(self) -> dict:
         """Every layer's input statistics from the kept samples (:attr:`samples`), each with
@@ -255,7 +259,9 @@ def _rounding(config: QuantConfig, widened: bool) -> str:
     """The weight rounding ``config`` resolves to (``"auto"``: see ``QuantConfig``)."""
     if config.weight_rounding != AUTO:
         return config.weight_rounding
-    return "optimized" if widened else "nearest"
+    if widened:
+        return "optimized"
+    return OPTIMIZED_4BIT if config.int4_weights else "nearest"
 
 
 def quantize_module(

@@ -157,7 +157,10 @@ class CalibConfig:
 # ``QuantConfig.int16_activations`` and ``weight_rounding``: chosen by measuring the outputs.
 AUTO = "auto"
 
-WEIGHT_ROUNDINGS = (AUTO, "nearest", "optimized")
+# ``optimized-4bit``: 4-bit weights optimized, 8-bit ones to nearest (what ``auto`` resolves to
+# unless the activations widened).
+OPTIMIZED_4BIT = "optimized-4bit"
+WEIGHT_ROUNDINGS = (AUTO, "nearest", "optimized", OPTIMIZED_4BIT)
 
 # Activations that need more than 8 bits: asymmetric int16 codes.
 INT16_ACTIVATION = QuantSpec(16, signed=True, symmetric=False)
@@ -180,10 +183,12 @@ class QuantConfig:
 
     ``weight_rounding``: ``nearest``, or ``optimized``: each weight rounded down or up to
     reduce the layer's output error on the calibration data (:mod:`~qcompiler.passes.rounding`),
-    or ``"auto"`` (the default): ``nearest``, unless the measured ``int16_activations="auto"``
-    choice widens every activation, which leaves the weights the larger error; they are then
-    ``optimized`` on the input statistics of the kept calibration samples (see
-    :class:`~qcompiler.passes.pipeline.ActivationChoice`).
+    or ``optimized-4bit``: the 4-bit layers' weights optimized, the 8-bit ones to nearest, or
+    ``"auto"`` (the default): where the weights are the larger error. That is every layer when
+    the measured ``int16_activations="auto"`` choice widens every activation (``optimized``,
+    see :class:`~qcompiler.passes.pipeline.ActivationChoice`), else the 4-bit layers
+    (``optimized-4bit``): 15 levels lose far more than 255. Without the calibration's layer
+    statistics, ``auto`` optimizes on those of the kept calibration samples.
     ``bias_correction``: remove the mean output shift that weight rounding causes, per channel.
     Both need symmetric weights and apply to conv2d/matmul layers with constant weights.
 
@@ -241,7 +246,26 @@ class QuantConfig:
     @property
     def needs_layer_inputs(self) -> bool:
         """Whether quantizing needs each layer's input statistics from calibration."""
-        return self.weight_rounding == "optimized" or self.bias_correction
+        return (
+            self.weight_rounding == "optimized"
+            or self.bias_correction
+            or (self.weight_rounding == OPTIMIZED_4BIT and bool(self.int4_weights))
+        )
+
+    def wants_layer_inputs(self, four_bit: bool = False) -> bool:
+        """Whether a calibration for this config should gather the layers' input statistics:
+        it needs them, or ``"auto"`` rounding will optimize 4-bit layers (``four_bit``: a
+        bit-width search will choose some). Without them, ``"auto"`` falls back on the kept
+        samples' statistics, too few patches for the layers of small feature maps."""
+        four_bit = four_bit or bool(self.int4_weights)
+        return self.needs_layer_inputs or (self.weight_rounding == AUTO and four_bit)
+
+    def optimized_rounding(self, bits: int) -> bool:
+        """Whether weights of ``bits`` bits are rounded against their layer's input statistics
+        (a resolved ``weight_rounding``: not ``"auto"``)."""
+        return self.weight_rounding == "optimized" or (
+            self.weight_rounding == OPTIMIZED_4BIT and bits == 4
+        )
 
     def weight_spec(self, layer: str) -> QuantSpec:
         """The spec of the weights of the conv/matmul layer called ``layer``."""

@@ -234,7 +234,7 @@ def quantize(
             limit,
             offset,
             bins=config.calibration.bins,
-            layer_inputs=config.needs_layer_inputs,
+            layer_inputs=config.wants_layer_inputs(),
         )
     resolved = resolve(calibration, config)  # measured here, resolved again by quantize
     mod = calibration.quantize(config)
@@ -293,6 +293,18 @@ def _option_table(calibration, config, measured, latency) -> dict[str, list[Opti
     return table
 
 
+def weight_probe(calibration: Calibration, config, samples) -> WeightProbe:
+    """The weight probe of ``config`` on ``samples``: its weights rounded as ``config``'s
+    build rounds them (optimized against the layers' input statistics, or to nearest), so
+    that each layer's 4-bit error is measured as it will be deployed. The probe runs on this
+    host whatever the board: it measures numbers, not speed."""
+    config = _as_config(config)
+    # as the build rounds a layer chosen for 4 bits (``"auto"`` depends on there being some)
+    resolved = resolve(calibration, replace(config, int4_weights=weight_layers(calibration)))
+    layers = calibration.rounding_statistics(config) if resolved.optimized_rounding(4) else {}
+    return WeightProbe(calibration, resolved, list(samples), _tvm_target("x86"), layers=layers)
+
+
 def choose_weight_precisions(
     calibration: Calibration,
     config=None,
@@ -335,8 +347,7 @@ def choose_weight_precisions(
         raise QCompilerError("a latency budget needs records=DIR to measure the layers into")
     probe = measured = None
     if samples is not None:
-        # numbers, not speed: the probe runs on this host whatever the board
-        probe = WeightProbe(calibration, config, list(samples), _tvm_target("x86"))
+        probe = weight_probe(calibration, config, samples)
         measured = probe.measure()
     latency = None
     if records is not None:
@@ -398,7 +409,7 @@ def choose_within_accuracy_drop(
     if not labelled:
         raise QCompilerError("an accuracy budget needs labelled samples to score on")
     reference = top1(compile_float(model, target), labelled)
-    probe = WeightProbe(calibration, config, list(samples), _tvm_target("x86"))
+    probe = weight_probe(calibration, config, samples)
     # 16 rungs span the 8 halvings of the error budget: twice the plans, one more build.
     ordered = size_ladder(weight_options(calibration, config, probe.measure()), steps, 2**0.5)
     tried: list[Candidate] = []

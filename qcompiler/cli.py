@@ -119,7 +119,7 @@ def _calibrated_with_probe(args):
         args.calib,
         preprocess=_preprocess(args),
         limit=args.limit,
-        layer_inputs=config.needs_layer_inputs,
+        layer_inputs=config.wants_layer_inputs(four_bit=True),
     )
     probe = api.calibration_samples(model, args.calib, _preprocess(args), limit=8)
     return config, model, calibration, probe
@@ -384,7 +384,7 @@ def cmd_eval(args) -> int:
             args.calib,
             preprocess=_preprocess(args),
             limit=args.limit,
-            layer_inputs=config.needs_layer_inputs,
+            layer_inputs=config.wants_layer_inputs(),
         )
         quant = api.quantize(model, None, config, calibration=calibration)
     float_art = api.compile_float(model, args.target)
@@ -447,8 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
             default="auto",
             choices=WEIGHT_ROUNDINGS,
             help="optimized: round each weight to reduce its layer's output error on the "
-            "calibration data (GPTQ + coordinate descent); auto (default): nearest, or "
-            "optimized on the kept samples when the measured int16 choice widens every activation",
+            "calibration data (GPTQ + coordinate descent); optimized-4bit: only the 4-bit "
+            "layers'; auto (default): optimized where the weights are the larger error: the "
+            "4-bit layers, or every layer when the measured int16 choice widens every activation",
         )
         p.add_argument(
             "--bias-correction",

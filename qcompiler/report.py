@@ -25,7 +25,6 @@ from pathlib import Path
 from qcompiler import api
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.targets.bitwidth import choose_precisions, size_ladder
-from qcompiler.targets.sensitivity import WeightProbe
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ def mixed_precision_report(
     """Measure and trace (see the module docstring); ``labelled``: ``(inputs, label)`` pairs."""
     config = api._as_config(config)
     board = api.resolve_board(target)
-    probe = WeightProbe(calibration, config, list(samples), api._tvm_target("x86"))
+    probe = api.weight_probe(calibration, config, samples)
     alone, base = probe.measure()
     latency = api._precision_latencies(calibration, config, records, board, rpc, threads, echo)
     table = api._option_table(calibration, config, (alone, base), latency)

@@ -52,7 +52,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from qcompiler.passes import qmath
+from qcompiler.passes import qmath, rounding
 from qcompiler.passes.annotate import (
     activation_qparams,
     annotate,
@@ -330,18 +330,28 @@ class _WeightSwitches(PyExprMutator):
         self.set_var_remap(var, emit(new, var.name))
 
 
-def _dequantized_weights(call, spec) -> np.ndarray:
+def _dequantized_weights(call, spec, stats=None) -> np.ndarray:
+    """The weights of ``call`` rounded to ``spec``: to nearest, or against the layer's input
+    statistics ``stats`` (optimized rounding, as :mod:`qcompiler.passes.annotate` does)."""
     weight = const_value(call.args[1])
     codes, scale, zero_point, axis = quantize_constant(weight, spec, weight_axis(call))
+    if stats is not None and stats.spans_patches and spec.symmetric:
+        second = stats.second_moment
+        codes = rounding.optimized_codes(call, weight, codes, scale, spec.qmin, spec.qmax, second)
     return qmath.dequantize(codes, scale, zero_point, axis).astype(np.float32)
 
 
 class WeightProbe:
     """The float model with each conv/matmul layer's weights switchable between their 8-bit and
     4-bit roundings (activations exact), compiled once: the output SQNR with any set of layers
-    at 4 bits, measured on ``samples`` -- what 4-bit weights in a layer do to the answer."""
+    at 4 bits, measured on ``samples`` -- what 4-bit weights in a layer do to the answer.
 
-    def __init__(self, calibration, config: QuantConfig, samples: list[dict], target):
+    With ``layers`` (input statistics per layer, as :meth:`Calibration.quantize` rounds with),
+    the roundings that ``config`` (resolved) optimizes are optimized against them, as the
+    build rounds them; the others to nearest.
+    """
+
+    def __init__(self, calibration, config: QuantConfig, samples: list[dict], target, layers=None):
         if not samples:
             raise QCompilerError("weight sensitivity needs at least one calibration sample")
         func = calibration.mod["main"]
@@ -351,7 +361,12 @@ class WeightProbe:
         for binding in bindings(func):
             call = binding.value
             if op_name(call) in CONV_OPS | MATMUL_OPS and const_value(call.args[1]) is not None:
-                pair = (_dequantized_weights(call, eight), _dequantized_weights(call, four))
+                stats = (layers or {}).get(binding.var)
+                optimized = [config.optimized_rounding(spec.bits) for spec in (eight, four)]
+                pair = tuple(
+                    _dequantized_weights(call, spec, stats if opt else None)
+                    for spec, opt in zip((eight, four), optimized)
+                )
                 weights[binding.var] = pair
         self.names = [var.name for var in weights]
         switch = relax.Var("qc_switch", relax.TensorType((len(weights),), "float32"))

@@ -1,14 +1,21 @@
 """Mixed precision by weight size: W8A8, W4A8 and the integer program's choices in between.
 
-For EfficientNet-Lite0 (../shared), calibrated once on the first 100 ImageNet samples (with the
-layers' input statistics, for optimized rounding), evaluated on the others: top-1 of fp32 (TVM),
-uniform W8A8, uniform W4A8, and the configurations :func:`qcompiler.api.choose_weight_precisions`
-picks for weight budgets between the two: each layer's 4-bit weights measured alone on the
-model's outputs (8 calibration images, one compiled probe), then the least added noise within
-the budget (scipy's MILP). Each chosen configuration is built and run, with nearest and with
-optimized weight rounding. Weight bytes (int4 packed, half a byte per weight), compression
-against fp32, the probe's output SQNR of the choice, latency (median of ``--runs``, 1 thread) in
-the same run, and the search's wall time (probe included).
+For EfficientNet-Lite0 and ResNet-8 (../shared; calibration on the first 100 ImageNet samples
+or 200 CIFAR-10 images, with the layers' input statistics for optimized rounding; top-1 on
+others): fp32 (TVM), uniform W8A8, uniform W4A8, and the configurations
+:func:`qcompiler.api.choose_weight_precisions` picks for weight budgets between the two: each
+layer's 4-bit weights measured alone on the model's outputs (8 calibration images, one compiled
+probe, the weights rounded as the build rounds them), then the least added noise within the
+budget (scipy's MILP). Each chosen configuration is built and run, with nearest weight rounding
+and with the default (``auto``: the 4-bit layers' weights optimized). Then the accuracy budget,
+as ``qc compile --max-accuracy-drop`` does it
+(:func:`qcompiler.api.choose_within_accuracy_drop`): the fewest bytes whose top-1 on the
+evaluation images stays within ``--max-drop`` points of fp32, with either rounding. Weight
+bytes (int4 packed, half a byte per weight), compression against fp32, the probe's output SQNR
+of the choice on its 8 calibration images and on 16 evaluation images ("held-out dB": rounding
+fitted to the calibration images can look better on them than it is), latency (median of
+``--runs``, 1 thread) in the same run, and the search's wall time (probe, builds and scoring
+included).
 
 With latency (the default; ``--no-latency`` skips it), every conv/matmul layer's kernels are
 measured on the host board over RPC (a local tracker and one server, 1 thread) at W8A8 and at
@@ -20,8 +27,8 @@ beside the program's predicted latency.
 
 Run from the repository root::
 
-    python bench/mixed.py                      # 400 evaluation images
-    python bench/mixed.py --images 100 --budgets 0.8 0.6
+    python bench/mixed.py                      # both models
+    python bench/mixed.py --models resnet8_cifar10 --budgets 0.8 0.6
 """
 
 from __future__ import annotations
@@ -49,18 +56,26 @@ from qcompiler.passes.scheme import QuantConfig  # noqa: E402
 from qcompiler.targets.bitwidth import weight_options  # noqa: E402
 from qcompiler.targets.tuning import LocalRPC  # noqa: E402
 
-MODEL = "efficientnet_lite0/efficientnet_lite0_fp32.onnx"
+MODELS = ("efficientnet_lite0", "resnet8_cifar10")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=400, help="evaluation images")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument(
+        "--images",
+        type=int,
+        help="evaluation images (default: 400 for EfficientNet-Lite0, all 4800 for ResNet-8)",
+    )
     parser.add_argument(
         "--budgets",
         nargs="+",
         type=float,
         default=[0.85, 0.7, 0.6],
         help="weight budgets as shares of the W8A8 weight bytes",
+    )
+    parser.add_argument(
+        "--max-drop", type=float, default=1.0, help="accuracy budget: top-1 points below fp32"
     )
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument(
@@ -78,25 +93,38 @@ def main(argv=None) -> int:
     shared = Path(os.environ.get("QC_SHARED", accuracy.REPO.parent / "shared")).resolve()
     print("\n".join(accuracy.preamble(shared)[:5]))
     set_threads(1)
-    model = api.load_model(str(shared / "models" / MODEL))
-    data = accuracy._imagenet(shared, model.inputs[0], args.images)
+    records = args.records or tempfile.mkdtemp(prefix="qc-mixed-records-")
+    with contextlib.ExitStack() as stack:
+        board = None if args.no_latency else stack.enter_context(LocalRPC(threads=1))
+        for name in args.models:
+            bench_model(accuracy.CASES[name], args, shared, board, records)
+    print(f"\npeak RSS {accuracy._peak_rss_mib():.0f} MiB")
+    return 0
+
+
+def bench_model(case, args, shared: Path, board, records: str) -> None:
+    """One model's table (see the module docstring)."""
+    model = api.load_model(str(shared / "models" / case.model))
+    count = args.images if args.images is not None else case.default_eval
+    data = case.load(shared, model.inputs[0], count)
     start = time.perf_counter()
     model, calibration = api.calibrate(model, data.calib, layer_inputs=True)
     calibrate_s = time.perf_counter() - start
-    print(f"calibration with layer statistics: {calibrate_s:.0f} s ({len(data.calib)} images)")
+    print(f"\n{case.name}: {data.description}")
+    print(f"calibration with layer statistics: {calibrate_s:.0f} s ({len(data.calib)} samples)")
+    labelled = list(zip(data.inputs, data.labels))
 
     def build(config):
         return api.quantize(model, None, config, calibration=calibration).build("x86")
-
-    def top1(artifact) -> float:
-        predict = accuracy.tvm_predict(artifact)
-        return float(np.mean([predict(x) == y for x, y in zip(data.inputs, data.labels)]))
 
     def latency(artifact) -> float:
         feed = data.inputs[0]
         return 1e3 * time_call(lambda: artifact.run(feed), args.runs, warmup=3)[0]
 
-    optimized = QuantConfig(weight_rounding="optimized")
+    roundings = (
+        (", nearest", QuantConfig(weight_rounding="nearest")),
+        (", auto rounding (4-bit optimized)", QuantConfig()),
+    )
     rows = []
     fp32 = api.compile_float(model, "x86")
     eight = build(QuantConfig())
@@ -104,72 +132,100 @@ def main(argv=None) -> int:
     rows.append(("fp32 (TVM)", fp32, fp32_bytes, None, None, None))
     rows.append(("W8A8 (uniform)", eight, eight.manifest["weight_bytes"], None, None, None))
     every = tuple(weight_options(calibration))
-    for label, config in (("", QuantConfig()), (", optimized rounding", optimized)):
+    for label, config in roundings:
         four = build(replace(config, int4_weights=every))
         rows.append((f"W4A8 (uniform){label}", four, four.manifest["weight_bytes"], *[None] * 3))
     probe = data.calib[:8]
+    held_out = {}  # rounding -> the weight probe on 16 evaluation images
+
+    def held_out_db(rounding: QuantConfig, int4: tuple[str, ...]) -> float:
+        key = rounding.weight_rounding
+        if key not in held_out:
+            held_out[key] = api.weight_probe(calibration, rounding, data.inputs[:16])
+        return held_out[key].run(set(int4))
+
     notes = []
-    records = args.records or tempfile.mkdtemp(prefix="qc-mixed-records-")
     latency_budget = None
-    with contextlib.ExitStack() as stack:
-        board = None if args.no_latency else stack.enter_context(LocalRPC(threads=1))
-        measure = {"records": records, "rpc": board, "echo": lambda _: None}
-        if board is not None:
-            start = time.perf_counter()
-            # A budget no plan can break yields the all-W8A8 plan's predicted latency.
-            _, fastest = api.choose_weight_precisions(calibration, max_latency_ms=1e9, **measure)
-            latency_budget = fastest.latency_ms
-            print(
-                f"layer latencies at W8A8 and W4A8 measured over RPC in "
-                f"{time.perf_counter() - start:.0f} s; W8A8 predicted {latency_budget:.3f} ms"
-            )
-        for share in args.budgets:
-            limit = int(share * eight.manifest["weight_bytes"])
-            budgets = [({}, "")]
-            if latency_budget is not None:
-                for slack in args.latency_slack:
-                    extra = dict(max_latency_ms=slack * latency_budget, **measure)
-                    budgets.append((extra, f", <= {slack:g}x W8A8 ms"))
-            for extra, suffix in budgets:
+    measure = {"records": records, "rpc": board, "echo": lambda _: None}
+    if board is not None:
+        start = time.perf_counter()
+        # A budget no plan can break yields the all-W8A8 plan's predicted latency.
+        _, fastest = api.choose_weight_precisions(calibration, max_latency_ms=1e9, **measure)
+        latency_budget = fastest.latency_ms
+        print(
+            f"layer latencies at W8A8 and W4A8 measured over RPC in "
+            f"{time.perf_counter() - start:.0f} s; W8A8 predicted {latency_budget:.3f} ms"
+        )
+    for share in args.budgets:
+        limit = int(share * eight.manifest["weight_bytes"])
+        budgets = [({}, "")]
+        if latency_budget is not None:
+            for slack in args.latency_slack:
+                extra = dict(max_latency_ms=slack * latency_budget, **measure)
+                budgets.append((extra, f", <= {slack:g}x W8A8 ms"))
+        for extra, suffix in budgets:
+            for label, rounding in roundings if not extra else roundings[:1]:
                 search = time.perf_counter()
                 try:
                     config, plan = api.choose_weight_precisions(
-                        calibration, max_bytes=limit, samples=probe, **extra
+                        calibration, rounding, max_bytes=limit, samples=probe, **extra
                     )
                 except QCompilerError as err:
-                    notes.append(f"<= {share:.0%} of W8A8 bytes{suffix}: {err}")
+                    notes.append(f"<= {share:.0%} of W8A8 bytes{suffix}{label}: {err}")
                     continue
                 search_s = time.perf_counter() - search
+                artifact = build(config)
                 count = len(config.int4_weights)
                 predicted = plan.latency_ms if extra else None
-                roundings = (("", "nearest"), (", optimized rounding", "optimized"))
-                for label, rounding in roundings if not extra else roundings[:1]:
-                    artifact = build(replace(config, weight_rounding=rounding))
-                    name = f"mixed, <= {share:.0%} of W8A8 bytes{suffix} ({count} W4A8){label}"
-                    size = artifact.manifest["weight_bytes"]
-                    rows.append((name, artifact, size, plan.measured_sqnr_db, search_s, predicted))
-
-        reference = top1(fp32)
-        print(f"\n{MODEL}, {len(data.inputs)} evaluation images, 1 thread\n")
-        print(
-            "| build | top-1 | Δ vs fp32 | weight KiB | vs fp32 | probe dB | ms | "
-            "RPC ms | predicted ms | search s |"
-        )
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for label, artifact, size, probe_db, search_s, predicted in rows:
-            accuracy_ = reference if artifact is fp32 else top1(artifact)
-            remote = "" if board is None else f"{rpc_latency(artifact, board, data):.2f}"
-            print(
-                f"| {label} | {accuracy_:.4f} | {100 * (accuracy_ - reference):+.2f} | "
-                f"{size / 1024:.0f} | {fp32_bytes / size:.1f}x | "
-                f"{'' if probe_db is None else f'{probe_db:.1f}'} | {latency(artifact):.2f} | "
-                f"{remote} | {'' if predicted is None else f'{predicted:.2f}'} | "
-                f"{'' if search_s is None else f'{search_s:.2f}'} |"
+                name = f"mixed, <= {share:.0%} of W8A8 bytes{suffix} ({count} W4A8){label}"
+                size = artifact.manifest["weight_bytes"]
+                dbs = (plan.measured_sqnr_db, held_out_db(rounding, config.int4_weights))
+                rows.append((name, artifact, size, dbs, search_s, predicted))
+    for label, rounding in roundings:
+        search = time.perf_counter()
+        try:
+            config, plan, _, tried = api.choose_within_accuracy_drop(
+                model, calibration, labelled, args.max_drop, rounding, samples=probe
             )
+        except QCompilerError as err:
+            notes.append(f"top-1 within {args.max_drop:g} points{label}: {err}")
+            continue
+        search_s = time.perf_counter() - search
+        artifact = build(config)
+        count = len(config.int4_weights)
+        name = f"top-1 within {args.max_drop:g} points ({count} W4A8){label}"
+        size = artifact.manifest["weight_bytes"]
+        dbs = (plan.measured_sqnr_db, held_out_db(rounding, config.int4_weights))
+        rows.append((name, artifact, size, dbs, search_s, None))
+        notes.append(
+            f"{name}: tried "
+            + ", ".join(f"{len(c.int4_weights)} layers {c.top1:.4f}" for c in tried)
+        )
+
+    def top1(artifact) -> float:
+        predict = accuracy.tvm_predict(artifact)
+        return float(np.mean([predict(x) == y for x, y in labelled]))
+
+    reference = top1(fp32)
+    print(f"\n{case.model}, {len(data.inputs)} evaluation images, 1 thread\n")
+    print(
+        "| build | top-1 | Δ vs fp32 | weight KiB | vs fp32 | probe dB | held-out dB | ms | "
+        "RPC ms | predicted ms | search s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, artifact, size, dbs, search_s, predicted in rows:
+        accuracy_ = reference if artifact is fp32 else top1(artifact)
+        remote = "" if board is None else f"{rpc_latency(artifact, board, data):.2f}"
+        print(
+            f"| {label} | {accuracy_:.4f} | {100 * (accuracy_ - reference):+.2f} | "
+            f"{size / 1024:.1f} | {fp32_bytes / size:.1f}x | "
+            f"{' | '.join('' if db is None else f'{db:.1f}' for db in dbs or (None, None))} | "
+            f"{latency(artifact):.2f} | "
+            f"{remote} | {'' if predicted is None else f'{predicted:.2f}'} | "
+            f"{'' if search_s is None else f'{search_s:.2f}'} |"
+        )
     for note in notes:
         print(f"- {note}")
-    print(f"\npeak RSS {accuracy._peak_rss_mib():.0f} MiB")
-    return 0
 
 
 def rpc_latency(artifact, board, data, runs: int = 50) -> float:

@@ -9,6 +9,7 @@ from test_detector_exits import head_model, samples
 
 import qcompiler
 from qcompiler.passes import rounding
+from qcompiler.passes.graph import bindings, const_value, op_name
 from qcompiler.targets.sensitivity import SensitivityProbe, output_psnr, output_sqnr
 
 ort = pytest.importorskip("onnxruntime")
@@ -112,8 +113,6 @@ def _initializer_names(model, calibration) -> dict[str, str]:
     """Each conv layer of the calibrated module (as the probe names them, by their tensors)
     -> its weight initializer in the ONNX file, found by value (OHWI in the compiled float
     model, OIHW in the file)."""
-    from qcompiler.passes.graph import bindings, const_value, op_name
-
     initializers = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     names = {}
     for b in bindings(calibration.mod["main"]):
@@ -385,3 +384,33 @@ def test_default_widens_every_activation_when_no_share_is_enough():
     assert nearest.manifest["quantization"]["weight_rounding"] == "nearest"
     assert _error(model, nearest, tests) < capped / 5
     assert _error(model, default.build(), tests) < _error(model, nearest, tests)
+
+
+def test_auto_rounding_optimizes_4_bit_layers_that_saw_enough_patches():
+    """``weight_rounding="auto"`` resolves to ``optimized-4bit`` where there are 4-bit layers
+    (``nearest`` where there are none), and a layer is rounded against its statistics only
+    after 8 patches per patch value (the 3x3 conv: 72 values, 36 patches per sample)."""
+    model = qcompiler.api.load_model(head_model())
+    conv = next(
+        b.var.name
+        for b in bindings(qcompiler.calibrate(model, samples(1))[1].mod["main"])
+        if op_name(b.value) == "relax.nn.conv2d" and const_value(b.value.args[1]).shape[1] == 3
+    )
+    tests = samples(2, seed=9)
+
+    def outputs(count, **kw):
+        imported, calibration = qcompiler.calibrate(model, samples(count), layer_inputs=True)
+        config = qcompiler.QuantConfig(int16_activations=(), **kw)
+        quantized = qcompiler.quantize(imported, None, config, calibration=calibration)
+        artifact = quantized.build()
+        rounding = artifact.manifest["quantization"]["weight_rounding"]
+        return rounding, [artifact.run(s)["output"] for s in tests]
+
+    assert outputs(16)[0] == "nearest"
+    rounding, optimized = outputs(16, int4_weights=(conv,))  # 576 patches: 8 per value
+    assert rounding == "optimized-4bit"
+    _, nearest = outputs(16, int4_weights=(conv,), weight_rounding="nearest")
+    assert any(not np.array_equal(a, b) for a, b in zip(optimized, nearest))
+    _, few = outputs(15, int4_weights=(conv,))  # 540 patches: kept to nearest
+    _, few_nearest = outputs(15, int4_weights=(conv,), weight_rounding="nearest")
+    assert all(np.array_equal(a, b) for a, b in zip(few, few_nearest))

@@ -145,6 +145,15 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
         return held_out[key].run(set(int4))
 
     notes = []
+
+    def add_choice(title, label, rounding, config, plan, start: float, predicted=None) -> None:
+        """Build the chosen ``config`` and add its row: ``title``, its 4-bit count, ``label``."""
+        search_s = time.perf_counter() - start
+        artifact = build(config)
+        name = f"{title} ({len(config.int4_weights)} W4A8){label}"
+        dbs = (plan.measured_sqnr_db, held_out_db(rounding, config.int4_weights))
+        rows.append((name, artifact, artifact.manifest["weight_bytes"], dbs, search_s, predicted))
+
     latency_budget = None
     measure = {"records": records, "rpc": board, "echo": lambda _: None}
     if board is not None:
@@ -173,14 +182,9 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
                 except QCompilerError as err:
                     notes.append(f"<= {share:.0%} of W8A8 bytes{suffix}{label}: {err}")
                     continue
-                search_s = time.perf_counter() - search
-                artifact = build(config)
-                count = len(config.int4_weights)
+                title = f"mixed, <= {share:.0%} of W8A8 bytes{suffix}"
                 predicted = plan.latency_ms if extra else None
-                name = f"mixed, <= {share:.0%} of W8A8 bytes{suffix} ({count} W4A8){label}"
-                size = artifact.manifest["weight_bytes"]
-                dbs = (plan.measured_sqnr_db, held_out_db(rounding, config.int4_weights))
-                rows.append((name, artifact, size, dbs, search_s, predicted))
+                add_choice(title, label, rounding, config, plan, search, predicted)
     for label, rounding in roundings:
         search = time.perf_counter()
         try:
@@ -190,15 +194,10 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
         except QCompilerError as err:
             notes.append(f"top-1 within {args.max_drop:g} points{label}: {err}")
             continue
-        search_s = time.perf_counter() - search
-        artifact = build(config)
-        count = len(config.int4_weights)
-        name = f"top-1 within {args.max_drop:g} points ({count} W4A8){label}"
-        size = artifact.manifest["weight_bytes"]
-        dbs = (plan.measured_sqnr_db, held_out_db(rounding, config.int4_weights))
-        rows.append((name, artifact, size, dbs, search_s, None))
+        title = f"top-1 within {args.max_drop:g} points"
+        add_choice(title, label, rounding, config, plan, search)
         notes.append(
-            f"{name}: tried "
+            f"{rows[-1][0]}: tried "
             + ", ".join(f"{len(c.int4_weights)} layers {c.top1:.4f}" for c in tried)
         )
 

@@ -197,9 +197,9 @@ class _Annotator(PyExprMutator):
             return codes
         call = stats.call
         spec = config.weight_spec(var.name)
-        if config.optimized_rounding(spec.bits) and stats.spans_patches:
+        if config.optimized_rounding(spec.bits):
             codes = rounding.optimized_codes(
-                call, weight, codes, scale, spec.qmin, spec.qmax, stats.second_moment
+                call, weight, codes, scale, spec.qmin, spec.qmax, stats
             )
         if config.bias_correction:
             w, s, q = rounding.grouped(call, weight, codes, scale)

@@ -163,11 +163,14 @@ def grouped(call, weight, codes, scale) -> tuple[np.ndarray, np.ndarray, np.ndar
     return w, s.reshape(w.shape[:2]), weight_groups(call, codes)
 
 
-def optimized_codes(call, weight, codes, scale, qmin: int, qmax: int, hessian) -> np.ndarray:
+def optimized_codes(call, weight, codes, scale, qmin: int, qmax: int, stats) -> np.ndarray:
     """``codes`` of ``weight`` re-chosen by :func:`round_weights` against the second moment of
-    the layer's input patches; the same shape and dtype."""
+    the layer's input patches (``stats``, a :class:`LayerStats`); the same shape and dtype.
+    ``codes`` themselves where too few patches were seen (:attr:`LayerStats.spans_patches`)."""
+    if not stats.spans_patches:
+        return codes
     w, s, _ = grouped(call, weight, codes, scale)
-    q = round_weights(w, s, qmin, qmax, hessian)
+    q = round_weights(w, s, qmin, qmax, stats.second_moment)
     return from_groups(call, q, codes.shape).astype(codes.dtype)
 
 

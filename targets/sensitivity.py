@@ -330,14 +330,14 @@ class _WeightSwitches(PyExprMutator):
         self.set_var_remap(var, emit(new, var.name))
 
 
-def _dequantized_weights(call, spec, stats=None) -> np.ndarray:
-    """The weights of ``call`` rounded to ``spec``: to nearest, or against the layer's input
-    statistics ``stats`` (optimized rounding, as :mod:`qcompiler.passes.annotate` does)."""
+def _dequantized_weights(call, spec, config: QuantConfig, stats) -> np.ndarray:
+    """The weights of ``call`` rounded to ``spec`` as ``config`` (resolved) rounds them, as
+    :mod:`qcompiler.passes.annotate` does: against the layer's input statistics ``stats``
+    where it optimizes that bit-width, else to nearest."""
     weight = const_value(call.args[1])
     codes, scale, zero_point, axis = quantize_constant(weight, spec, weight_axis(call))
-    if stats is not None and stats.spans_patches and spec.symmetric:
-        second = stats.second_moment
-        codes = rounding.optimized_codes(call, weight, codes, scale, spec.qmin, spec.qmax, second)
+    if stats is not None and spec.symmetric and config.optimized_rounding(spec.bits):
+        codes = rounding.optimized_codes(call, weight, codes, scale, spec.qmin, spec.qmax, stats)
     return qmath.dequantize(codes, scale, zero_point, axis).astype(np.float32)
 
 
@@ -362,12 +362,9 @@ class WeightProbe:
             call = binding.value
             if op_name(call) in CONV_OPS | MATMUL_OPS and const_value(call.args[1]) is not None:
                 stats = (layers or {}).get(binding.var)
-                optimized = [config.optimized_rounding(spec.bits) for spec in (eight, four)]
-                pair = tuple(
-                    _dequantized_weights(call, spec, stats if opt else None)
-                    for spec, opt in zip((eight, four), optimized)
+                weights[binding.var] = tuple(
+                    _dequantized_weights(call, spec, config, stats) for spec in (eight, four)
                 )
-                weights[binding.var] = pair
         self.names = [var.name for var in weights]
         switch = relax.Var("qc_switch", relax.TensorType((len(weights),), "float32"))
         body = _WeightSwitches(calibration.mod, weights, switch).visit_expr(func).body

@@ -10,12 +10,13 @@ budget (scipy's MILP). Each chosen configuration is built and run, with nearest 
 and with the default (``auto``: the 4-bit layers' weights optimized). Then the accuracy budget,
 as ``qc compile --max-accuracy-drop`` does it
 (:func:`qcompiler.api.choose_within_accuracy_drop`): the fewest bytes whose top-1 on the
-evaluation images stays within ``--max-drop`` points of fp32, with either rounding. Weight
-bytes (int4 packed, half a byte per weight), compression against fp32, the probe's output SQNR
-of the choice on its 8 calibration images and on 16 evaluation images ("held-out dB": rounding
-fitted to the calibration images can look better on them than it is), latency (median of
-``--runs``, 1 thread) in the same run, and the search's wall time (probe, builds and scoring
-included).
+evaluation images stays within ``--max-drop`` points of fp32, with nearest rounding, with
+optimized 4-bit rounding, and as the default searches (the optimized ladder, then nearest
+rounding's smaller plans). Weight bytes (int4 packed, half a byte per weight), compression
+against fp32, the probe's output SQNR of the choice on its 8 calibration images and on 16
+evaluation images ("held-out dB": rounding fitted to the calibration images can look better
+on them than it is), latency (median of ``--runs``, 1 thread) in the same run, and the
+search's wall time (probe, builds and scoring included).
 
 With latency (the default; ``--no-latency`` skips it), every conv/matmul layer's kernels are
 measured on the host board over RPC (a local tracker and one server, 1 thread) at W8A8 and at
@@ -52,7 +53,7 @@ from speed import time_call  # noqa: E402
 from qcompiler import api  # noqa: E402
 from qcompiler.deploy.artifact import set_threads  # noqa: E402
 from qcompiler.passes.errors import QCompilerError  # noqa: E402
-from qcompiler.passes.scheme import QuantConfig  # noqa: E402
+from qcompiler.passes.scheme import AUTO, OPTIMIZED_4BIT, QuantConfig  # noqa: E402
 from qcompiler.targets.bitwidth import weight_options  # noqa: E402
 from qcompiler.targets.tuning import LocalRPC  # noqa: E402
 
@@ -185,7 +186,12 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
                 title = f"mixed, <= {share:.0%} of W8A8 bytes{suffix}"
                 predicted = plan.latency_ms if extra else None
                 add_choice(title, label, rounding, config, plan, search, predicted)
-    for label, rounding in roundings:
+    searches = (
+        *roundings[:1],
+        (", optimized-4bit rounding", QuantConfig(weight_rounding=OPTIMIZED_4BIT)),
+        (", default (auto, then nearest rounding)", QuantConfig()),
+    )
+    for label, rounding in searches:
         search = time.perf_counter()
         try:
             config, plan, _, tried = api.choose_within_accuracy_drop(
@@ -195,10 +201,14 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
             notes.append(f"top-1 within {args.max_drop:g} points{label}: {err}")
             continue
         title = f"top-1 within {args.max_drop:g} points"
-        add_choice(title, label, rounding, config, plan, search)
+        if rounding.weight_rounding == AUTO:
+            label = f"{label}: {config.weight_rounding} won"
+        add_choice(title, label, config, config, plan, search)
         notes.append(
             f"{rows[-1][0]}: tried "
-            + ", ".join(f"{len(c.int4_weights)} layers {c.top1:.4f}" for c in tried)
+            + ", ".join(
+                f"{len(c.int4_weights)} layers {c.weight_rounding} {c.top1:.4f}" for c in tried
+            )
         )
 
     def top1(artifact) -> float:

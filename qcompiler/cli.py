@@ -139,13 +139,16 @@ def _compile_within_accuracy_drop(args, board):
         model, calibration, labelled, args.max_accuracy_drop, config, samples=probe
     )
     for candidate in sorted(tried, key=lambda c: c.bytes):
+        rounding = f", {candidate.weight_rounding} rounding" if candidate.int4_weights else ""
         print(
-            f"  tried {len(candidate.int4_weights)} W4A8 layers, {candidate.bytes} weight bytes: "
-            f"top-1 {candidate.top1:.4f} ({100 * (candidate.top1 - reference):+.2f} points)"
+            f"  tried {len(candidate.int4_weights)} W4A8 layers{rounding}, {candidate.bytes} "
+            f"weight bytes: top-1 {candidate.top1:.4f} "
+            f"({100 * (candidate.top1 - reference):+.2f} points)"
         )
     print(
-        f"mixed precision: {len(config.int4_weights)} of {len(plan.precisions)} layers at W4A8, "
-        f"{plan.bytes} weight bytes; float top-1 {reference:.4f} on {len(labelled)} samples"
+        f"mixed precision: {len(config.int4_weights)} of {len(plan.precisions)} layers at W4A8 "
+        f"({config.weight_rounding} rounding), {plan.bytes} weight bytes; float top-1 "
+        f"{reference:.4f} on {len(labelled)} samples"
     )
     quant = api.quantize(model, None, config, calibration=calibration)
     return quant.build(

@@ -263,9 +263,26 @@ def test_an_accuracy_budget_is_met_when_scored(mnist_calibration, shared):
     assert 100 * (np.mean(float_hits) - np.mean(hits)) <= 1.0
     eight = max(tried, key=lambda c: c.bytes)
     assert eight.int4_weights == () and plan.bytes <= eight.bytes
+    # Whichever rounding a candidate had, none smaller than the choice scored within budget.
     assert all(c.bytes >= plan.bytes or 100 * (reference - c.top1) > 1.0 for c in tried)
+    assert config.weight_rounding in qcompiler.api.accuracy_search_roundings(calibration)
+    assert any(c.weight_rounding == config.weight_rounding for c in tried if c.bytes == plan.bytes)
     with pytest.raises(QCompilerError, match="top-1 drop <= -5 points cannot be met"):
         qcompiler.api.choose_within_accuracy_drop(model, calibration, labelled, -5.0, samples=probe)
+
+
+def test_an_accuracy_search_tries_nearest_beside_optimized_4_bit_rounding(mnist_calibration):
+    """``auto`` rounds 4-bit layers against their inputs where they saw enough patches; the
+    accuracy search then also tries nearest rounding. A rounding the user names is kept."""
+    from qcompiler.api import accuracy_search_roundings
+    from qcompiler.passes.scheme import QuantConfig
+
+    _, calibration, _, _ = mnist_calibration
+    assert accuracy_search_roundings(calibration) == ("auto", "nearest")
+    for named in ("nearest", "optimized", "optimized-4bit"):
+        assert accuracy_search_roundings(calibration, QuantConfig(weight_rounding=named)) == (
+            named,
+        )
 
 
 def test_pareto_front_keeps_the_points_nothing_beats():
@@ -341,3 +358,4 @@ def test_size_ladder_rungs_are_the_fewest_bytes_within_each_budget(factor):
     if factor < 2:
         coarse = {plan.bytes for plan in size_ladder(table, steps=8, factor=2.0)}
         assert coarse < set(sizes)
+

@@ -23,8 +23,11 @@ own (the optimum of that quantity alone, under the ties).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -63,6 +66,23 @@ class Plan:
     def int4_layers(self) -> tuple[str, ...]:
         """The layers this plan gives 4-bit weights."""
         return tuple(layer for layer, p in self.precisions.items() if p == "w4a8")
+
+
+@contextlib.contextmanager
+def _silenced_stdout():
+    """File descriptor 1 pointed at /dev/null: the HiGHS in scipy prints
+    ``HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();`` to it from C++
+    whatever the display options (ERGO-Code/HiGHS#2783), 50 lines in a search on
+    EfficientNet-Lite0's table, in the middle of ``qc compile``'s output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 class _Program:
@@ -121,12 +141,13 @@ class _Program:
         for quantity, limit in budgets.items():
             constraints.append(LinearConstraint(self.cost(quantity)[None], -np.inf, limit))
         upper = np.where(self.forbidden, 0.0, 1.0)
-        result = milp(
-            self.cost(objective),
-            integrality=np.ones(len(self.options)),
-            bounds=Bounds(np.zeros(len(self.options)), upper),
-            constraints=constraints,
-        )
+        with _silenced_stdout():
+            result = milp(
+                self.cost(objective),
+                integrality=np.ones(len(self.options)),
+                bounds=Bounds(np.zeros(len(self.options)), upper),
+                constraints=constraints,
+            )
         return result if result.status == 0 else None
 
     def plan(self, x: np.ndarray) -> Plan:

@@ -359,3 +359,15 @@ def test_size_ladder_rungs_are_the_fewest_bytes_within_each_budget(factor):
         coarse = {plan.bytes for plan in size_ladder(table, steps=8, factor=2.0)}
         assert coarse < set(sizes)
 
+
+def test_the_solver_prints_nothing_on_standard_output(capfd):
+    """HiGHS writes a debug line to file descriptor 1 from C++ now and then; the program's
+    solve runs with it pointed elsewhere, and restores it."""
+    import os
+
+    from qcompiler.targets.bitwidth import _silenced_stdout
+
+    with _silenced_stdout():
+        os.write(1, b"HighsMipSolverData::transformNewIntegerFeasibleSolution\n")
+    os.write(1, b"after\n")
+    assert capfd.readouterr().out == "after\n"

@@ -476,14 +476,7 @@ class _Int8Kernels(PyExprMutator):
         return self._unshift(out, w, shift, (1, 2, 3), (1, 1, 1, -1)) if shift else out
 
     def _is_int16_data(self, call) -> bool:
-        w = const_value(call.args[1])
-        return (
-            self.dot_product
-            and str(call.args[0].ty.dtype) == "int16"
-            and w is not None
-            and w.dtype == np.int8
-            and str(call.ty.dtype) == "int32"
-        )
+        return self.dot_product and splits_int16(call)
 
     def _split_int16(self, call, lower):
         """An int16-activation conv/matmul as two int8 ones on the dot-product kernels:
@@ -613,6 +606,21 @@ class _Int8Kernels(PyExprMutator):
         )
         out = _slice_channels(bb, out, w.shape[1])
         return self._unshift(out, w, shift, (0,), (1, -1)) if shift else out
+
+
+def splits_int16(call: relax.Call) -> bool:
+    """Whether an integer conv/matmul runs as two int8 kernels where the target has a
+    dot-product instruction (:meth:`_Int8Kernels._split_int16`): int16 activations, int8
+    weights, not depthwise."""
+    w = const_value(call.args[1])
+    grouped = op_name(call) == "relax.nn.conv2d" and int(call.attrs.groups) != 1
+    return (
+        str(call.args[0].ty.dtype) == "int16"
+        and w is not None
+        and w.dtype == np.int8
+        and str(call.ty.dtype) == "int32"
+        and not grouped
+    )
 
 
 def use_int8_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:

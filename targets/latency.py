@@ -10,10 +10,12 @@ by what it costs on that board, not by a proxy:
   (its packed dot-product or depthwise kernel with the fused epilogue), in the same order;
 * a layer's latency is its kernel's, plus that of the kernels that only prepare its weights
   (every operand a constant: the unpacking of 4-bit weights), once per call;
+* a conv/matmul with int16 activations runs as two int8 kernels on targets with a dot-product
+  instruction (its low and its high byte, called one after the other): both are its;
 * everything else (layout changes, pooling, the input quantize) is the model's fixed cost.
 
-A layer whose kernels cannot be told apart (an int16 layer runs as two int8 kernels) makes the
-attribution fail loudly rather than guess.
+Kernels that match the layers in no such way make the attribution fail loudly rather than
+guess.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from tvm import relax, s_tir, tirx
 
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.graph import CONV_OPS, MATMUL_OPS, bindings, const_value, layer_name, op_name
-from qcompiler.targets.kernels import CONV_BLOCK, DENSE_BLOCK, DEPTHWISE_BLOCK
+from qcompiler.targets.kernels import CONV_BLOCK, DENSE_BLOCK, DEPTHWISE_BLOCK, splits_int16
 from qcompiler.targets.tuning import TuneReport
 
 # Blocks that make a kernel a layer's: ours, and those of TVM's legalized convs and matmuls
@@ -49,16 +51,23 @@ class LayerLatencies:
 def layer_names(mod: tvm.IRModule) -> list[str]:
     """The integer conv/matmul layers of ``mod``'s ``main`` in program order, by the names
     of the float model's layers (those of :func:`qcompiler.targets.bitwidth.weight_options`)."""
+    return [name for name, _ in _layers(mod)]
+
+
+def _layers(mod: tvm.IRModule) -> list[tuple[str, bool]]:
+    """``(name, split)`` of each integer conv/matmul layer in program order; ``split``: its
+    int16 activations run as two int8 kernels on targets with a dot-product instruction
+    (:func:`qcompiler.targets.kernels.splits_int16`)."""
     main = mod["main"]
-    names = []
+    layers = []
     for binding in bindings(main):
         call = binding.value
         if op_name(call) not in CONV_OPS | MATMUL_OPS or const_value(call.args[1]) is None:
             continue
         if str(call.ty.dtype) != "int32":  # a float fallback is no integer layer
             continue
-        names.append(layer_name(main, binding.var.name))
-    return names
+        layers.append((layer_name(main, binding.var.name), splits_int16(call)))
+    return layers
 
 
 def _is_layer_kernel(func: tirx.PrimFunc) -> bool:
@@ -85,7 +94,7 @@ def attribute(mod: tvm.IRModule, report: TuneReport) -> LayerLatencies:
     lowered module) into the layers of ``mod`` and the rest."""
     fused = report.module
     seconds = {task.name: task.best_s or task.default_s for task in report.tasks}
-    layers = layer_names(mod)
+    layers = _layers(mod)
     weight_side: dict[relax.Var, float] = {}  # outputs of kernels with constant operands only
     attributed: list[float] = []
     is_layer: dict[str, bool] = {}  # per kernel: a function is called once per use
@@ -101,10 +110,20 @@ def attribute(mod: tvm.IRModule, report: TuneReport) -> LayerLatencies:
             is_layer[name] = _is_layer_kernel(fused[name])
         if is_layer[name]:
             attributed.append(seconds[name] + sum(weight_side.get(a, 0.0) for a in operands))
-    if len(attributed) != len(layers):
+    # One kernel per layer, or two for each int16 layer where the target split them.
+    split = sum(s for _, s in layers)
+    if len(attributed) == len(layers):
+        counts = [1] * len(layers)
+    elif split and len(attributed) == len(layers) + split:
+        counts = [2 if s else 1 for _, s in layers]
+    else:
         raise QCompilerError(
             f"cannot attribute kernels to layers: {len(layers)} integer conv/matmul layers "
-            f"but {len(attributed)} layer kernels after lowering"
+            f"({split} of them int16 convs/matmuls) but {len(attributed)} layer kernels after "
+            "lowering"
         )
-    per_layer = {layer: 1e3 * s for layer, s in zip(layers, attributed)}
+    per_layer, start = {}, 0
+    for (layer, _), count in zip(layers, counts):
+        per_layer[layer] = 1e3 * sum(attributed[start : start + count])
+        start += count
     return LayerLatencies(per_layer, 1e3 * total - sum(per_layer.values()))

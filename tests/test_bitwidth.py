@@ -201,14 +201,24 @@ def mnist_records(tmp_path_factory):
     return tmp_path_factory.mktemp("records")
 
 
-def test_layer_latencies_split_the_measured_model(mnist_calibration, mnist_records):
+@pytest.mark.parametrize("wide", ["none", "one layer", "all"])
+def test_layer_latencies_split_the_measured_model(mnist_calibration, mnist_records, wide):
     """Each conv/matmul layer gets its kernel's latency measured over RPC, and the layers plus
-    the rest add up to meta-schedule's own estimate (its task weights x best latencies)."""
+    the rest add up to meta-schedule's own estimate (its task weights x best latencies); a
+    layer with int16 activations runs as two int8 kernels, both its own."""
     import qcompiler
+    from qcompiler.passes.graph import CONV_OPS, MATMUL_OPS, bindings, op_name
     from qcompiler.targets.bitwidth import weight_options
 
+    layer_ops = CONV_OPS | MATMUL_OPS
     model, calibration, _, _ = mnist_calibration
-    quantized = qcompiler.quantize(model, None, calibration=calibration)
+    # "lv2" is the second conv's input: one layer of two kernels between single ones
+    int16 = {"none": (), "one layer": ("lv2",), "all": 1.0}[wide]
+    config = {"int16_activations": int16}
+    quantized = qcompiler.quantize(model, None, config, calibration=calibration)
+    layers = [b.value for b in bindings(quantized.mod["main"]) if op_name(b.value) in layer_ops]
+    int16_layers = sum(str(call.args[0].ty.dtype) == "int16" for call in layers)
+    assert int16_layers == {"none": 0, "one layer": 1, "all": 3}[wide]
     measured = qcompiler.api.layer_latencies(quantized.mod, mnist_records, echo=lambda _: None)
     assert set(measured.layers) == set(weight_options(calibration))
     assert all(ms > 0 for ms in measured.layers.values()) and measured.rest_ms > 0

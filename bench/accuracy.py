@@ -116,10 +116,21 @@ def _imagenet(shared: Path, spec: InputSpec, count: int | None) -> Data:
     )
 
 
-def _npz_split(file: str, calib_count: int) -> Callable[[Path, InputSpec, int | None], Data]:
+def _npz_split(
+    file: str, calib_count: int, shuffle: bool = False
+) -> Callable[[Path, InputSpec, int | None], Data]:
+    """``file``'s first ``calib_count`` images calibrate, the rest (or ``count`` of them) are
+    scored; with ``shuffle``, in the order of a fixed permutation (seed 0), for a file sorted
+    by class, whose first images are all one class."""
+
     def load(shared: Path, spec: InputSpec, count: int | None) -> Data:
         with np.load(shared / "data" / file) as data:
             images, labels = data["images"], data["labels"]
+        order = "in file order"
+        if shuffle:
+            permutation = np.random.default_rng(0).permutation(len(images))
+            images, labels = images[permutation], labels[permutation]
+            order = "shuffled (seed 0; the file is sorted by class)"
         stop = len(images) if count is None else min(len(images), calib_count + count)
 
         def sample(image):
@@ -132,7 +143,7 @@ def _npz_split(file: str, calib_count: int) -> Callable[[Path, InputSpec, int | 
             inputs=[sample(image) for image in images[calib_count:stop]],
             labels=labels[calib_count:stop],
             description=(
-                f"{file}: calibration 0-{calib_count - 1} ({calib_count}), evaluation "
+                f"{file} {order}: calibration 0-{calib_count - 1} ({calib_count}), evaluation "
                 f"{calib_count}-{stop - 1} ({stop - calib_count}); raw 0..255 float"
             ),
         )
@@ -170,7 +181,7 @@ CASES = {
             "resnet8_cifar10",
             "resnet8_cifar10/pretrainedResnet.tflite",
             InputSpec("input_1", (1, 32, 32, 3), "float32"),
-            _npz_split("cifar10_test_half.npz", 200),
+            _npz_split("cifar10_test_half.npz", 200, shuffle=True),
             default_eval=None,
             shipped_int8="resnet8_cifar10/pretrainedResnet_quant.tflite",
         ),

@@ -12,11 +12,12 @@ as ``qc compile --max-accuracy-drop`` does it
 (:func:`qcompiler.api.choose_within_accuracy_drop`): the fewest bytes whose top-1 on the
 evaluation images stays within ``--max-drop`` points of fp32, with nearest rounding, with
 optimized 4-bit rounding, and as the default searches (the optimized ladder, then nearest
-rounding's smaller plans). Weight bytes (int4 packed, half a byte per weight), compression
-against fp32, the probe's output SQNR of the choice on its 8 calibration images and on 16
-evaluation images ("held-out dB": rounding fitted to the calibration images can look better
-on them than it is), latency (median of ``--runs``, 1 thread) in the same run, and the
-search's wall time (probe, builds and scoring included).
+rounding's smaller plans); with ``--search-half``, also the default searching on half of the
+evaluation images, its choice scored on the other half. Weight bytes (int4 packed, half a
+byte per weight), compression against fp32, the probe's output SQNR of the choice on its 8
+calibration images and on 16 evaluation images ("held-out dB": rounding fitted to the
+calibration images can look better on them than it is), latency (median of ``--runs``,
+1 thread) in the same run, and the search's wall time (probe, builds and scoring included).
 
 With latency (the default; ``--no-latency`` skips it), every conv/matmul layer's kernels are
 measured on the host board over RPC (a local tracker and one server, 1 thread) at W8A8 and at
@@ -83,6 +84,11 @@ def main(argv=None) -> int:
         "--no-latency", action="store_true", help="skip the latency-budgeted rows and RPC timing"
     )
     parser.add_argument("--records", help="tuning records for the layer latencies (default: temp)")
+    parser.add_argument(
+        "--search-half",
+        action="store_true",
+        help="also search on half the evaluation images and score the choice on the other half",
+    )
     parser.add_argument(
         "--latency-slack",
         nargs="+",
@@ -211,6 +217,9 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
             )
         )
 
+    if args.search_half:
+        notes.append(search_on_half(model, calibration, labelled, args.max_drop, probe, fp32))
+
     def top1(artifact) -> float:
         predict = accuracy.tvm_predict(artifact)
         return float(np.mean([predict(x) == y for x, y in labelled]))
@@ -235,6 +244,24 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
         )
     for note in notes:
         print(f"- {note}")
+
+
+def search_on_half(model, calibration, labelled, max_drop, probe, fp32) -> str:
+    """The default accuracy search on the first half of the evaluation images, its choice
+    scored on both halves: how much of its margin is chosen on the images it is scored on."""
+    half = len(labelled) // 2
+    own, other = labelled[:half], labelled[half:]
+    config, plan, _, _ = api.choose_within_accuracy_drop(
+        model, calibration, own, max_drop, QuantConfig(), samples=probe
+    )
+    chosen = api.quantize(model, None, config, calibration=calibration).build("x86")
+    drops = [100 * (api.top1(chosen, part) - api.top1(fp32, part)) for part in (own, other)]
+    return (
+        f"the default search on the first {half} evaluation images only: "
+        f"{len(config.int4_weights)} W4A8 layers ({config.weight_rounding} rounding), "
+        f"{plan.bytes / 1024:.1f} KiB; top-1 {drops[0]:+.2f} points on those images, "
+        f"{drops[1]:+.2f} on the other {len(other)}"
+    )
 
 
 def rpc_latency(artifact, board, data, runs: int = 50) -> float:

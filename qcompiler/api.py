@@ -294,14 +294,19 @@ def _option_table(calibration, config, measured, latency) -> dict[str, list[Opti
     return table
 
 
+def _resolved_for_4_bits(calibration: Calibration, config: QuantConfig) -> QuantConfig:
+    """``config`` resolved as a build resolves it for layers chosen for 4 bits (``"auto"``
+    rounding depends on there being some): how a bit-width search's 4-bit layers are rounded."""
+    return resolve(calibration, replace(config, int4_weights=weight_layers(calibration)))
+
+
 def weight_probe(calibration: Calibration, config, samples) -> WeightProbe:
     """The weight probe of ``config`` on ``samples``: its weights rounded as ``config``'s
     build rounds them (optimized against the layers' input statistics, or to nearest), so
     that each layer's 4-bit error is measured as it will be deployed. The probe runs on this
     host whatever the board: it measures numbers, not speed."""
     config = _as_config(config)
-    # as the build rounds a layer chosen for 4 bits (``"auto"`` depends on there being some)
-    resolved = resolve(calibration, replace(config, int4_weights=weight_layers(calibration)))
+    resolved = _resolved_for_4_bits(calibration, config)
     layers = calibration.rounding_statistics(config) if resolved.optimized_rounding(4) else {}
     return WeightProbe(calibration, resolved, list(samples), _tvm_target("x86"), layers=layers)
 
@@ -395,7 +400,7 @@ def accuracy_search_roundings(calibration: Calibration, config=None) -> tuple[st
     config = _as_config(config)
     if config.weight_rounding != AUTO:
         return (config.weight_rounding,)
-    resolved = resolve(calibration, replace(config, int4_weights=weight_layers(calibration)))
+    resolved = _resolved_for_4_bits(calibration, config)
     return (AUTO, "nearest") if resolved.weight_rounding == OPTIMIZED_4BIT else (AUTO,)
 
 

@@ -273,13 +273,19 @@ def test_missing_tracker_is_a_clear_error(tmp_path):
         load_database(tmp_path)
 
 
-def test_a_board_farm_measures_on_several_servers_at_once(shared, tmp_path):
+def test_a_board_farm_measures_on_several_servers_at_once(shared, tmp_path, monkeypatch):
     """Two servers under one key: the tracker hands out sessions to both, in parallel.
 
     Each server logs its sessions ("start serving" ... "finish serving", with times); the
-    intervals of the two servers must overlap somewhere.
+    intervals of the two servers must overlap somewhere. Each measurement here runs for a
+    second, far longer than the ~0.2 s a worker takes between sessions: with the default 40 ms
+    the two servers' sessions could fall out of step on a busy machine and never overlap.
     """
     from datetime import datetime
+
+    from qcompiler.targets import tuning
+
+    monkeypatch.setattr(tuning, "MIN_REPEAT_MS", 1000)
 
     def logged_server(tracker_port, key, port):
         log = tmp_path / f"server-{port}.log"

@@ -10,10 +10,11 @@ budget (scipy's MILP). Each chosen configuration is built and run, with nearest 
 and with the default (``auto``: the 4-bit layers' weights optimized). Then the accuracy budget,
 as ``qc compile --max-accuracy-drop`` does it
 (:func:`qcompiler.api.choose_within_accuracy_drop`): the fewest bytes whose top-1 on the
-evaluation images stays within ``--max-drop`` points of fp32, with nearest rounding, with
-optimized 4-bit rounding, and as the default searches (the optimized ladder, then nearest
-rounding's smaller plans); with ``--search-half``, also the default searching on half of the
-evaluation images, its choice scored on the other half. Weight bytes (int4 packed, half a
+evaluation images stays within ``--max-drop`` points of fp32 (ranked on every other image,
+confirmed on the rest), with nearest rounding, with optimized 4-bit rounding, and as the default
+searches (the optimized ladder, then nearest rounding's smaller plans); with ``--search-half``,
+also the default searching on the first half of the evaluation images (ranked and confirmed
+there), its choice scored on the other half, which it never saw. Weight bytes (int4 packed, half a
 byte per weight), compression against fp32, the probe's output SQNR of the choice on its 8
 calibration images and on 16 evaluation images ("held-out dB": rounding fitted to the
 calibration images can look better on them than it is), latency (median of ``--runs``,
@@ -200,9 +201,10 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
     for label, rounding in searches:
         search = time.perf_counter()
         try:
-            config, plan, _, tried = api.choose_within_accuracy_drop(
+            search_ = api.choose_within_accuracy_drop(
                 model, calibration, labelled, args.max_drop, rounding, samples=probe
             )
+            config, plan, tried = search_.config, search_.plan, search_.tried
         except QCompilerError as err:
             notes.append(f"top-1 within {args.max_drop:g} points{label}: {err}")
             continue
@@ -213,8 +215,12 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
         notes.append(
             f"{rows[-1][0]}: tried "
             + ", ".join(
-                f"{len(c.int4_weights)} layers {c.weight_rounding} {c.top1:.4f}" for c in tried
+                f"{len(c.int4_weights)} layers {c.weight_rounding} {c.top1:.4f}"
+                f"/{c.held_out_top1:.4f}"
+                for c in tried
             )
+            + f" (top-1 on the {search_.searched} searched/{search_.held_out} held-out images; "
+            f"fp32 {search_.reference:.4f}/{search_.held_out_reference:.4f})"
         )
 
     if args.search_half:
@@ -251,9 +257,10 @@ def search_on_half(model, calibration, labelled, max_drop, probe, fp32) -> str:
     scored on both halves: how much of its margin is chosen on the images it is scored on."""
     half = len(labelled) // 2
     own, other = labelled[:half], labelled[half:]
-    config, plan, _, _ = api.choose_within_accuracy_drop(
+    search = api.choose_within_accuracy_drop(
         model, calibration, own, max_drop, QuantConfig(), samples=probe
     )
+    config, plan = search.config, search.plan
     chosen = api.quantize(model, None, config, calibration=calibration).build("x86")
     drops = [100 * (api.top1(chosen, part) - api.top1(fp32, part)) for part in (own, other)]
     return (

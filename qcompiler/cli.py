@@ -135,20 +135,37 @@ def _compile_within_accuracy_drop(args, board):
         raise QCompilerError("--max-accuracy-drop is a budget of its own: drop the other budgets")
     config, model, calibration, probe = _calibrated_with_probe(args)
     labelled = list(_labelled(args, model))
-    config, plan, reference, tried = api.choose_within_accuracy_drop(
-        model, calibration, labelled, args.max_accuracy_drop, config, samples=probe
+    search = api.choose_within_accuracy_drop(
+        model,
+        calibration,
+        labelled,
+        args.max_accuracy_drop,
+        config,
+        samples=probe,
+        holdout=args.holdout,
     )
-    for candidate in sorted(tried, key=lambda c: c.bytes):
+
+    def scores(top1: float, held_out: float | None) -> str:
+        text = f"top-1 {top1:.4f} ({100 * (top1 - search.reference):+.2f} points)"
+        if held_out is None:
+            return text
+        drop = 100 * (held_out - search.held_out_reference)
+        return f"{text}, held out {held_out:.4f} ({drop:+.2f})"
+
+    for candidate in sorted(search.tried, key=lambda c: c.bytes):
         rounding = f", {candidate.weight_rounding} rounding" if candidate.int4_weights else ""
         print(
             f"  tried {len(candidate.int4_weights)} W4A8 layers{rounding}, {candidate.bytes} "
-            f"weight bytes: top-1 {candidate.top1:.4f} "
-            f"({100 * (candidate.top1 - reference):+.2f} points)"
+            f"weight bytes: {scores(candidate.top1, candidate.held_out_top1)}"
         )
+    config, plan = search.config, search.plan
+    held = ""
+    if search.held_out:
+        held = f", {search.held_out_reference:.4f} on the {search.held_out} held out"
     print(
         f"mixed precision: {len(config.int4_weights)} of {len(plan.precisions)} layers at W4A8 "
         f"({config.weight_rounding} rounding), {plan.bytes} weight bytes; float top-1 "
-        f"{reference:.4f} on {len(labelled)} samples"
+        f"{search.reference:.4f} on {search.searched} samples searched{held}"
     )
     quant = api.quantize(model, None, config, calibration=calibration)
     return quant.build(
@@ -503,7 +520,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="POINTS",
         help="mixed precision: the smallest weights whose top-1 on --data stays within this "
-        "many points of the float model's, each candidate built and scored",
+        "many points of the float model's, each candidate built and scored; the search ranks "
+        "on every other sample of --data and confirms its choice on the rest",
+    )
+    p.add_argument(
+        "--no-holdout",
+        dest="holdout",
+        action="store_false",
+        help="with --max-accuracy-drop: search on all of --data, holding none out to confirm",
     )
     labelled_options(p, required=False)
     p.add_argument(

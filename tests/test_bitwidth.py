@@ -250,8 +250,9 @@ def test_a_latency_budget_is_planned_from_measured_layers(mnist_calibration, mni
 
 
 def test_an_accuracy_budget_is_met_when_scored(mnist_calibration, shared):
-    """The chosen weights score within the budget of the float model, both scored here
-    independently: the float model by onnxruntime, the chosen build by its own outputs."""
+    """The chosen weights score within the budget of the float model on the samples searched
+    and on those held out, both scored here independently: the float model by onnxruntime, the
+    chosen build by its own outputs."""
     import onnxruntime as ort
 
     import qcompiler
@@ -259,26 +260,86 @@ def test_an_accuracy_budget_is_met_when_scored(mnist_calibration, shared):
     model, calibration, images, labels = mnist_calibration
     labelled = [({"Input3": x}, int(y)) for x, y in zip(images[100:400], labels[100:400])]
     probe = [{"Input3": x} for x in images[:4]]
-    config, plan, reference, tried = qcompiler.api.choose_within_accuracy_drop(
+    search = qcompiler.api.choose_within_accuracy_drop(
         model, calibration, labelled, 1.0, samples=probe
     )
+    config, plan, tried = search.config, search.plan, search.tried
     session = ort.InferenceSession(
         str(shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"),
         providers=["CPUExecutionProvider"],
     )
-    float_hits = [np.argmax(session.run(None, inputs)[0]) == y for inputs, y in labelled]
-    assert reference == pytest.approx(np.mean(float_hits))
+    float_hits = np.array([np.argmax(session.run(None, x)[0]) == y for x, y in labelled])
     built = qcompiler.quantize(model, None, config, calibration=calibration).build("x86")
-    hits = [np.argmax(next(iter(built.run(inputs).values()))) == y for inputs, y in labelled]
-    assert 100 * (np.mean(float_hits) - np.mean(hits)) <= 1.0
+    hits = np.array([np.argmax(next(iter(built.run(x).values()))) == y for x, y in labelled])
+    # Every other sample is searched on, the rest hold the choice to the budget.
+    assert (search.searched, search.held_out) == (150, 150)
+    for part in (slice(0, None, 2), slice(1, None, 2)):
+        assert 100 * (float_hits[part].mean() - hits[part].mean()) <= 1.0
+    assert search.reference == pytest.approx(float_hits[0::2].mean())
+    assert search.held_out_reference == pytest.approx(float_hits[1::2].mean())
+    assert search.chosen.top1 == pytest.approx(hits[0::2].mean())
+    assert search.chosen.held_out_top1 == pytest.approx(hits[1::2].mean())
     eight = max(tried, key=lambda c: c.bytes)
     assert eight.int4_weights == () and plan.bytes <= eight.bytes
-    # Whichever rounding a candidate had, none smaller than the choice scored within budget.
-    assert all(c.bytes >= plan.bytes or 100 * (reference - c.top1) > 1.0 for c in tried)
+    # Whichever rounding a candidate had, none smaller than the choice was within budget on
+    # both parts.
+    assert all(
+        c.bytes >= plan.bytes
+        or 100 * (search.reference - c.top1) > 1.0
+        or 100 * (search.held_out_reference - c.held_out_top1) > 1.0
+        for c in tried
+    )
     assert config.weight_rounding in qcompiler.api.accuracy_search_roundings(calibration)
-    assert any(c.weight_rounding == config.weight_rounding for c in tried if c.bytes == plan.bytes)
+    assert search.chosen in tried and search.chosen.bytes == plan.bytes
     with pytest.raises(QCompilerError, match="top-1 drop <= -5 points cannot be met"):
         qcompiler.api.choose_within_accuracy_drop(model, calibration, labelled, -5.0, samples=probe)
+
+
+def test_an_accuracy_search_steps_up_to_a_plan_the_held_out_samples_confirm(
+    mnist_calibration, shared
+):
+    """Held out: samples that the float model (onnxruntime) and the all-8-bit build get right
+    and the all-4-bit build gets wrong; searched: samples all three get right. The search finds
+    all-4-bit within budget on what it searched, and must step up its ladder to a plan that
+    holds on the held-out samples too."""
+    import onnxruntime as ort
+
+    import qcompiler
+    from qcompiler.passes.scheme import QuantConfig
+    from qcompiler.targets.bitwidth import weight_options
+
+    model, calibration, images, labels = mnist_calibration
+    session = ort.InferenceSession(
+        str(shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"),
+        providers=["CPUExecutionProvider"],
+    )
+    pool = [({"Input3": x}, int(y)) for x, y in zip(images[100:1100], labels[100:1100])]
+    layers = tuple(weight_options(calibration))
+
+    def right(int4=None):
+        if int4 is None:
+            return np.array([np.argmax(session.run(None, x)[0]) == y for x, y in pool])
+        config = QuantConfig(int4_weights=int4)
+        built = qcompiler.quantize(model, None, config, calibration=calibration).build("x86")
+        return np.array([np.argmax(next(iter(built.run(x).values()))) == y for x, y in pool])
+
+    fp32, eight, four = right(), right(()), right(layers)
+    hard = [pool[i] for i in np.flatnonzero(fp32 & eight & ~four)]
+    easy = [pool[i] for i in np.flatnonzero(fp32 & eight & four)]
+    assert hard, "the all-4-bit build must miss some sample that 8 bits get right"
+    count = min(len(hard), 10)
+    labelled = [sample for pair in zip(easy[:count], hard[:count]) for sample in pair]
+    probe = [{"Input3": x} for x in images[:4]]
+    search = qcompiler.api.choose_within_accuracy_drop(
+        model, calibration, labelled, 1.0, samples=probe
+    )
+    assert search.searched == search.held_out == count
+    assert search.reference == search.held_out_reference == 1.0
+    within = [c for c in search.tried if c.top1 == 1.0]
+    assert min(c.bytes for c in within) < search.chosen.bytes, "it stepped up"
+    assert search.chosen.top1 == search.chosen.held_out_top1 == 1.0
+    built = qcompiler.quantize(model, None, search.config, calibration=calibration).build("x86")
+    assert all(np.argmax(next(iter(built.run(x).values()))) == y for x, y in labelled)
 
 
 def test_an_accuracy_search_tries_nearest_beside_optimized_4_bit_rounding(mnist_calibration):

@@ -215,6 +215,7 @@ def test_compile_within_an_accuracy_drop(compiled, shared):
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "tried" in done.stdout and "float top-1" in done.stdout
+    assert "on 100 samples searched" in done.stdout and "on the 100 held out" in done.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     chosen = [t for t in manifest["layers"] if t["precision"] == "w4a8"]
     assert f"{len(chosen)} of" in done.stdout.splitlines()[-2]

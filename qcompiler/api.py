@@ -491,7 +491,9 @@ def choose_within_accuracy_drop(
         return QCompilerError(
             f"top-1 drop <= {max_drop_points:g} points cannot be met: all weights at 8 bits "
             f"already lose {drop:.2f} points ({score:.4f} against the float model's "
-            f"{against:.4f} on {count} {which}samples)"
+            f"{against:.4f} on {count} {which}samples, where one sample is "
+            f"{100 / count:.2g} points): score on more labelled samples or allow a larger drop"
+            + ("; without holding half out (--no-holdout) the choice is unconfirmed" * holdout)
         )
 
     best, ladders = None, {}

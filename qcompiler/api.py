@@ -61,7 +61,7 @@ from qcompiler.targets.bitwidth import (
     weight_layers,
     weight_options,
 )
-from qcompiler.targets.boards import host_arch, resolve_board
+from qcompiler.targets.boards import Board, host_arch, resolve_board
 from qcompiler.targets.build import build as build_executable
 from qcompiler.targets.latency import LayerLatencies, attribute
 from qcompiler.targets.sensitivity import SensitivityProbe, WeightProbe, choose_activations
@@ -636,21 +636,42 @@ def _tune_module(mod, records, target, trials, *, rpc, threads, echo) -> TuneRep
     board = resolve_board(target)
     check_cross_compiler(board)
     cross = board.cross_compiler if board.arch != host_arch() else None
-
-    def run(endpoint):
+    with _board_endpoint(board, rpc, threads, "tuning") as endpoint:
         return tune_kernels(
             mod, board.tvm_target, records, endpoint, trials, echo=echo, cross_compiler=cross
         )
 
+
+@contextlib.contextmanager
+def _board_endpoint(board: Board, rpc: RPCEndpoint | None, threads: int | None, what: str):
+    """``rpc``, else for a board that is this host a tracker and a server started on
+    127.0.0.1 for the duration (with ``threads`` threads)."""
     if rpc is not None:
-        return run(rpc)
-    if cross is not None:
+        yield rpc
+        return
+    if board.arch != host_arch():
         raise QCompilerError(
-            f"tuning for {board.name} ({board.arch}) measures on that board: give its tracker "
+            f"{what} for {board.name} ({board.arch}) measures on that board: give its tracker "
             f"and key (rpc=RPCEndpoint(host, port, {board.rpc_key!r}), or --rpc-tracker/--rpc-key)"
         )
     with LocalRPC(key="local", threads=threads) as endpoint:
-        return run(endpoint)
+        yield endpoint
+
+
+def board_latency(
+    artifact: Artifact,
+    sample: dict,
+    target="x86",
+    *,
+    rpc: RPCEndpoint | None = None,
+    threads: int | None = None,
+    repeat: int = 50,
+) -> list[float]:
+    """Seconds per run of the whole model on ``sample``, ``repeat`` times, timed on the board
+    behind ``rpc`` (else this host through a local tracker): what a latency budget's plan,
+    predicted from its kernels, is confirmed by."""
+    with _board_endpoint(resolve_board(target), rpc, threads, "timing a model") as endpoint:
+        return run(artifact, [sample], rpc=endpoint, threads=threads, repeat=repeat)[1]
 
 
 def run(

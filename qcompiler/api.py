@@ -401,6 +401,17 @@ class AccuracySearch:
     held_out: int  # samples the choice was confirmed on
 
 
+class AccuracyBudgetError(QCompilerError):
+    """An accuracy budget that not even all weights at 8 bits meet; ``tried`` holds every
+    candidate built (each with its top-1s) and ``reference``/``held_out_reference`` the float
+    model's, so that what the search measured is not lost with it."""
+
+    def __init__(self, message, tried, reference, held_out_reference):
+        super().__init__(message)
+        self.tried, self.reference = tried, reference
+        self.held_out_reference = held_out_reference
+
+
 def within_drop(reference: float, accuracy: float, max_drop_points: float) -> bool:
     """Whether ``accuracy`` is at most ``max_drop_points`` (percentage points) below
     ``reference``, both shares of samples: a drop of exactly the budget counts as within
@@ -488,12 +499,15 @@ def choose_within_accuracy_drop(
 
     def unreachable(score: float, against: float, count: int, which: str) -> QCompilerError:
         drop = 100 * (against - score)
-        return QCompilerError(
+        return AccuracyBudgetError(
             f"top-1 drop <= {max_drop_points:g} points cannot be met: all weights at 8 bits "
             f"already lose {drop:.2f} points ({score:.4f} against the float model's "
             f"{against:.4f} on {count} {which}samples, where one sample is "
             f"{100 / count:.2g} points): score on more labelled samples or allow a larger drop"
-            + ("; without holding half out (--no-holdout) the choice is unconfirmed" * holdout)
+            + ("; without holding half out (--no-holdout) the choice is unconfirmed" * holdout),
+            list(candidates.values()),
+            reference,
+            held_reference,
         )
 
     best, ladders = None, {}

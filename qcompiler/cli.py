@@ -128,6 +128,24 @@ def _calibrated_with_probe(args):
     return config, model, calibration, probe
 
 
+def _print_candidates(tried, reference: float, held_out_reference: float | None) -> None:
+    """Each candidate of an accuracy search, smallest first, with its top-1 and drop on the
+    searched samples and, where some were held out, on those."""
+
+    def scores(top1: float, held_out: float | None) -> str:
+        text = f"top-1 {top1:.4f} ({100 * (top1 - reference):+.2f} points)"
+        if held_out is None:
+            return text
+        return f"{text}, held out {held_out:.4f} ({100 * (held_out - held_out_reference):+.2f})"
+
+    for candidate in sorted(tried, key=lambda c: c.bytes):
+        rounding = f", {candidate.weight_rounding} rounding" if candidate.int4_weights else ""
+        print(
+            f"  tried {len(candidate.int4_weights)} W4A8 layers{rounding}, {candidate.bytes} "
+            f"weight bytes: {scores(candidate.top1, candidate.held_out_top1)}"
+        )
+
+
 def _compile_within_accuracy_drop(args, board):
     """``--max-accuracy-drop``: the fewest weight bytes whose top-1 on ``--data`` stays within
     budget, each candidate built and scored (see
@@ -138,29 +156,20 @@ def _compile_within_accuracy_drop(args, board):
         raise QCompilerError("--max-accuracy-drop is a budget of its own: drop the other budgets")
     config, model, calibration, probe = _calibrated_with_probe(args)
     labelled = list(_labelled(args, model))
-    search = api.choose_within_accuracy_drop(
-        model,
-        calibration,
-        labelled,
-        args.max_accuracy_drop,
-        config,
-        samples=probe,
-        holdout=args.holdout,
-    )
-
-    def scores(top1: float, held_out: float | None) -> str:
-        text = f"top-1 {top1:.4f} ({100 * (top1 - search.reference):+.2f} points)"
-        if held_out is None:
-            return text
-        drop = 100 * (held_out - search.held_out_reference)
-        return f"{text}, held out {held_out:.4f} ({drop:+.2f})"
-
-    for candidate in sorted(search.tried, key=lambda c: c.bytes):
-        rounding = f", {candidate.weight_rounding} rounding" if candidate.int4_weights else ""
-        print(
-            f"  tried {len(candidate.int4_weights)} W4A8 layers{rounding}, {candidate.bytes} "
-            f"weight bytes: {scores(candidate.top1, candidate.held_out_top1)}"
+    try:
+        search = api.choose_within_accuracy_drop(
+            model,
+            calibration,
+            labelled,
+            args.max_accuracy_drop,
+            config,
+            samples=probe,
+            holdout=args.holdout,
         )
+    except api.AccuracyBudgetError as err:  # what was measured, before the reason
+        _print_candidates(err.tried, err.reference, err.held_out_reference)
+        raise
+    _print_candidates(search.tried, search.reference, search.held_out_reference)
     config, plan = search.config, search.plan
     held = ""
     if search.held_out:

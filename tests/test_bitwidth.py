@@ -291,8 +291,11 @@ def test_an_accuracy_budget_is_met_when_scored(mnist_calibration, shared):
     )
     assert config.weight_rounding in qcompiler.api.accuracy_search_roundings(calibration)
     assert search.chosen in tried and search.chosen.bytes == plan.bytes
-    with pytest.raises(QCompilerError, match="top-1 drop <= -5 points cannot be met"):
+    with pytest.raises(QCompilerError, match="top-1 drop <= -5 points cannot be met") as caught:
         qcompiler.api.choose_within_accuracy_drop(model, calibration, labelled, -5.0, samples=probe)
+    # What was measured goes with the error: the all-8-bit build, the one candidate tried.
+    assert [c.int4_weights for c in caught.value.tried] == [()]
+    assert caught.value.reference == search.reference
 
 
 def test_an_accuracy_search_steps_up_to_a_plan_the_held_out_samples_confirm(

@@ -18,6 +18,8 @@ of patch positions, so its cost and memory do not grow with the number of sample
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from qcompiler.passes.graph import op_name
@@ -121,8 +123,12 @@ class LayerStats:
         self.outer = None
         self.channel_max = None  # largest |x| per input channel
         self._rng = np.random.default_rng(seed)
+        # Codes already optimized against these statistics (see optimized_codes): a bit-width
+        # search builds many candidates that round the same layer the same way.
+        self.rounded: dict[tuple, np.ndarray] = {}
 
     def update(self, x: np.ndarray) -> None:
+        self.rounded.clear()
         x = np.asarray(x)
         channel = _channel_axis(self.call, x.ndim)
         peak = np.abs(x).max(axis=tuple(a for a in range(x.ndim) if a != channel))
@@ -166,12 +172,22 @@ def grouped(call, weight, codes, scale) -> tuple[np.ndarray, np.ndarray, np.ndar
 def optimized_codes(call, weight, codes, scale, qmin: int, qmax: int, stats) -> np.ndarray:
     """``codes`` of ``weight`` re-chosen by :func:`round_weights` against the second moment of
     the layer's input patches (``stats``, a :class:`LayerStats`); the same shape and dtype.
-    ``codes`` themselves where too few patches were seen (:attr:`LayerStats.spans_patches`)."""
+    ``codes`` themselves where too few patches were seen (:attr:`LayerStats.spans_patches`).
+    Kept in ``stats`` by what was rounded: the same weights, codes and scale again (another
+    candidate of a bit-width search) give a copy of the first result."""
     if not stats.spans_patches:
         return codes
-    w, s, _ = grouped(call, weight, codes, scale)
-    q = round_weights(w, s, qmin, qmax, stats.second_moment)
-    return from_groups(call, q, codes.shape).astype(codes.dtype)
+    digest = hashlib.blake2b(digest_size=16)
+    for array in (weight, codes, scale):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    key = (qmin, qmax, digest.hexdigest())
+    if key not in stats.rounded:
+        w, s, _ = grouped(call, weight, codes, scale)
+        q = round_weights(w, s, qmin, qmax, stats.second_moment)
+        stats.rounded[key] = from_groups(call, q, codes.shape).astype(codes.dtype)
+    return stats.rounded[key].copy()
 
 
 def round_weights(w, scale, qmin: int, qmax: int, hessian, sweeps: int = 4) -> np.ndarray:

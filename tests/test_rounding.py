@@ -94,6 +94,36 @@ def test_layer_statistics_predict_the_output_error(
     np.testing.assert_allclose(stats.channel_max, np.abs(np.stack(xs)).max(axis=(0, 1, 3, 4)))
 
 
+def test_optimized_codes_are_rounded_once_per_layer_weights_and_scale(monkeypatch):
+    """A second rounding of the same layer the same way comes from the statistics' cache and
+    equals the first; another scale, or statistics that saw more data, round again."""
+    rng = np.random.default_rng(0)
+    call = conv_call("NCHW", 1, (1, 1), (1, 1, 1, 1), (1, 1), (8, 4, 3, 3), (1, 4, 12, 12))
+    stats = rounding.LayerStats(call, (8, 4, 3, 3))
+    for _ in range(4):
+        stats.update(rng.normal(size=(1, 4, 12, 12)))
+    weight = rng.normal(size=(8, 4, 3, 3))
+    scale = np.abs(weight).reshape(8, -1).max(axis=1) / 7
+    codes = np.clip(np.rint(weight / scale[:, None, None, None]), -7, 7).astype(np.int8)
+    first = rounding.optimized_codes(call, weight, codes, scale, -7, 7, stats)
+    assert not np.array_equal(first, codes), "the statistics must change some codes"
+    calls = []
+    real = rounding.round_weights
+    monkeypatch.setattr(rounding, "round_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = rounding.optimized_codes(call, weight, codes, scale, -7, 7, stats)
+    np.testing.assert_array_equal(again, first)
+    assert again.dtype == codes.dtype and not calls
+    again[...] = 0  # a copy: the cache is not the caller's to change
+    np.testing.assert_array_equal(
+        rounding.optimized_codes(call, weight, codes, scale, -7, 7, stats), first
+    )
+    rounding.optimized_codes(call, weight, codes, scale * 1.1, -7, 7, stats)
+    assert len(calls) == 1
+    stats.update(rng.normal(size=(1, 4, 12, 12)))
+    rounding.optimized_codes(call, weight, codes, scale, -7, 7, stats)
+    assert len(calls) == 2
+
+
 def test_optimized_rounding_beats_nearest_and_nears_the_best_floor_or_ceil_choice():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2000, 6)) @ rng.normal(size=(6, 6))  # correlated inputs

@@ -201,10 +201,10 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
     for label, rounding in searches:
         search = time.perf_counter()
         try:
-            search_ = api.choose_within_accuracy_drop(
+            found = api.choose_within_accuracy_drop(
                 model, calibration, labelled, args.max_drop, rounding, samples=probe
             )
-            config, plan, tried = search_.config, search_.plan, search_.tried
+            config, plan, tried = found.config, found.plan, found.tried
         except QCompilerError as err:
             notes.append(f"top-1 within {args.max_drop:g} points{label}: {err}")
             continue
@@ -219,8 +219,8 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
                 f"/{c.held_out_top1:.4f}"
                 for c in tried
             )
-            + f" (top-1 on the {search_.searched} searched/{search_.held_out} held-out images; "
-            f"fp32 {search_.reference:.4f}/{search_.held_out_reference:.4f})"
+            + f" (top-1 on the {found.searched} searched/{found.held_out} held-out images; "
+            f"fp32 {found.reference:.4f}/{found.held_out_reference:.4f})"
         )
 
     if args.search_half:

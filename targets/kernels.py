@@ -28,7 +28,6 @@ The computations are plain TE, so the same functions serve the default schedules
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +38,6 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from qcompiler.passes import qmath
 from qcompiler.passes.annotate import INT4_ATTR
 from qcompiler.passes.graph import const_value, layer_name, op_name
 
@@ -51,110 +49,173 @@ DEPTHWISE_BLOCK = "qc_depthwise_nhwc"
 LANES, GROUP = 16, 4  # int32 lanes per instruction, bytes reduced per lane
 
 
-def _dot_desc(lanes: int, data_dtype: str):
+def int4_code(byte, high):
+    """The signed 4-bit code in the low (``high`` = 0) or high (1) nibble of the uint8 ``byte``,
+    as int8 (TE or TIR expressions: the kernels' computations and the intrinsics' descriptions
+    build it alike, so that tensorization matches them)."""
+    nibble = (byte >> (high * 4).astype("uint8")) & tirx.const(15, "uint8")
+    eight = tirx.const(8, "uint8")
+    return tirx.reinterpret("int8", (nibble ^ eight) - eight)
+
+
+def tile_weight(packed, outer, lane, group):
+    """Weight ``(lane, group)`` of the tile at index ``outer`` of ``packed`` weights.
+
+    8-bit tiles are ``[..., L, 4]`` int8; 4-bit tiles ``[..., L/2, 4]`` uint8, whose byte
+    ``(l, g)`` holds lane ``l``'s code in its low nibble and lane ``l + L/2``'s in its high one,
+    so that one vector of ``2 L`` bytes unpacks into the two halves of the instruction's
+    ``4 L``-byte weight operand (:func:`pack_int4_tiles`).
+    """
+    if str(packed.dtype) == "uint8":
+        half = int(packed.shape[-2])
+        return int4_code(packed[(*outer, lane % half, group)], lane // half)
+    return packed[(*outer, lane, group)]
+
+
+def _dot_desc(lanes: int, data_dtype: str, int4: bool = False):
     """What a dot-product instruction computes: ``lanes`` int32 sums, each of 4 products of
-    one shared 4-byte activation word with that lane's 4 weight bytes."""
+    one shared 4-byte activation word with that lane's 4 weights (bytes, or 4-bit codes)."""
+    rows, weight_dtype = (lanes // 2, "uint8") if int4 else (lanes, "int8")
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (4,), data_dtype, offset_factor=1)
-        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+        B = T.match_buffer(b, (rows, 4), weight_dtype, offset_factor=1)
         C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.reads(C[0:lanes], A[0:4], B[0:rows, 0:4])
             T.writes(C[0:lanes])
             for i in T.serial(0, lanes):
                 for k in T.serial(0, 4):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(
+                            tile_weight(B, (), vi, vk), "int32"
+                        )
 
     return desc
 
 
-_dot_16x4_desc = _dot_desc(16, "uint8")
-_dot_4x4_desc = _dot_desc(4, "int8")
+def _weight_vector(B, lanes: int, int4: bool):
+    """The instruction's ``4 * lanes`` weight bytes: loaded whole, or unpacked in registers from
+    ``2 * lanes`` bytes of 4-bit codes (the low nibbles are the first half, the high ones the
+    second, :func:`tile_weight`)."""
+    if not int4:
+        return B.vload([0, 0], dtype=f"int8x{4 * lanes}")
+    n = 2 * lanes
+    packed = B.vload([0, 0], dtype=f"uint8x{n}")
+
+    def splat(value):
+        return tirx.Broadcast(tirx.const(value, "uint8"), n)
+
+    low = ((packed & splat(15)) ^ splat(8)) - splat(8)
+    high = ((packed >> splat(4)) ^ splat(8)) - splat(8)
+    halves = [tirx.reinterpret(f"int8x{n}", half) for half in (low, high)]
+    return tirx.Shuffle(halves, [tirx.const(i, "int32") for i in range(2 * n)])
 
 
-def _dot_instruction(lanes: int, data_dtype: str, llvm_intrinsic: str):
+def _dot_instruction(lanes: int, data_dtype: str, llvm_intrinsic: str, int4: bool = False):
     """The description as one LLVM intrinsic ``(acc, activations, weights) -> acc``: the
-    activation word broadcast to every lane, the weight tile loaded whole."""
+    activation word broadcast to every lane, the weight tile loaded whole (or unpacked)."""
     word, vector, out = f"{data_dtype}x4", f"{data_dtype}x{4 * lanes}", f"int32x{lanes}"
+    rows, weight_dtype = (lanes // 2, "uint8") if int4 else (lanes, "int8")
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (4,), data_dtype, offset_factor=1)
-        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+        B = T.match_buffer(b, (rows, 4), weight_dtype, offset_factor=1)
         C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.reads(C[0:lanes], A[0:4], B[0:rows, 0:4])
             T.writes(C[0:lanes])
             a_i32 = T.reinterpret(A.vload([0], word), dtype="int32")
             C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(llvm_intrinsic),
                 C.vload([0], dtype=out),
                 T.reinterpret(T.broadcast(a_i32, lanes), dtype=vector),
-                B.vload([0, 0], dtype=f"int8x{4 * lanes}"),
+                _weight_vector(B, lanes, int4),
                 dtype=out,
             )
 
     return impl
 
 
+_dot_16x4_desc = _dot_desc(16, "uint8")
+_dot_4x4_desc = _dot_desc(4, "int8")
+
 # vpdpbusd multiplies unsigned (its second operand) by signed bytes; sdot is signed x signed.
 _dot_16x4_vnni = _dot_instruction(16, "uint8", "llvm.x86.avx512.vpdpbusd.512")
 TensorIntrin.register(VNNI_INTRIN, _dot_16x4_desc, _dot_16x4_vnni, override=True)
+TensorIntrin.register(
+    VNNI_INTRIN + "_int4",
+    _dot_desc(16, "uint8", int4=True),
+    _dot_instruction(16, "uint8", "llvm.x86.avx512.vpdpbusd.512", int4=True),
+    override=True,
+)
 
 SDOT_INTRIN = "qc_dot_4x4_sdot"
-_dot_4x4_sdot = _dot_instruction(4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8")
-TensorIntrin.register(SDOT_INTRIN, _dot_4x4_desc, _dot_4x4_sdot, override=True)
+_SDOT = "llvm.aarch64.neon.sdot.v4i32.v16i8"
+TensorIntrin.register(SDOT_INTRIN, _dot_4x4_desc, _dot_instruction(4, "int8", _SDOT), override=True)
+TensorIntrin.register(
+    SDOT_INTRIN + "_int4",
+    _dot_desc(4, "int8", int4=True),
+    _dot_instruction(4, "int8", _SDOT, int4=True),
+    override=True,
+)
 
 NEON_INTRIN = "qc_dot_4x4_neon"
 
 
-@T.prim_func(s_tir=True)
-def _dot_4x4_neon(
-    A: T.Buffer((4,), "int8", offset_factor=1),
-    B: T.Buffer((4, 4), "int8", offset_factor=1),
-    C: T.Buffer((4,), "int32", offset_factor=1),
-) -> None:
-    # Plain NEON (Armv8.0, the Pi 4's Cortex-A72): widening multiplies into int16 (exact for
-    # int8 x int8), pairwise widening adds into int32, as TVM's own neon_4x4_i8i8i32.
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
-        T.writes(C[0:4])
-        a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
-        a = T.reinterpret(T.broadcast(a_i32, 2), dtype="int8x8")
-        b = B.vload([0, 0], dtype="int8x16")
-        low = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
-            T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
-                a,
-                T.vectorlow(b, dtype="int8x8"),
-                dtype="int16x8",
-            ),
-            dtype="int32x4",
-        )
-        high = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
-            T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
-                a,
-                T.vectorhigh(b, dtype="int8x8"),
-                dtype="int16x8",
-            ),
-            dtype="int32x4",
-        )
-        C[T.ramp(T.int32(0), 1, 4)] = C.vload([0], dtype="int32x4") + T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v4i32"),
-            low,
-            high,
-            dtype="int32x4",
-        )
+def _neon_instruction(int4: bool = False):
+    rows, weight_dtype = (2, "uint8") if int4 else (4, "int8")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        # Plain NEON (Armv8.0, the Pi 4's Cortex-A72): widening multiplies into int16 (exact
+        # for int8 x int8), pairwise widening adds into int32, as TVM's own neon_4x4_i8i8i32.
+        A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (rows, 4), weight_dtype, offset_factor=1)
+        C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:4], B[0:rows, 0:4])
+            T.writes(C[0:4])
+            a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+            a = T.reinterpret(T.broadcast(a_i32, 2), dtype="int8x8")
+            b = _weight_vector(B, 4, int4)
+            low = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
+                    a,
+                    T.vectorlow(b, dtype="int8x8"),
+                    dtype="int16x8",
+                ),
+                dtype="int32x4",
+            )
+            high = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
+                    a,
+                    T.vectorhigh(b, dtype="int8x8"),
+                    dtype="int16x8",
+                ),
+                dtype="int32x4",
+            )
+            C[T.ramp(T.int32(0), 1, 4)] = C.vload([0], dtype="int32x4") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v4i32"),
+                low,
+                high,
+                dtype="int32x4",
+            )
+
+    return impl
 
 
-TensorIntrin.register(NEON_INTRIN, _dot_4x4_desc, _dot_4x4_neon, override=True)
+TensorIntrin.register(NEON_INTRIN, _dot_4x4_desc, _neon_instruction(), override=True)
+TensorIntrin.register(
+    NEON_INTRIN + "_int4", _dot_desc(4, "int8", int4=True), _neon_instruction(True), override=True
+)
 
 
 @dataclass(frozen=True)
@@ -165,6 +226,12 @@ class DotProduct:
     lanes: int  # int32 output lanes per instruction (each sums GROUP byte products)
     data_dtype: str  # the activations' byte type it multiplies (the weights are int8)
     intrin: str  # the registered tensor intrinsic
+
+    @property
+    def intrin_int4(self) -> str:
+        """The intrinsic whose weight operand is the tile's 4-bit codes in ``2 * lanes`` bytes,
+        unpacked in registers before the instruction (:func:`tile_weight`)."""
+        return self.intrin + "_int4"
 
     def shift(self, dtype: str) -> int:
         """What to add to activations of ``dtype`` to get the instruction's byte type."""
@@ -258,14 +325,31 @@ def pack_dense_weight(w: np.ndarray, lanes: int = LANES) -> np.ndarray:
     return np.ascontiguousarray(tiles.transpose(2, 0, 3, 1))
 
 
+def pack_int4_tiles(packed: np.ndarray) -> np.ndarray:
+    """Packed int8 tiles ``[..., L, 4]`` of codes in [-8, 7] as 4-bit tiles ``[..., L/2, 4]``:
+    byte ``(l, g)`` holds lane ``l``'s code in its low nibble and lane ``l + L/2``'s in its high
+    one (:func:`tile_weight`)."""
+    half = packed.shape[-2] // 2
+    nibbles = packed.astype(np.uint8) & 0xF
+    return np.ascontiguousarray(nibbles[..., :half, :] | (nibbles[..., half:, :] << 4))
+
+
+def _lanes(packed) -> int:
+    """Output channels per tile of packed weights (4-bit tiles hold two per byte row)."""
+    rows = int(packed.shape[-2])
+    return 2 * rows if str(packed.dtype) == "uint8" else rows
+
+
 # -- compute definitions (TE) ----------------------------------------------------------------------
 def conv2d_nhwc_packed(data, packed, strides, padding, dilation):
-    """int32 ``conv2d`` of 8-bit NHWC ``data`` with packed weights, zero padding.
+    """int32 ``conv2d`` of 8-bit NHWC ``data`` with packed weights (8-bit or 4-bit tiles, see
+    :func:`tile_weight`), zero padding.
 
     ``data`` has ``I`` channels (a multiple of 4); the result has ``O = packed.shape[0] * L``.
     """
     n, h, w, _ = (int(d) for d in data.shape)
-    ob, kh, kw, ib, lanes, _ = (int(d) for d in packed.shape)
+    ob, kh, kw, ib = (int(d) for d in packed.shape[:4])
+    lanes = _lanes(packed)
     (sh, sw), (dh, dw) = strides, dilation
     top, left, bottom, right = padding
     if any(padding):
@@ -283,11 +367,15 @@ def conv2d_nhwc_packed(data, packed, strides, padding, dilation):
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
     rc = te.reduce_axis((0, ib * GROUP), "rc")
+
+    def weight(o):
+        tile = (o // lanes, ry, rx, rc // GROUP)
+        return tile_weight(packed, tile, o % lanes, rc % GROUP).astype("int32")
+
     return te.compute(
         (n, oh, ow, ob * lanes),
         lambda b, y, x, o: te.sum(
-            data[b, y * sh + ry * dh, x * sw + rx * dw, rc].astype("int32")
-            * packed[o // lanes, ry, rx, rc // GROUP, o % lanes, rc % GROUP].astype("int32"),
+            data[b, y * sh + ry * dh, x * sw + rx * dw, rc].astype("int32") * weight(o),
             axis=[ry, rx, rc],
         ),
         name=CONV_BLOCK,
@@ -330,15 +418,21 @@ def depthwise_nhwc(data, weight, strides, padding, dilation, pad_value):
 
 
 def dense_packed(data, packed):
-    """int32 ``data @ w`` of 8-bit ``data[M, K]`` with packed weights ``[N/L, K/4, L, 4]``."""
+    """int32 ``data @ w`` of 8-bit ``data[M, K]`` with packed weights ``[N/L, K/4, L, 4]`` (or
+    4-bit tiles ``[N/L, K/4, L/2, 4]``)."""
     m = int(data.shape[0])
-    nb, kb, lanes, _ = (int(d) for d in packed.shape)
+    nb, kb = (int(d) for d in packed.shape[:2])
+    lanes = _lanes(packed)
     rk = te.reduce_axis((0, kb * GROUP), "rk")
+
+    def weight(j):
+        tile = (j // lanes, rk // GROUP)
+        return tile_weight(packed, tile, j % lanes, rk % GROUP).astype("int32")
+
     return te.compute(
         (m, nb * lanes),
         lambda i, j: te.sum(
-            data[i, rk].astype("int32")
-            * packed[j // lanes, rk // GROUP, j % lanes, rk % GROUP].astype("int32"),
+            data[i, rk].astype("int32") * weight(j),
             axis=[rk],
         ),
         name=DENSE_BLOCK,
@@ -374,7 +468,6 @@ class _Int8Kernels(PyExprMutator):
         self.dot = dot
         self.dot_product = dot is not None
         self.int4 = int4  # layers whose weights are stored as 4-bit codes
-        self.int4_digests: list[str] = []
         self.main = mod["main"]
         self.layer = ""
 
@@ -383,10 +476,9 @@ class _Int8Kernels(PyExprMutator):
         super().visit_var_binding_(binding)
 
     def _kernel_name(self, base: str, w: np.ndarray) -> str:
-        """``qc_conv2d_int4`` / ``qc_dense_int4`` for a layer whose weights are to be stored
-        packed, ``..._int8`` otherwise (a name for readers: equal kernels share one PrimFunc
-        whatever their names, so :func:`store_int4_weights` finds the 4-bit weights by their
-        digest in :data:`INT4_DIGESTS_ATTR`)."""
+        """``qc_conv2d_int4`` / ``qc_dense_int4`` for a layer whose weights are stored as 4-bit
+        codes, ``..._int8`` otherwise (a name for readers: equal kernels share one PrimFunc
+        whatever their names)."""
         return f"{base}_int4" if self._stores_int4(w) else f"{base}_int8"
 
     def _stores_int4(self, w: np.ndarray) -> bool:
@@ -394,8 +486,10 @@ class _Int8Kernels(PyExprMutator):
         return self.layer in self.int4 and w.min() >= -8 and w.max() <= 7
 
     def _packed_const(self, packed: np.ndarray, w: np.ndarray):
+        """The packed tiles as the kernel's constant: 4-bit codes two per byte for a W4A8
+        layer, unpacked in registers by the kernel's intrinsic; int8 bytes otherwise."""
         if self._stores_int4(w):
-            self.int4_digests.append(_digest(packed))
+            return relax.const(pack_int4_tiles(packed), "uint8")
         return relax.const(packed, "int8")
 
     def visit_call_(self, call):
@@ -632,10 +726,7 @@ def use_int8_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
     """
     int4 = frozenset(str(n) for n in (mod["main"].attrs or {}).get(INT4_ATTR, []))
     rewriter = _Int8Kernels(mod, dot=dot_product(target), int4=int4)
-    main = rewriter.visit_expr(mod["main"])
-    if rewriter.int4_digests:
-        main = main.with_attr(INT4_DIGESTS_ATTR, rewriter.int4_digests)
-    return _with_main(rewriter, main)
+    return _with_main(rewriter, rewriter.visit_expr(mod["main"]))
 
 
 def _with_main(rewriter: PyExprMutator, main: relax.Function) -> tvm.IRModule:
@@ -643,68 +734,3 @@ def _with_main(rewriter: PyExprMutator, main: relax.Function) -> tvm.IRModule:
     out = rewriter.builder_.get()
     out["main"] = main
     return relax.transform.DeadCodeElimination(["main"])(out)
-
-
-# -- 4-bit weight storage ----------------------------------------------------------------------
-# main's attribute: digests of the packed int8 weights that hold 4-bit codes, to be stored packed
-INT4_DIGESTS_ATTR = "qc.int4_weight_digests"
-
-
-def _digest(packed: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(packed).tobytes()).hexdigest()
-
-
-def unpack_int4(packed):
-    """TE: the int8 codes of 4-bit pairs (``(2, n)`` from ``n`` bytes): row 0 the low nibbles,
-    row 1 the high ones, sign-extended. One long unit-stride row per nibble vectorizes; codes
-    unpacked in their own order (two per byte along the tile's 4-lane axis) did not, at 5 GB/s."""
-
-    def body(h, j):
-        shift = (h * 4).astype("uint8")
-        nibble = (packed[j] >> shift) & tvm.tirx.const(15, "uint8")
-        eight = tvm.tirx.const(8, "uint8")
-        return tvm.tirx.reinterpret("int8", (nibble ^ eight) - eight)
-
-    return te.compute((2, packed.shape[0]), body, name="unpack_int4")
-
-
-@mutator
-class _Int4Storage(PyExprMutator):
-    def __init__(self, mod, digests: set):
-        super().__init__(mod)
-        self.digests = digests
-
-    def visit_call_(self, call):
-        call = super().visit_call_(call)
-        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
-            return call
-        args = list(call.args[1].fields)
-        weights = const_value(args[1]) if len(args) > 1 else None
-        if weights is None or weights.dtype != np.int8 or _digest(weights) not in self.digests:
-            return call
-        # byte j holds code j (low nibble) and code j + n/2 (high) of the flattened tiles (whose
-        # size, a multiple of the dot product's lanes, is even)
-        nibbles = qmath.pack_int4(weights.reshape(2, -1).T).reshape(-1)
-        bb = self.builder_
-        halves = bb.emit(
-            bb.call_te(
-                unpack_int4, relax.const(nibbles, "uint8"), primfunc_name_hint="qc_unpack_int4"
-            )
-        )
-        args[1] = bb.emit(relax.op.reshape(halves, weights.shape))  # a view, no copy
-        return relax.Call(call.op, [call.args[0], relax.Tuple(args)], call.attrs, call.ty_args)
-
-
-@tvm.transform.module_pass(opt_level=0, name="QCStoreInt4Weights")
-def store_int4_weights(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    """The packed int8 weights of the W4A8 kernels stored as 4-bit codes, two per byte, and
-    unpacked by a small kernel before each call (half the bytes in the library and in memory).
-
-    Runs after ``FoldConstant`` -- which would otherwise evaluate the unpacking at compile time
-    and store the int8 codes again -- and before ``FuseOps``, which leaves the unpacking (no
-    op pattern) a kernel of its own, so the dot-product kernel reads int8 codes as before."""
-    digests = {str(d) for d in (mod["main"].attrs or {}).get(INT4_DIGESTS_ATTR, [])}
-    if not digests:
-        return mod
-    rewriter = _Int4Storage(mod, digests)
-    return _with_main(rewriter, rewriter.visit_expr(mod["main"]))

@@ -132,18 +132,26 @@ def _attach_epilogue(sch, anchor, loop, lanes: int) -> None:
     _vectorize_tail(sch, last, lanes)
 
 
-def _dot_product_of(sch, block) -> DotProduct:
-    """The instruction a packed conv/dense block was built for, from its weights' lanes."""
+def _dot_product_of(sch, block) -> tuple[DotProduct, str]:
+    """The instruction a packed conv/dense block was built for, from its weights' tiles, and
+    the intrinsic to tensorize with: int8 tiles ``[..., L, 4]``, or 4-bit ones ``[..., L/2, 4]``
+    (uint8) that the intrinsic unpacks."""
     buffers = [region.source for region in sch.get(block).reads]
     for rank in (6, 4):  # conv weights [O/L, KH, KW, I/4, L, 4]; dense [N/L, K/4, L, 4]
         for buffer in buffers:
-            if str(buffer.dtype) == "int8" and len(buffer.shape) == rank:
-                if int(buffer.shape[-2]) == VNNI.lanes:
-                    return VNNI
+            dtype = str(buffer.dtype)
+            if dtype not in ("int8", "uint8") or len(buffer.shape) != rank:
+                continue
+            int4 = dtype == "uint8"
+            lanes = int(buffer.shape[-2]) * (2 if int4 else 1)
+            if lanes == VNNI.lanes:
+                dot = VNNI
+            else:
                 # 4 lanes: sdot or plain NEON, as the target says (NEON runs on every AArch64)
                 target = tvm.target.Target.current(allow_none=True)
-                return (dot_product(target) if target is not None else None) or NEON
-    raise ValueError("no packed int8 weights among the block's operands")
+                dot = (dot_product(target) if target is not None else None) or NEON
+            return dot, dot.intrin_int4 if int4 else dot.intrin
+    raise ValueError("no packed weights among the block's operands")
 
 
 def _register_tile(
@@ -180,7 +188,7 @@ def _register_tile(
 
 
 def _schedule_conv_packed(sch, block) -> None:
-    dot = _dot_product_of(sch, block)
+    dot, intrin = _dot_product_of(sch, block)
     n, h, w, o, ry, rx, rc = sch.get_loops(block)
     width, channels = _extent(sch, w), _extent(sch, o)
     reduce_bytes = _extent(sch, ry) * _extent(sch, rx) * _extent(sch, rc)
@@ -199,13 +207,13 @@ def _schedule_conv_packed(sch, block) -> None:
         _vectorize_tail(sch, pad, 64)
     init = sch.decompose_reduction(block, ry)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(oi, dot.intrin)
+    sch.tensorize(oi, intrin)
     sch.unroll(wi)
     sch.unroll(o2)
 
 
 def _schedule_dense_packed(sch, block) -> None:
-    dot = _dot_product_of(sch, block)
+    dot, intrin = _dot_product_of(sch, block)
     i, j, rk = sch.get_loops(block)
     groups = _largest_divisor(_extent(sch, j) // dot.lanes, 4)
     jo, j2, ji = sch.split(j, [None, groups, dot.lanes])
@@ -216,7 +224,7 @@ def _schedule_dense_packed(sch, block) -> None:
     _attach_epilogue(sch, block, outer, LANES)
     init = sch.decompose_reduction(block, rko)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ji, dot.intrin)
+    sch.tensorize(ji, intrin)
     sch.unroll(j2)
 
 

@@ -232,8 +232,7 @@ def test_a_latency_budget_is_planned_from_measured_layers(mnist_calibration, mni
 
     _, calibration, _, _ = mnist_calibration
     quiet = {"records": mnist_records, "echo": lambda _: None}
-    # All at 8 bits is the fastest here (4-bit weights are unpacked before their kernel), so
-    # the least error within the latency of W8A8 is W8A8 itself.
+    # With room in the latency and no size budget, the least error is every layer at 8 bits.
     config, fast = qcompiler.api.choose_weight_precisions(calibration, max_latency_ms=1e3, **quiet)
     assert config.int4_weights == ()
     # A size budget then trades: 4-bit layers where the latency budget still allows them.
@@ -242,7 +241,7 @@ def test_a_latency_budget_is_planned_from_measured_layers(mnist_calibration, mni
         calibration, max_bytes=int(0.6 * eight_bytes), max_latency_ms=10 * fast.latency_ms, **quiet
     )
     assert config.int4_weights and plan.bytes <= 0.6 * eight_bytes
-    assert fast.latency_ms <= plan.latency_ms <= 10 * fast.latency_ms
+    assert plan.latency_ms <= 10 * fast.latency_ms and plan.error > fast.error
     with pytest.raises(QCompilerError, match="latency_ms <= .* cannot be met"):
         qcompiler.api.choose_weight_precisions(
             calibration, max_latency_ms=0.5 * fast.latency_ms, **quiet

@@ -96,35 +96,50 @@ def _run_on_board(board, executable, arrays, tmp_path):
     return out.numpy()
 
 
+def int4_layers(mod):
+    """``mod`` with every binding of ``main`` marked as a layer of 4-bit weights."""
+    from qcompiler.passes.annotate import INT4_ATTR
+    from qcompiler.passes.graph import bindings
+
+    main = mod["main"]
+    mod["main"] = main.with_attr(INT4_ATTR, [b.var.name for b in bindings(main)])
+    return mod
+
+
 @pytest.mark.parametrize(
     ("board_name", "instruction"), [("rpi5", "sdot"), ("rpi4", "smull")], ids=["pi5", "pi4"]
 )
 @pytest.mark.parametrize(
-    ("x_shape", "out_channels", "k", "stride", "pad", "x_dtype"),
+    ("x_shape", "out_channels", "k", "stride", "pad", "x_dtype", "bits"),
     [
-        ((1, 14, 14, 32), 48, 1, 1, 0, "uint8"),  # 12 groups of 4 lanes
-        ((1, 15, 13, 8), 20, 3, 2, 1, "uint8"),  # padded: the pad is uint8 0, not int8 0
-        ((1, 9, 9, 3), 8, 3, 1, 1, "int8"),  # int8 data needs no shift; 3 -> 4 channels
+        ((1, 14, 14, 32), 48, 1, 1, 0, "uint8", 8),  # 12 groups of 4 lanes
+        ((1, 15, 13, 8), 20, 3, 2, 1, "uint8", 8),  # padded: the pad is uint8 0, not int8 0
+        ((1, 9, 9, 3), 8, 3, 1, 1, "int8", 8),  # int8 data needs no shift; 3 -> 4 channels
+        ((1, 15, 13, 8), 20, 3, 2, 1, "uint8", 4),  # W4A8: codes unpacked in registers
     ],
 )
 def test_arm_dot_product_convs_match_numpy_on_the_emulated_pi(
-    board, tmp_path, x_shape, out_channels, k, stride, pad, x_dtype, board_name, instruction
+    board, tmp_path, x_shape, out_channels, k, stride, pad, x_dtype, bits, board_name, instruction
 ):
-    """The Pi 5's kernels multiply on ``sdot``, the Pi 4's on NEON's widening ``smull``."""
+    """The Pi 5's kernels multiply on ``sdot``, the Pi 4's on NEON's widening ``smull``; with
+    4-bit weights as with 8-bit ones."""
     from test_kernels import conv_module, conv_reference
 
     from qcompiler.targets.boards import resolve_target
-    from qcompiler.targets.build import build
+    from qcompiler.targets.build import build, fused_module
 
     rng = np.random.default_rng(out_channels)
     info = np.iinfo(x_dtype)
     x = rng.integers(info.min, info.max + 1, x_shape).astype(x_dtype)
-    w = rng.integers(-127, 128, (out_channels, k, k, x_shape[-1]), dtype=np.int8)
+    most = 2 ** (bits - 1) - 1
+    w = rng.integers(-most - 1, most + 1, (out_channels, k, k, x_shape[-1]), dtype=np.int8)
     padding = (pad,) * 4
-    executable = build(
-        conv_module(x_shape, w, (stride, stride), padding, x_dtype=x_dtype),
-        resolve_target(board_name),
-    )
+    mod = conv_module(x_shape, w, (stride, stride), padding, x_dtype=x_dtype)
+    if bits == 4:
+        mod = int4_layers(mod)
+        lowered = fused_module(mod, resolve_target(board_name))
+        assert any("qc_conv2d_int4" in gv.name_hint for gv in lowered.get_global_vars())
+    executable = build(mod, resolve_target(board_name))
     assert instruction in executable.mod.imports[0].inspect_source("asm")
     got = _run_on_board(board, executable, [x], tmp_path)
     np.testing.assert_array_equal(got, conv_reference(x, w, (stride, stride), padding))

@@ -7,6 +7,7 @@ exercised on this machine.
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,7 +212,7 @@ def test_tuning_over_local_rpc_keeps_outputs_and_records(tmp_path):
     # -- their schedules name TVM's VNNI intrinsic -- and builds the same integers.
     np.save(tmp_path / "x.npy", x)
     script = (
-        "import sys, numpy as np, tvm; sys.path.insert(0, 'tests')\n"
+        f"import sys, numpy as np, tvm; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from tvm import relax\n"
         "from test_kernels import small_model, HOST\n"
         "from qcompiler.targets.build import build\n"

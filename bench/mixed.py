@@ -18,7 +18,9 @@ there), its choice scored on the other half, which it never saw. Weight bytes (i
 byte per weight), compression against fp32, the probe's output SQNR of the choice on its 8
 calibration images and on 16 evaluation images ("held-out dB": rounding fitted to the
 calibration images can look better on them than it is), latency (median of ``--runs``,
-1 thread) in the same run, and the search's wall time (probe, builds and scoring included).
+1 thread; every row timed once per round, the median of ``--rounds`` rounds printed) in the same
+run, and the search's wall time (probe, builds and scoring included). ``--no-search`` skips the
+accuracy-budget searches.
 
 With latency (the default; ``--no-latency`` skips it), every conv/matmul layer's kernels are
 measured on the host board over RPC (a local tracker and one server, 1 thread) at W8A8 and at
@@ -81,6 +83,15 @@ def main(argv=None) -> int:
         "--max-drop", type=float, default=1.0, help="accuracy budget: top-1 points below fp32"
     )
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="timing rounds, each timing every row once (the median of the rounds is printed)",
+    )
+    parser.add_argument(
+        "--no-search", action="store_true", help="skip the accuracy-budget searches"
+    )
     parser.add_argument(
         "--no-latency", action="store_true", help="skip the latency-budgeted rows and RPC timing"
     )
@@ -198,7 +209,7 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
         (", optimized-4bit rounding", QuantConfig(weight_rounding=OPTIMIZED_4BIT)),
         (", default (auto, then nearest rounding)", QuantConfig()),
     )
-    for label, rounding in searches:
+    for label, rounding in searches if not args.no_search else ():
         search = time.perf_counter()
         try:
             found = api.choose_within_accuracy_drop(
@@ -231,21 +242,29 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
         return float(np.mean([predict(x) == y for x, y in labelled]))
 
     reference = top1(fp32)
+    # Timed in rounds, each row once per round, so that the machine's drifts reach every row
+    # alike; the median round is printed.
+    local, remote = ([[] for _ in rows] for _ in range(2))
+    for _ in range(args.rounds):
+        for i, (_, artifact, *_) in enumerate(rows):
+            local[i].append(latency(artifact))
+            if board is not None:
+                remote[i].append(rpc_latency(artifact, board, data))
     print(f"\n{case.model}, {len(data.inputs)} evaluation images, 1 thread\n")
     print(
         "| build | top-1 | Δ vs fp32 | weight KiB | vs fp32 | probe dB | held-out dB | ms | "
         "RPC ms | predicted ms | search s |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for label, artifact, size, dbs, search_s, predicted in rows:
+    for i, (label, artifact, size, dbs, search_s, predicted) in enumerate(rows):
         accuracy_ = reference if artifact is fp32 else top1(artifact)
-        remote = "" if board is None else f"{rpc_latency(artifact, board, data):.2f}"
+        rpc_ms = f"{np.median(remote[i]):.2f}" if remote[i] else ""
         print(
             f"| {label} | {accuracy_:.4f} | {100 * (accuracy_ - reference):+.2f} | "
             f"{size / 1024:.1f} | {fp32_bytes / size:.1f}x | "
             f"{' | '.join('' if db is None else f'{db:.1f}' for db in dbs or (None, None))} | "
-            f"{latency(artifact):.2f} | "
-            f"{remote} | {'' if predicted is None else f'{predicted:.2f}'} | "
+            f"{np.median(local[i]):.2f} | "
+            f"{rpc_ms} | {'' if predicted is None else f'{predicted:.2f}'} | "
             f"{'' if search_s is None else f'{search_s:.2f}'} |"
         )
     for note in notes:

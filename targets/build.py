@@ -5,7 +5,8 @@ dataflow lowering:
 
 1. the integer kernels of :mod:`qcompiler.targets.kernels` replace Relax's conv/matmul before
    legalization, so the weights are packed once at compile time (4-bit weights two per byte,
-   unpacked in registers by the kernels themselves), and each requantize chain
+   unpacked in registers by the kernels or by a kernel of their own before the call), and
+   each requantize chain
    becomes one int32-multiplier epilogue (:mod:`qcompiler.targets.requantize`);
 2. every fused TIR function gets a schedule: the tuning database's best record when it has
    one (``MetaScheduleApplyDatabase``), the hand-written default of
@@ -30,7 +31,7 @@ from tvm.relax.backend.cuda import pipeline as cuda_backend
 
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.targets import cuda
-from qcompiler.targets.kernels import use_int8_kernels
+from qcompiler.targets.kernels import store_int4_weights, use_int8_kernels
 from qcompiler.targets.requantize import fuse_requantize
 from qcompiler.targets.schedules import default_schedules
 
@@ -49,11 +50,16 @@ def fused_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
             ]
         else:
             mod = fuse_requantize(use_int8_kernels(mod, target))
+            legalize = []
+            for p in cpu.legalize_passes(target):
+                legalize.append(p)
+                if p.info.name == "FoldConstant":  # 4-bit weights stay packed (see there)
+                    legalize.append(store_int4_weights)
             passes = [
                 *cpu.library_dispatch_passes(target),
                 relax.transform.DecomposeOpsForInference(),
                 relax.transform.CanonicalizeBindings(),
-                *cpu.legalize_passes(target),
+                *legalize,
             ]
         return tvm.transform.Sequential(passes)(mod)
 

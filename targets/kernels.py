@@ -16,6 +16,12 @@ as contiguous ``16 x 4`` tiles. This module
 * defines the packed conv2d/dense computations (:func:`conv2d_nhwc_packed`, :func:`dense_packed`;
   weights ``[O/L, KH, KW, I/4, L, 4]`` and ``[N/L, K/4, L, 4]`` with ``L`` the instruction's
   lanes, 16 or 4, packed once at compile time),
+* and for W4A8 layers stores the weights two per byte: a matrix-vector kernel (one row) reads
+  4-bit tiles ``[..., L/2, 4]`` (uint8) and unpacks them in registers, each intrinsic having a
+  variant that loads ``2 L`` bytes into the instruction's ``4 L``-byte weight operand
+  (:func:`tile_weight`); the other kernels, whose pixel tiles would each unpack every weight
+  vector again, get their int8 tiles from a small unpacking kernel before each call
+  (:func:`store_int4_weights`; :data:`IN_REGISTER_MAX_PIXELS` has the measurements),
 * and rewrites the integer module's 8-bit convs and matmuls to them (:func:`use_int8_kernels`).
   Activations of the other signedness than the instruction wants are shifted by 128 (int8 ->
   uint8 for VNNI, uint8 -> int8 for sdot), and the ``128 * sum(w)`` this adds or removes is
@@ -28,6 +34,7 @@ The computations are plain TE, so the same functions serve the default schedules
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +45,7 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
 
+from qcompiler.passes import qmath
 from qcompiler.passes.annotate import INT4_ATTR
 from qcompiler.passes.graph import const_value, layer_name, op_name
 
@@ -47,6 +55,16 @@ CONV_BLOCK = "qc_conv2d_nhwc_packed"
 DENSE_BLOCK = "qc_dense_packed"
 DEPTHWISE_BLOCK = "qc_depthwise_nhwc"
 LANES, GROUP = 16, 4  # int32 lanes per instruction, bytes reduced per lane
+# A W4A8 kernel of at most this many output pixels (rows of a matmul) unpacks its weights in
+# registers; one of more, by a kernel of its own before the call. In registers each pixel tile
+# unpacks every weight vector again; a kernel unpacks each once per call, but writes the int8
+# codes out for the dot products to read back. Measured on EfficientNet-Lite0 with all 50
+# layers W4A8 (`python bench/int4_unpack.py`: 1 thread, each build timed 7-9 times interleaved
+# with W8A8 in one process; three runs on 2026-12-06): every kernel in registers 1.070-1.078x
+# W8A8's latency; none 1.017-1.064x; only the classifier's matmul (one row: its 1.3 MB of
+# weights take 49 us to unpack on their own, and cost nothing extra in registers)
+# 1.002-1.022x; every kernel of <= 49 pixels (the 7 x 7 convs too) 1.019-1.037x.
+IN_REGISTER_MAX_PIXELS = 1
 
 
 def int4_code(byte, high):
@@ -468,6 +486,7 @@ class _Int8Kernels(PyExprMutator):
         self.dot = dot
         self.dot_product = dot is not None
         self.int4 = int4  # layers whose weights are stored as 4-bit codes
+        self.int4_digests: list[str] = []  # ... of those unpacked by a kernel of their own
         self.main = mod["main"]
         self.layer = ""
 
@@ -485,11 +504,16 @@ class _Int8Kernels(PyExprMutator):
         """Is the current layer's weight ``w`` to be stored as 4-bit codes?"""
         return self.layer in self.int4 and w.min() >= -8 and w.max() <= 7
 
-    def _packed_const(self, packed: np.ndarray, w: np.ndarray):
-        """The packed tiles as the kernel's constant: 4-bit codes two per byte for a W4A8
-        layer, unpacked in registers by the kernel's intrinsic; int8 bytes otherwise."""
+    def _packed_const(self, packed: np.ndarray, w: np.ndarray, pixels: int):
+        """The packed tiles as the kernel's constant, for a kernel of ``pixels`` output pixels
+        (rows of a matmul). A W4A8 layer's 4-bit codes: two per byte in the tiles, unpacked in
+        registers by the kernel's intrinsic, where few pixels share each weight vector;
+        otherwise int8 tiles that :func:`store_int4_weights` stores packed and unpacks by a
+        kernel of their own before the call (see :data:`IN_REGISTER_MAX_PIXELS`)."""
         if self._stores_int4(w):
-            return relax.const(pack_int4_tiles(packed), "uint8")
+            if pixels <= IN_REGISTER_MAX_PIXELS:
+                return relax.const(pack_int4_tiles(packed), "uint8")
+            self.int4_digests.append(_digest(packed))
         return relax.const(packed, "int8")
 
     def visit_call_(self, call):
@@ -560,7 +584,7 @@ class _Int8Kernels(PyExprMutator):
         out = bb.call_te(
             conv2d_nhwc_packed,
             data,
-            self._packed_const(packed, w),
+            self._packed_const(packed, w, int(np.prod(_shape(call)[:3]))),
             strides=[int(s) for s in attrs.strides],
             padding=padding,
             dilation=[int(d) for d in attrs.dilation],
@@ -695,7 +719,7 @@ class _Int8Kernels(PyExprMutator):
         out = bb.call_te(
             dense_packed,
             data,
-            self._packed_const(packed, w),
+            self._packed_const(packed, w, _shape(data)[0]),
             primfunc_name_hint=self._kernel_name("qc_dense", w),
         )
         out = _slice_channels(bb, out, w.shape[1])
@@ -726,7 +750,10 @@ def use_int8_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
     """
     int4 = frozenset(str(n) for n in (mod["main"].attrs or {}).get(INT4_ATTR, []))
     rewriter = _Int8Kernels(mod, dot=dot_product(target), int4=int4)
-    return _with_main(rewriter, rewriter.visit_expr(mod["main"]))
+    main = rewriter.visit_expr(mod["main"])
+    if rewriter.int4_digests:
+        main = main.with_attr(INT4_DIGESTS_ATTR, rewriter.int4_digests)
+    return _with_main(rewriter, main)
 
 
 def _with_main(rewriter: PyExprMutator, main: relax.Function) -> tvm.IRModule:
@@ -734,3 +761,69 @@ def _with_main(rewriter: PyExprMutator, main: relax.Function) -> tvm.IRModule:
     out = rewriter.builder_.get()
     out["main"] = main
     return relax.transform.DeadCodeElimination(["main"])(out)
+
+
+# -- 4-bit weight storage ----------------------------------------------------------------------
+# main's attribute: digests of the packed int8 weights that hold 4-bit codes, to be stored packed
+INT4_DIGESTS_ATTR = "qc.int4_weight_digests"
+
+
+def _digest(packed: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(packed).tobytes()).hexdigest()
+
+
+def unpack_int4(packed):
+    """TE: the int8 codes of 4-bit pairs (``(2, n)`` from ``n`` bytes): row 0 the low nibbles,
+    row 1 the high ones, sign-extended. One long unit-stride row per nibble vectorizes; codes
+    unpacked in their own order (two per byte along the tile's 4-lane axis) did not, at 5 GB/s."""
+
+    def body(h, j):
+        shift = (h * 4).astype("uint8")
+        nibble = (packed[j] >> shift) & tvm.tirx.const(15, "uint8")
+        eight = tvm.tirx.const(8, "uint8")
+        return tvm.tirx.reinterpret("int8", (nibble ^ eight) - eight)
+
+    return te.compute((2, packed.shape[0]), body, name="unpack_int4")
+
+
+@mutator
+class _Int4Storage(PyExprMutator):
+    def __init__(self, mod, digests: set):
+        super().__init__(mod)
+        self.digests = digests
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
+            return call
+        args = list(call.args[1].fields)
+        weights = const_value(args[1]) if len(args) > 1 else None
+        if weights is None or weights.dtype != np.int8 or _digest(weights) not in self.digests:
+            return call
+        # byte j holds code j (low nibble) and code j + n/2 (high) of the flattened tiles (whose
+        # size, a multiple of the dot product's lanes, is even)
+        nibbles = qmath.pack_int4(weights.reshape(2, -1).T).reshape(-1)
+        bb = self.builder_
+        halves = bb.emit(
+            bb.call_te(
+                unpack_int4, relax.const(nibbles, "uint8"), primfunc_name_hint="qc_unpack_int4"
+            )
+        )
+        args[1] = bb.emit(relax.op.reshape(halves, weights.shape))  # a view, no copy
+        return relax.Call(call.op, [call.args[0], relax.Tuple(args)], call.attrs, call.ty_args)
+
+
+@tvm.transform.module_pass(opt_level=0, name="QCStoreInt4Weights")
+def store_int4_weights(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """The packed int8 weights of the W4A8 kernels that do not unpack them in registers
+    (:data:`IN_REGISTER_MAX_PIXELS`) stored as 4-bit codes, two per byte, and unpacked by a
+    small kernel before each call (half the bytes in the library and in memory).
+
+    Runs after ``FoldConstant`` -- which would otherwise evaluate the unpacking at compile time
+    and store the int8 codes again -- and before ``FuseOps``, which leaves the unpacking (no
+    op pattern) a kernel of its own, so the dot-product kernel reads int8 codes as before."""
+    digests = {str(d) for d in (mod["main"].attrs or {}).get(INT4_DIGESTS_ATTR, [])}
+    if not digests:
+        return mod
+    rewriter = _Int4Storage(mod, digests)
+    return _with_main(rewriter, rewriter.visit_expr(mod["main"]))

@@ -54,6 +54,9 @@ _DATA_PAR, _REDUCE = 0, 2  # IterVar kinds
 _MAX_ACCUMULATORS, _MAX_PIXELS = 16, 14  # register tile of the packed conv (_register_tile)
 _MAX_ACCUMULATORS_SDOT = 24
 _TILE_WEIGHT_BYTES = 40 * 1024
+# Instructions per 4-bit weight vector (a load, the nibbles' two transforms, the halves'
+# insert; x86 with GFNI as LLVM emits it) against one per broadcast activation word.
+_INT4_WEIGHT_COST = 4.0
 
 
 def _largest_divisor(n: int, cap: int) -> int:
@@ -155,22 +158,37 @@ def _dot_product_of(sch, block) -> tuple[DotProduct, str]:
 
 
 def _register_tile(
-    width: int, blocks: int, reduce_bytes: int, lanes: int = LANES, most: int = _MAX_ACCUMULATORS
+    width: int,
+    blocks: int,
+    reduce_bytes: int,
+    lanes: int = LANES,
+    most: int = _MAX_ACCUMULATORS,
+    weight_cost: float = 1.0,
 ) -> tuple[int, int]:
     """Pixels x 16-channel groups of one register tile of the packed conv.
 
     Per reduction step the tile broadcasts one activation word per pixel and loads one weight
     vector per group, then issues ``pixels * groups`` dot products: the fewer loads per dot
-    product the better. Bounds, measured on EfficientNet-Lite0's 1x1 convs (AVX-512, 32 vector
-    registers): at most 16 accumulators (with the weight vectors and a broadcast they must stay
-    in registers; 7 x 4 spilled them to the stack every step and ran at half the speed of
-    7 x 2); at most 14 pixels; and the tile's weights (``groups x 16 x K`` bytes) within about
-    an L1 data cache, else a wide tile streams them from L2 once per pixel block.
+    product the better, a weight vector counting ``weight_cost`` broadcasts. 4-bit weights
+    cost :data:`_INT4_WEIGHT_COST`: each vector is unpacked in registers once per step and
+    shared by the tile's pixels, so their tiles favour pixels over groups (a 1x1 conv 480 ->
+    80 on 14 x 14, 1 thread: 2 pixels x 5 groups, the int8 tile, took 71 us with 4-bit weights
+    against 42 us with int8 ones; 14 x 1 took 47 us).
+
+    Bounds, measured on EfficientNet-Lite0's 1x1 convs (AVX-512, 32 vector registers): at most
+    16 accumulators (with the weight vectors and a broadcast they must stay in registers; 7 x 4
+    spilled them to the stack every step and ran at half the speed of 7 x 2); at most 14
+    pixels; and the tile's weights (``groups x 16 x K`` bytes) within about an L1 data cache,
+    else a wide tile streams them from L2 once per pixel block.
 
     ``most`` accumulators: 16 here; Arm's 4-lane ``sdot`` tiles may hold 24 (NEON also has 32
     vector registers; 8 x 12 outputs is the usual int8 GEMM tile there), plain NEON's 16 (its
     widening multiplies need temporaries): assumptions, not measured on a board.
     """
+
+    def cost(pixels: int, groups: int) -> float:
+        return (pixels + weight_cost * groups) / (pixels * groups)
+
     best = (1, 1)
     for pixels in range(1, min(width, _MAX_PIXELS) + 1):
         if width % pixels:
@@ -180,9 +198,7 @@ def _register_tile(
                 continue
             if groups > 1 and groups * lanes * reduce_bytes > _TILE_WEIGHT_BYTES:
                 continue
-            cost = (pixels + groups) / (pixels * groups)
-            best_cost = sum(best) / (best[0] * best[1])
-            if (cost, -pixels) < (best_cost, -best[0]):
+            if (cost(pixels, groups), -pixels) < (cost(*best), -best[0]):
                 best = (pixels, groups)
     return best
 
@@ -193,7 +209,15 @@ def _schedule_conv_packed(sch, block) -> None:
     width, channels = _extent(sch, w), _extent(sch, o)
     reduce_bytes = _extent(sch, ry) * _extent(sch, rx) * _extent(sch, rc)
     most = _MAX_ACCUMULATORS_SDOT if dot is SDOT else _MAX_ACCUMULATORS
-    pixels, groups = _register_tile(width, channels // dot.lanes, reduce_bytes, dot.lanes, most)
+    int4 = intrin == dot.intrin_int4
+    pixels, groups = _register_tile(
+        width,
+        channels // dot.lanes,
+        reduce_bytes // 2 if int4 else reduce_bytes,
+        dot.lanes,
+        most,
+        _INT4_WEIGHT_COST if int4 else 1.0,
+    )
     oo, o2, oi = sch.split(o, [None, groups, dot.lanes])
     rco, rci = sch.split(rc, [None, 4])
     wo, wi = sch.split(w, [None, pixels])

@@ -1,8 +1,9 @@
-"""W4A8: 4-bit weights stored two per byte and unpacked in registers by the dot-product kernel.
+"""W4A8: 4-bit weights stored two per byte, unpacked in registers by the dot-product kernel or
+by a kernel of their own before it.
 
-The kernels are checked for exact int32 equality with numpy's int64 convolution / matmul, for
-really storing the weights packed (no int8 copy of them among the library's constants, no
-kernel of their own that unpacks them) and for multiplying on the dot-product instruction; a
+The kernels are checked, both ways, for exact int32 equality with numpy's int64 convolution /
+matmul, for really storing the weights packed (no int8 copy of them among the library's
+constants) and for multiplying on the dot-product instruction; a
 whole model with every layer at W4A8 against MNIST's labels and against its own W8A8 size.
 """
 
@@ -24,6 +25,7 @@ from qcompiler.passes.graph import (
 )
 from qcompiler.passes.pipeline import prepare
 from qcompiler.passes.scheme import QuantConfig
+from qcompiler.targets import kernels
 from qcompiler.targets.boards import resolve_target
 from qcompiler.targets.build import build, fused_module
 from qcompiler.targets.kernels import has_vnni
@@ -67,8 +69,10 @@ def stored_constants(mod) -> list[np.ndarray]:
 
 
 @needs_vnni
+@pytest.mark.parametrize("in_registers", [True, False], ids=["in-registers", "unpack-kernel"])
 @pytest.mark.parametrize("op", ["conv", "dense"])
-def test_w4a8_kernels_are_exact_and_store_half_bytes(op):
+def test_w4a8_kernels_are_exact_and_store_half_bytes(op, in_registers, monkeypatch):
+    monkeypatch.setattr(kernels, "IN_REGISTER_MAX_PIXELS", 10**6 if in_registers else 0)
     rng = np.random.default_rng(21)
     if op == "conv":
         x = rng.integers(0, 256, (1, 9, 9, 24)).astype(np.uint8)
@@ -79,7 +83,8 @@ def test_w4a8_kernels_are_exact_and_store_half_bytes(op):
     mod = int4_module(x, w, op)
     fused = fused_module(mod, HOST)
     names = [gv.name_hint for gv in fused.get_global_vars()]
-    assert any("int4" in n for n in names) and not any("unpack" in n for n in names)
+    assert any("int4" in n for n in names)
+    assert ("qc_unpack_int4" in names) != in_registers
     constants = stored_constants(fused)
     assert not any(c.dtype == np.int8 and c.size >= w.size for c in constants)
     packed = [c for c in constants if c.dtype == np.uint8]

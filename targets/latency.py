@@ -8,9 +8,9 @@ by what it costs on that board, not by a proxy:
 * the model is lowered exactly as the build lowers it (:func:`~qcompiler.targets.build.
   fused_module`); each conv/matmul layer of the integer module becomes one kernel call there
   (its packed dot-product or depthwise kernel with the fused epilogue), in the same order;
-* a layer's latency is its kernel's, plus that of any kernel that only prepares its weights
-  (every operand a constant), once per call (4-bit weights have had none since their kernels
-  unpack them in registers);
+* a layer's latency is its kernel's, plus that of the kernels that only prepare its weights
+  (every operand a constant: the unpacking of 4-bit weights, where the layer's kernel does not
+  unpack them in registers), once per call;
 * a conv/matmul with int16 activations runs as two int8 kernels on targets with a dot-product
   instruction (its low and its high byte, called one after the other): both are its;
 * everything else (layout changes, pooling, the input quantize) is the model's fixed cost.

@@ -184,6 +184,13 @@ TensorIntrin.register(
 NEON_INTRIN = "qc_dot_4x4_neon"
 
 
+def _widening_dot(a, b):
+    """NEON: the 8 products of two ``int8x8`` vectors widened into int16 (exact for int8 x
+    int8), adjacent pairs summed into ``int32x4``."""
+    product = tirx.call_llvm_pure_intrin("int16x8", "llvm.aarch64.neon.smull.v8i16", a, b)
+    return tirx.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.saddlp.v4i32.v8i16", product)
+
+
 def _neon_instruction(int4: bool = False):
     rows, weight_dtype = (2, "uint8") if int4 else (4, "int8")
 
@@ -200,26 +207,8 @@ def _neon_instruction(int4: bool = False):
             a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
             a = T.reinterpret(T.broadcast(a_i32, 2), dtype="int8x8")
             b = _weight_vector(B, 4, int4)
-            low = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
-                T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
-                    a,
-                    T.vectorlow(b, dtype="int8x8"),
-                    dtype="int16x8",
-                ),
-                dtype="int32x4",
-            )
-            high = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
-                T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
-                    a,
-                    T.vectorhigh(b, dtype="int8x8"),
-                    dtype="int16x8",
-                ),
-                dtype="int32x4",
-            )
+            low = _widening_dot(a, tirx.vectorlow("int8x8", b))
+            high = _widening_dot(a, tirx.vectorhigh("int8x8", b))
             C[T.ramp(T.int32(0), 1, 4)] = C.vload([0], dtype="int32x4") + T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v4i32"),
                 low,

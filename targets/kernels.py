@@ -90,10 +90,16 @@ def tile_weight(packed, outer, lane, group):
     return packed[(*outer, lane, group)]
 
 
+def _weight_operand(lanes: int, int4: bool) -> tuple[int, str]:
+    """Rows and dtype of an intrinsic's ``(rows, 4)`` weight operand: one row per lane of int8
+    codes, or half as many of 4-bit pairs (:func:`tile_weight`)."""
+    return (lanes // 2, "uint8") if int4 else (lanes, "int8")
+
+
 def _dot_desc(lanes: int, data_dtype: str, int4: bool = False):
     """What a dot-product instruction computes: ``lanes`` int32 sums, each of 4 products of
     one shared 4-byte activation word with that lane's 4 weights (bytes, or 4-bit codes)."""
-    rows, weight_dtype = (lanes // 2, "uint8") if int4 else (lanes, "int8")
+    rows, weight_dtype = _weight_operand(lanes, int4)
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -136,7 +142,7 @@ def _dot_instruction(lanes: int, data_dtype: str, llvm_intrinsic: str, int4: boo
     """The description as one LLVM intrinsic ``(acc, activations, weights) -> acc``: the
     activation word broadcast to every lane, the weight tile loaded whole (or unpacked)."""
     word, vector, out = f"{data_dtype}x4", f"{data_dtype}x{4 * lanes}", f"int32x{lanes}"
-    rows, weight_dtype = (lanes // 2, "uint8") if int4 else (lanes, "int8")
+    rows, weight_dtype = _weight_operand(lanes, int4)
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -192,7 +198,7 @@ def _widening_dot(a, b):
 
 
 def _neon_instruction(int4: bool = False):
-    rows, weight_dtype = (2, "uint8") if int4 else (4, "int8")
+    rows, weight_dtype = _weight_operand(4, int4)
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -341,8 +347,9 @@ def pack_int4_tiles(packed: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(nibbles[..., :half, :] | (nibbles[..., half:, :] << 4))
 
 
-def _lanes(packed) -> int:
-    """Output channels per tile of packed weights (4-bit tiles hold two per byte row)."""
+def tile_lanes(packed) -> int:
+    """Output channels per tile of packed weights (a tensor or buffer; 4-bit tiles, uint8,
+    hold two per byte row)."""
     rows = int(packed.shape[-2])
     return 2 * rows if str(packed.dtype) == "uint8" else rows
 
@@ -356,7 +363,7 @@ def conv2d_nhwc_packed(data, packed, strides, padding, dilation):
     """
     n, h, w, _ = (int(d) for d in data.shape)
     ob, kh, kw, ib = (int(d) for d in packed.shape[:4])
-    lanes = _lanes(packed)
+    lanes = tile_lanes(packed)
     (sh, sw), (dh, dw) = strides, dilation
     top, left, bottom, right = padding
     if any(padding):
@@ -429,7 +436,7 @@ def dense_packed(data, packed):
     4-bit tiles ``[N/L, K/4, L/2, 4]``)."""
     m = int(data.shape[0])
     nb, kb = (int(d) for d in packed.shape[:2])
-    lanes = _lanes(packed)
+    lanes = tile_lanes(packed)
     rk = te.reduce_axis((0, kb * GROUP), "rk")
 
     def weight(j):

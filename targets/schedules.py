@@ -41,6 +41,7 @@ from qcompiler.targets.kernels import (
     VNNI,
     DotProduct,
     dot_product,
+    tile_lanes,
 )
 
 log = logging.getLogger(__name__)
@@ -146,8 +147,7 @@ def _dot_product_of(sch, block) -> tuple[DotProduct, str]:
             if dtype not in ("int8", "uint8") or len(buffer.shape) != rank:
                 continue
             int4 = dtype == "uint8"
-            lanes = int(buffer.shape[-2]) * (2 if int4 else 1)
-            if lanes == VNNI.lanes:
+            if tile_lanes(buffer) == VNNI.lanes:
                 dot = VNNI
             else:
                 # 4 lanes: sdot or plain NEON, as the target says (NEON runs on every AArch64)

@@ -135,13 +135,13 @@ def test_arm_dot_product_convs_match_numpy_on_the_emulated_pi(
     """The Pi 5's kernels multiply on ``sdot``, the Pi 4's on NEON's widening ``smull``; with
     4-bit weights unpacked in registers as with 8-bit ones (a separate unpacking kernel is
     plain vector code)."""
-    from qcompiler.targets import kernels
-
-    monkeypatch.setattr(kernels, "IN_REGISTER_MAX_PIXELS", 10**6)
     from test_kernels import conv_module, conv_reference
 
+    from qcompiler.targets import kernels
     from qcompiler.targets.boards import resolve_target
     from qcompiler.targets.build import build, fused_module
+
+    monkeypatch.setattr(kernels, "IN_REGISTER_MAX_PIXELS", 10**6)
 
     rng = np.random.default_rng(out_channels)
     info = np.iinfo(x_dtype)

@@ -600,7 +600,8 @@ def tune(
     fused = fused_module(mod, target)
     tasks = [t for t in extract_tasks(fused, target) if t.dispatched]
     report = TuneReport(records_dir, module=fused)
-    builder, runner = _builder(cross_compiler), _runner(rpc, boards)
+    # Built when something is to be measured: RPCRunner's sanity check alone takes seconds.
+    tools = functools.cache(lambda: (_builder(cross_compiler), _runner(rpc, boards)))
     per_task = trials_per_task or TRIALS_PER_TASK
     echo(f"tuning {len(tasks)} tasks on {rpc} ({boards} board(s)); records in {records_dir}")
     counts = []
@@ -612,7 +613,7 @@ def tune(
     new = [i for i, count in enumerate(counts) if count == 0]
     if new:
         echo(f"measuring the default schedules of {len(new)} new tasks")
-        defaults = _measure_defaults([tasks[i] for i in new], target, builder, runner, database)
+        defaults = _measure_defaults([tasks[i] for i in new], target, *tools(), database)
         for i, seconds in zip(new, defaults):
             entry = report.tasks[i]
             entry.default_s = entry.best_s = seconds
@@ -650,8 +651,8 @@ def tune(
                 max_trials_global=trials,
                 max_trials_per_task=per_task,
                 num_trials_per_iter=min(BATCH, per_task),
-                builder=builder,
-                runner=runner,
+                builder=tools()[0],
+                runner=tools()[1],
                 database=database,
                 cost_model="xgb",
                 measure_callbacks=[

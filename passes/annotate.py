@@ -122,6 +122,7 @@ class _Annotator(PyExprMutator):
         self.params = set(mod["main"].params)
         self.params_done = False
         self.int4: list[str] = []  # layers whose weights got 4 bits
+        self.float_layers: list[str] = []  # layers whose weights stayed float
         self.names: dict[str, str] = {}  # conv/matmul var here -> its name in the float model
 
     def visit_var_binding_(self, binding):
@@ -169,7 +170,9 @@ class _Annotator(PyExprMutator):
         scheme = self.config.scheme
         if name in LAYER_OPS:
             weight = const_value(args[1])
-            if weight is not None:
+            if weight is not None and var.name in self.config.float_layers:
+                self.float_layers.append(var.name)  # float weights: integerize falls back
+            elif weight is not None:
                 # 4-bit weights are chosen for conv2d/matmul layers only
                 spec = (
                     scheme.weight
@@ -238,13 +241,14 @@ def annotate(
     out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
     out["main"] = annotator.visit_expr(mod["main"])
     missing = sorted(set(config.int4_weights) - set(annotator.int4))
+    missing += sorted(set(config.float_layers) - set(annotator.float_layers))
     if missing:
         found = [
             b.var.name for b in bindings(mod["main"]) if op_name(b.value) in CONV_OPS | MATMUL_OPS
         ]
         raise QCompilerError(
-            f"int4_weights names {missing}, which are not conv/matmul layers with constant "
-            f"weights (those are {found[:8]} ...)"
+            f"int4_weights/float_layers name {missing}, which are not conv/matmul layers with "
+            f"constant weights (those are {found[:8]} ...)"
         )
     if annotator.names:
         out["main"] = out["main"].with_attr(LAYER_NAMES_ATTR, annotator.names)

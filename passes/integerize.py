@@ -225,7 +225,10 @@ class _Integerizer(PyExprMutator):
             new_value = relax.op.dequantize(
                 codes, _const(src.scale, "float32"), _const(src.zero_point, "int32")
             )
-        self.set_var_remap(var, emit(new_value, var.name))
+        new_var = emit(new_value, var.name)
+        self.set_var_remap(var, new_var)
+        if name in LAYER_OPS:  # a float conv/matmul keeps its name in the layer table
+            self.layer_names[new_var.name] = layer_name(self.func, var.name)
 
     def _lower_exit(self, var, call):
         """A conv2d/matmul (+ bias) whose result leaves the integers unquantized: dequantize its

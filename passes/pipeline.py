@@ -113,7 +113,9 @@ def choice_key(config: QuantConfig) -> QuantConfig:
     activations, per-tensor range methods and 4-bit weights. One choice serves every mix of
     4-bit layers (they are measured with 8-bit weights), so that candidates of a bit-width
     search differ only in their weights."""
-    return dataclasses.replace(config, int16_activations=(), int4_weights=(), tensor_methods=())
+    return dataclasses.replace(
+        config, int16_activations=(), int4_weights=(), float_layers=(), tensor_methods=()
+    )
 
 
 @dataclass

@@ -198,6 +198,10 @@ class QuantConfig:
     ``int4_weights``: names of conv2d/matmul layers (the op's tensor in the imported model, as
     the manifest's layer table lists them) whose weights get 4 bits, symmetric per channel
     ([-7, 7]); they are stored two per byte (W4A8).
+
+    ``float_layers``: names of conv2d/matmul layers kept in float: their weights stay float32
+    and they run as float fallbacks between a dequantize of their input codes and a quantize of
+    their output (the report counts them).
     """
 
     scheme: QuantScheme = field(default_factory=lambda: PRESETS["hybrid"])
@@ -206,6 +210,7 @@ class QuantConfig:
     weight_rounding: str = AUTO
     bias_correction: bool = False
     int4_weights: tuple[str, ...] = ()
+    float_layers: tuple[str, ...] = ()
     tensor_methods: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
@@ -219,6 +224,10 @@ class QuantConfig:
                 f"{list(WEIGHT_ROUNDINGS)}"
             )
         object.__setattr__(self, "int4_weights", tuple(str(n) for n in self.int4_weights))
+        object.__setattr__(self, "float_layers", tuple(str(n) for n in self.float_layers))
+        both = sorted(set(self.int4_weights) & set(self.float_layers))
+        if both:
+            raise QCompilerError(f"layers {both} are named both in int4_weights and float_layers")
         methods = tuple((str(n), str(m)) for n, m in dict(self.tensor_methods).items())
         for name, method in methods:
             if method not in CALIBRATION_METHODS:

@@ -13,6 +13,7 @@ by what it costs on that board, not by a proxy:
   unpack them in registers), once per call;
 * a conv/matmul with int16 activations runs as two int8 kernels on targets with a dot-product
   instruction (its low and its high byte, called one after the other): both are its;
+* a layer kept float (``float_layers``) is its float conv/matmul kernel;
 * everything else (layout changes, pooling, the input quantize) is the model's fixed cost.
 
 Kernels that match the layers in no such way make the attribution fail loudly rather than
@@ -50,13 +51,15 @@ class LayerLatencies:
 
 
 def layer_names(mod: tvm.IRModule) -> list[str]:
-    """The integer conv/matmul layers of ``mod``'s ``main`` in program order, by the names
+    """The conv/matmul layers with constant weights of ``mod``'s ``main`` (integer ones, and
+    float ones kept by ``float_layers``) in program order, by the names
     of the float model's layers (those of :func:`qcompiler.targets.bitwidth.weight_options`)."""
     return [name for name, _ in _layers(mod)]
 
 
 def _layers(mod: tvm.IRModule) -> list[tuple[str, bool]]:
-    """``(name, split)`` of each integer conv/matmul layer in program order; ``split``: its
+    """``(name, split)`` of each conv/matmul layer with constant weights in program order
+    (a float one is a legalized float conv/matmul kernel); ``split``: its
     int16 activations run as two int8 kernels on targets with a dot-product instruction
     (:func:`qcompiler.targets.kernels.splits_int16`)."""
     main = mod["main"]
@@ -65,7 +68,8 @@ def _layers(mod: tvm.IRModule) -> list[tuple[str, bool]]:
         call = binding.value
         if op_name(call) not in CONV_OPS | MATMUL_OPS or const_value(call.args[1]) is None:
             continue
-        if str(call.ty.dtype) != "int32":  # a float fallback is no integer layer
+        if str(call.ty.dtype) != "int32":  # a float layer (``float_layers``): one kernel
+            layers.append((layer_name(main, binding.var.name), False))
             continue
         layers.append((layer_name(main, binding.var.name), splits_int16(call)))
     return layers
@@ -119,7 +123,7 @@ def attribute(mod: tvm.IRModule, report: TuneReport) -> LayerLatencies:
         counts = [2 if s else 1 for _, s in layers]
     else:
         raise QCompilerError(
-            f"cannot attribute kernels to layers: {len(layers)} integer conv/matmul layers "
+            f"cannot attribute kernels to layers: {len(layers)} conv/matmul layers "
             f"({split} of them int16 convs/matmuls) but {len(attributed)} layer kernels after "
             "lowering"
         )

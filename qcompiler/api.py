@@ -56,7 +56,9 @@ from qcompiler.passes.scheme import (
 from qcompiler.targets.bitwidth import (
     Option,
     Plan,
+    add_wider_options,
     choose_precisions,
+    input_points,
     size_ladder,
     weight_layers,
     weight_options,
@@ -64,7 +66,12 @@ from qcompiler.targets.bitwidth import (
 from qcompiler.targets.boards import Board, host_arch, resolve_board
 from qcompiler.targets.build import build as build_executable
 from qcompiler.targets.latency import LayerLatencies, attribute
-from qcompiler.targets.sensitivity import SensitivityProbe, WeightProbe, choose_activations
+from qcompiler.targets.sensitivity import (
+    SensitivityProbe,
+    WeightProbe,
+    choose_activations,
+    output_sqnr,
+)
 from qcompiler.targets.tuning import LocalRPC, RPCEndpoint, TuneReport, load_database
 from qcompiler.targets.tuning import tune as tune_kernels
 
@@ -141,6 +148,7 @@ class QuantizedModel:
             },
             "weight_rounding": self.config.weight_rounding,
             "bias_correction": self.config.bias_correction,
+            "float_layers": list(self.config.float_layers),
             "rounding": self.rounding,
             "float_fallbacks": self.float_fallbacks,
             "activations": {
@@ -272,16 +280,30 @@ def activation_sensitivity(calibration: Calibration, samples, config=None, targe
 _REST = "(the rest of the model)"
 
 
-def _precision_latencies(calibration, config, records, target, rpc, threads, echo):
-    """``({"w8a8": {layer: ms}, "w4a8": {layer: ms}}, rest ms)``: every conv/matmul layer's
-    kernels measured on the board with the whole model at one precision, then the other."""
+PRECISIONS = ("w8a8", "w4a8", "w8a16", "float")
+
+
+def _precision_latencies(
+    calibration, config, records, target, rpc, threads, echo, precisions=PRECISIONS[:2]
+):
+    """``({precision: {layer: ms}}, rest ms)``: every conv/matmul layer's kernels measured on
+    the board with the whole model at each of ``precisions`` in turn (``w8a16``: every
+    activation at 16 bits; ``float``: every layer's weights float), the rest at ``w8a8``."""
+    layers = weight_layers(calibration)
+    changes = {
+        "w8a8": {},
+        "w4a8": {"int4_weights": layers},
+        "w8a16": {"int16_activations": tuple(p.name for p in calibration.plan.points)},
+        "float": {"float_layers": layers},
+    }
     measured = {}
-    for precision, int4 in (("w8a8", ()), ("w4a8", weight_layers(calibration))):
-        variant = replace(config, int4_weights=int4)
-        resolve(calibration, variant)
-        measured[precision] = layer_latencies(
-            calibration.quantize(variant), records, target, rpc=rpc, threads=threads, echo=echo
-        )
+    with _board_endpoint(resolve_board(target), rpc, threads, "measuring layers") as endpoint:
+        for precision in dict.fromkeys(("w8a8", *precisions)):
+            variant = replace(config, **changes[precision])
+            resolve(calibration, variant)
+            measured[precision] = layer_latencies(
+                calibration.quantize(variant), records, target, rpc=endpoint, echo=echo
+            )
     return {p: m.layers for p, m in measured.items()}, measured["w8a8"].rest_ms
 
 
@@ -323,11 +345,13 @@ def choose_weight_precisions(
     records=None,
     rpc: RPCEndpoint | None = None,
     threads: int | None = None,
+    precisions=PRECISIONS[:2],
     echo=print,
 ) -> tuple[QuantConfig, Plan]:
-    """Which conv/matmul layers get 4-bit weights: the integer program of
-    :mod:`qcompiler.targets.bitwidth` over each layer's W8A8/W4A8 weight bytes, error and
-    latency on the board.
+    """Each conv/matmul layer's precision: the integer program of
+    :mod:`qcompiler.targets.bitwidth` over each layer's weight bytes, error and latency on the
+    board at each of ``precisions`` (``w8a8`` and ``w4a8`` by default; also ``w8a16``, the
+    layer's input at 16 bits, and ``float``, its weights float).
 
     With ``samples`` (input dicts, a few calibration samples), the error is measured on the
     model's outputs (:class:`~qcompiler.targets.sensitivity.WeightProbe`: each layer alone at
@@ -342,35 +366,117 @@ def choose_weight_precisions(
     layers' sum plus the rest, as measured at W8A8); ``plan.latency_ms`` is the model's
     predicted total.
 
+    ``w8a16`` and ``float`` cost time, not bytes, and are priced by what they take off the
+    outputs' noise: they need ``samples`` (a layer's ``w8a16`` error is minus the output noise
+    power its input's 8-bit rounding adds alone, measured by a
+    :class:`~qcompiler.targets.sensitivity.SensitivityProbe`; its ``float`` error is minus
+    that of its 8-bit weights, measured by the weight probe) and ``records``. Among plans
+    equally good by the objective, the fastest is taken. The chosen configuration is then
+    built for this host and run on ``samples``: ``plan.measured_sqnr_db`` is its output SQNR
+    against the float model's (with only ``w8a8``/``w4a8``, the weight probe's, activations
+    exact).
+
     The budgets: the fewest bytes within ``max_error`` (a sum of noise powers); else the least
     error within ``max_bytes`` and/or ``max_latency_ms``. Returns ``config`` with
-    ``int4_weights`` set, and the plan.
+    ``int4_weights``, ``float_layers`` and ``int16_activations`` set, and the plan.
     """
     config = _as_config(config)
+    precisions = tuple(dict.fromkeys(precisions))
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or "w8a8" not in precisions:
+        raise QCompilerError(
+            f"precisions must include w8a8 and be among {list(PRECISIONS)}, got {list(precisions)}"
+        )
+    wider = [p for p in precisions if p in ("w8a16", "float")]
     if max_bytes is None and max_error is None and max_latency_ms is None:
         raise QCompilerError("give a budget: max_bytes, max_error or max_latency_ms")
     if max_latency_ms is not None and records is None:
         raise QCompilerError("a latency budget needs records=DIR to measure the layers into")
+    if wider and (samples is None or records is None):
+        raise QCompilerError(
+            f"{' and '.join(wider)} layers are priced by measurement: they need samples= (the "
+            "noise they remove) and records=DIR (the time they cost on the board)"
+        )
     probe = measured = None
     if samples is not None:
+        samples = list(samples)
         probe = weight_probe(calibration, config, samples)
         measured = probe.measure()
     latency = None
     if records is not None:
-        latency = _precision_latencies(calibration, config, records, target, rpc, threads, echo)
+        latency = _precision_latencies(
+            calibration, config, records, target, rpc, threads, echo, precisions
+        )
     table = _option_table(calibration, config, measured, latency)
+    if "w4a8" not in precisions:
+        table = {k: [o for o in v if o.precision != "w4a8"] for k, v in table.items()}
+    ties = []
+    if wider:
+        widened = _widening_noise(calibration, config, samples) if "w8a16" in wider else None
+        floated = None
+        if "float" in wider:
+            base = _noise(measured[1])
+            floated = {k: _noise(db) - base for k, db in probe.measure_float().items()}
+        ties = add_wider_options(
+            table, calibration, widened=widened, floated=floated, latency=latency[0]
+        )
     plan = choose_precisions(
         table,
         minimize="bytes" if max_error is not None else "error",
         max_bytes=max_bytes,
         max_error=max_error,
         max_latency_ms=max_latency_ms,
+        precision_ties=ties,
+        then="latency_ms" if latency is not None else None,
     )
     plan = replace(plan, precisions={k: v for k, v in plan.precisions.items() if k != _REST})
-    int4 = plan.int4_layers
-    if probe is not None:
-        plan = replace(plan, measured_sqnr_db=probe.run(set(int4)))
-    return replace(config, int4_weights=int4), plan
+    chosen = replace(config, int4_weights=plan.int4_layers, float_layers=plan.layers_at("float"))
+    widen = plan.layers_at("w8a16")
+    if widen:
+        resolved = resolve(calibration, chosen)
+        points = input_points(calibration)
+        wide = (*resolved.int16_activations, *(points[layer] for layer in widen))
+        chosen = replace(chosen, int16_activations=tuple(dict.fromkeys(wide)))
+    if wider:
+        resolve(calibration, chosen)
+        integer = calibration.quantize(chosen)
+        plan = replace(plan, measured_sqnr_db=_output_sqnr_of(integer, calibration, samples))
+    elif probe is not None:
+        plan = replace(plan, measured_sqnr_db=probe.run(set(plan.int4_layers)))
+    return chosen, plan
+
+
+def _noise(sqnr_db: float) -> float:
+    """Output noise power relative to the signal's, from an SQNR in dB."""
+    return 10 ** (-sqnr_db / 10)
+
+
+def _widening_noise(calibration: Calibration, config, samples) -> dict[str, float]:
+    """``{activation tensor: output noise power its 8-bit rounding alone adds}`` (weights at 8
+    bits), measured on ``samples`` on this host."""
+    config = choice_key(_as_config(config))
+    probe = SensitivityProbe(calibration, config, samples, _tvm_target("host"))
+    exact = _noise(probe.run(set()))
+    return {name: max(_noise(probe.run({name})) - exact, 0.0) for name in probe.names}
+
+
+def _output_sqnr_of(integer: tvm.IRModule, calibration: Calibration, samples) -> float:
+    """Output SQNR (dB) of the integer module against the float model on ``samples``, both
+    built for this host."""
+    names = [p.name for p in calibration.mod["main"].params]
+    outputs = []
+    for mod in (calibration.mod, integer):
+        executable = build_executable(mod, _tvm_target("host"), None)
+        vm = tvm.relax.VirtualMachine(executable, tvm.cpu())["main"]
+        outputs.append(
+            [
+                SensitivityProbe._outputs(
+                    vm(*(tvm.runtime.tensor(np.ascontiguousarray(s[n])) for n in names))
+                )
+                for s in samples
+            ]
+        )
+    return output_sqnr(*outputs)
 
 
 @dataclass(frozen=True)

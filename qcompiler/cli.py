@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,9 @@ def _board(args):
 def cmd_compile(args) -> int:
     board = _board(args)
     confirm = None
+    budgets = args.size_budget_kb is not None or args.latency_budget_ms is not None
+    if args.precisions != "w8a8,w4a8" and not (budgets and args.max_accuracy_drop is None):
+        raise QCompilerError("--precisions goes with --size-budget-kb or --latency-budget-ms")
     if args.max_accuracy_drop is not None:
         art = _compile_within_accuracy_drop(args, board)
     elif args.size_budget_kb is not None or args.latency_budget_ms is not None:
@@ -193,8 +197,10 @@ def _compile_within_budget(args, board):
     :func:`qcompiler.api.choose_weight_precisions`)."""
     if not args.calib:
         raise QCompilerError("a size or latency budget needs --calib (the layers' statistics)")
+    precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
+    wider = set(precisions) - {"w8a8", "w4a8"}
     latency = {}
-    if args.latency_budget_ms is not None:
+    if args.latency_budget_ms is not None or wider:
         latency = {
             "max_latency_ms": args.latency_budget_ms,
             "records": _records(args, board),
@@ -204,19 +210,28 @@ def _compile_within_budget(args, board):
     config, model, calibration, probe = _calibrated_with_probe(args)
     size = None if args.size_budget_kb is None else args.size_budget_kb * 1024
     config, plan = api.choose_weight_precisions(
-        calibration, config, max_bytes=size, samples=probe, target=board, **latency
+        calibration,
+        config,
+        max_bytes=size,
+        samples=probe,
+        target=board,
+        precisions=precisions,
+        **latency,
     )
+    counts = Counter(plan.precisions.values())
+    listed = ", ".join(f"{counts[p]} at {p.upper()}" for p in precisions if counts[p])
     measured = f", {plan.latency_ms:.3f} ms predicted on the board" if latency else ""
+    how = "the build" if wider else "activations exact"
     print(
-        f"mixed precision: {len(config.int4_weights)} of {len(plan.precisions)} layers at W4A8, "
-        f"{plan.bytes} weight bytes{measured}; output SQNR on {len(probe)} calibration samples "
-        f"with activations exact: {plan.measured_sqnr_db:.1f} dB"
+        f"mixed precision: {len(plan.precisions)} layers, {listed}; {plan.bytes} weight bytes"
+        f"{measured}; output SQNR on {len(probe)} calibration samples ({how}): "
+        f"{plan.measured_sqnr_db:.1f} dB"
     )
     quant = api.quantize(model, None, config, calibration=calibration)
     # Built with the records the layers were measured in, so it runs the kernels predicted.
     records = latency["records"] if latency else args.tuning_records
     art = quant.build(board, tuning_records=records, cross_compiler=args.cross_compiler)
-    if not latency:
+    if args.latency_budget_ms is None:
         return art, None
 
     def confirm(exported) -> None:
@@ -571,6 +586,13 @@ def build_parser() -> argparse.ArgumentParser:
         "within this many ms; each layer's kernels are measured there at 8 and 4 bits (into "
         "--tuning-records, or ~/.cache/qcompiler/records/BOARD) through --rpc-tracker/--rpc-key, "
         "or on this host",
+    )
+    p.add_argument(
+        "--precisions",
+        default="w8a8,w4a8",
+        help="with --size-budget-kb/--latency-budget-ms: the precisions a layer may get, "
+        "among w8a8,w4a8,w8a16 (its input at 16 bits),float (its weights float); w8a16 and "
+        "float are priced by the noise they remove and their kernels' time on the board",
     )
     measure_options(p)
     p.add_argument("--tuning-records", help="directory written by `qc tune`")

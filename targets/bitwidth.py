@@ -12,10 +12,15 @@ drop measured one layer at a time), and the bytes of its stored weights. With a 
                 sum  b[l, p] x[l, p] <= max_bytes
                 x[a, p] == x[b, p]           for layers a, b that must share a precision
 
-(the ties: both operands of a residual add or a concat run at one activation precision). It is
+(the ties: both operands of a residual add or a concat run at one activation precision), and
+``x[a, p] == x[b, p]`` for one precision ``p`` of layers that share what ``p`` changes (the
+layers reading one tensor widen it together: ``w8a16`` is a property of their input). It is
 solved exactly by HiGHS through ``scipy.optimize.milp``. Additive costs are the model's
 assumption -- errors of separate layers add as independent noise, latencies of sequential
 kernels add -- so a chosen configuration is to be confirmed by running it.
+
+Among plans equally good by the objective (the ``w8a16`` options cost no bytes), a second
+objective can break the tie (``then``: the latency, where it was measured).
 
 An infeasible budget is an error that names the tightest value each budget could reach on its
 own (the optimum of that quantity alone, under the ties).
@@ -33,10 +38,18 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
+from tvm import relax
 
 from qcompiler.passes import rounding
 from qcompiler.passes.errors import QCompilerError
-from qcompiler.passes.graph import CONV_OPS, MATMUL_OPS, bindings, const_value, op_name
+from qcompiler.passes.graph import (
+    CONV_OPS,
+    MATMUL_OPS,
+    bindings,
+    const_value,
+    moves_codes,
+    op_name,
+)
 from qcompiler.passes.scheme import QuantConfig
 
 QUANTITIES = ("latency_ms", "error", "bytes")
@@ -65,7 +78,11 @@ class Plan:
     @property
     def int4_layers(self) -> tuple[str, ...]:
         """The layers this plan gives 4-bit weights."""
-        return tuple(layer for layer, p in self.precisions.items() if p == "w4a8")
+        return self.layers_at("w4a8")
+
+    def layers_at(self, precision: str) -> tuple[str, ...]:
+        """The layers this plan runs at ``precision``."""
+        return tuple(layer for layer, p in self.precisions.items() if p == precision)
 
 
 @contextlib.contextmanager
@@ -88,7 +105,12 @@ def _silenced_stdout():
 class _Program:
     """Variables, the one-per-layer rows and the tie rows of a table."""
 
-    def __init__(self, table: Mapping[str, Sequence[Option]], ties: Iterable[Iterable[str]]):
+    def __init__(
+        self,
+        table: Mapping[str, Sequence[Option]],
+        ties: Iterable[Iterable[str]],
+        precision_ties: Iterable[tuple[str, Iterable[str]]] = (),
+    ):
         if not table:
             raise QCompilerError("no layers to choose precisions for")
         self.layers = list(table)
@@ -131,12 +153,32 @@ class _Program:
                     rows.append(row)
                     lower.append(0)
                     upper.append(0)
+        for precision, group in precision_ties:
+            group = [name for name in group if (name, precision) in self.index]
+            for first, other in zip(group, group[1:]):
+                row = np.zeros(n)
+                row[self.index[(first, precision)]] = 1
+                row[self.index[(other, precision)]] = -1
+                rows.append(row)
+                lower.append(0)
+                upper.append(0)
         self.structure = LinearConstraint(np.array(rows), lower, upper)
 
     def cost(self, quantity: str) -> np.ndarray:
         return np.array([float(getattr(option, quantity)) for _, option in self.options])
 
-    def solve(self, objective: str, budgets: Mapping[str, float]):
+    def solve(self, objective: str, budgets: Mapping[str, float], then: str | None = None):
+        result = self._solve(objective, budgets)
+        if result is None or then is None or then == objective:
+            return result
+        # The best by ``then`` among the optima of ``objective`` (a relative slack for HiGHS's
+        # own tolerance on the optimum).
+        best = float(self.cost(objective) @ np.rint(result.x))
+        slack = 1e-9 * max(abs(best), 1.0)
+        tied = self._solve(then, {**budgets, objective: best + slack})
+        return tied if tied is not None else result
+
+    def _solve(self, objective: str, budgets: Mapping[str, float]):
         constraints = [self.structure]
         for quantity, limit in budgets.items():
             constraints.append(LinearConstraint(self.cost(quantity)[None], -np.inf, limit))
@@ -168,12 +210,17 @@ def choose_precisions(
     max_latency_ms: float | None = None,
     max_bytes: float | None = None,
     ties: Iterable[Iterable[str]] = (),
+    precision_ties: Iterable[tuple[str, Iterable[str]]] = (),
+    then: str | None = None,
 ) -> Plan:
     """The precisions that minimize ``minimize`` (``"latency_ms"``, ``"error"`` or
-    ``"bytes"``) within the budgets given; see the module docstring."""
-    if minimize not in QUANTITIES:
-        raise QCompilerError(f"minimize must be one of {QUANTITIES}, got {minimize!r}")
-    program = _Program(table, ties)
+    ``"bytes"``) within the budgets given, and among those ``then``; see the module
+    docstring. ``precision_ties``: ``(precision, layers)``, each of ``layers`` at ``precision``
+    or none of them."""
+    for quantity in (minimize, then):
+        if quantity is not None and quantity not in QUANTITIES:
+            raise QCompilerError(f"minimize and then must be among {QUANTITIES}: {quantity!r}")
+    program = _Program(table, ties, precision_ties)
     budgets = {
         quantity: float(limit)
         for quantity, limit in zip(QUANTITIES, (max_latency_ms, max_error, max_bytes))
@@ -182,7 +229,7 @@ def choose_precisions(
     for quantity, limit in budgets.items():
         if not math.isfinite(limit):
             raise QCompilerError(f"the {quantity} budget must be a finite number, got {limit}")
-    result = program.solve(minimize, budgets)
+    result = program.solve(minimize, budgets, then)
     if result is not None:
         return program.plan(result.x)
     # Infeasible: what could each budget reach on its own?
@@ -218,6 +265,69 @@ def _weighted_layers(calibration):
 def weight_layers(calibration) -> tuple[str, ...]:
     """The conv/matmul layers with constant weights: those a precision can be chosen for."""
     return tuple(binding.var.name for binding, _ in _weighted_layers(calibration))
+
+
+def input_points(calibration) -> dict[str, str]:
+    """``{layer: activation tensor}``: the quantization point each conv/matmul layer with
+    constant weights reads, through ops that only move values (a reshape, a pad); what widening
+    the layer's input to 16 bits (``w8a16``) widens. Layers whose input is no point are left
+    out."""
+    func = calibration.mod["main"]
+    producer = {b.var: b.value for b in bindings(func)}
+    points = {p: p.name for p in calibration.plan.points}
+    found = {}
+    for binding, _ in _weighted_layers(calibration):
+        data = binding.value.args[0]
+        while data not in points and isinstance(producer.get(data), relax.Call):
+            call = producer[data]
+            if not (moves_codes(call) or op_name(call) == "relax.nn.pad"):
+                break
+            data = call.args[0]
+        if data in points:
+            found[binding.var.name] = points[data]
+    return found
+
+
+def add_wider_options(
+    table: dict[str, list[Option]],
+    calibration,
+    *,
+    widened: Mapping[str, float] | None = None,
+    floated: Mapping[str, float] | None = None,
+    latency: Mapping[str, Mapping[str, float]] | None = None,
+) -> list[tuple[str, list[str]]]:
+    """Add ``w8a16`` and/or ``float`` options to the ``w8a8`` layers of ``table``, in place;
+    return the precision ties of :func:`choose_precisions`.
+
+    ``widened``: ``{activation tensor: output noise power its 8-bit rounding adds}``; a
+    layer's ``w8a16`` option removes that of its input (:func:`input_points`), shared among
+    the layers that read it, which are tied to widen it together. ``floated``: ``{layer:
+    output noise power change with its weights float}`` (negative: the noise of its 8-bit
+    weights); a ``float`` option stores 4 bytes per weight. The errors are relative to the
+    all-``w8a8`` model, like the ``w4a8`` options'; ``latency`` as in :func:`weight_options`,
+    here required: these options buy accuracy with time, and only a measured time prices them.
+    """
+    if latency is None:
+        raise QCompilerError("w8a16 and float options need latencies measured on the board")
+    sizes = {binding.var.name: weight.size for binding, weight in _weighted_layers(calibration)}
+
+    def ms(precision: str, layer: str) -> float:
+        if layer not in latency.get(precision, {}):
+            raise QCompilerError(f"no measured {precision} latency for layer {layer!r}")
+        return float(latency[precision][layer])
+
+    readers: dict[str, list[str]] = {}
+    for layer, point in input_points(calibration).items():
+        if layer in table:
+            readers.setdefault(point, []).append(layer)
+    for point, layers in (widened and readers or {}).items():
+        removed = widened[point] / len(layers)
+        for layer in layers:
+            table[layer].append(Option("w8a16", ms("w8a16", layer), -removed, sizes[layer]))
+    for layer, change in (floated or {}).items():
+        if layer in table:
+            table[layer].append(Option("float", ms("float", layer), change, 4 * sizes[layer]))
+    return [("w8a16", layers) for layers in readers.values() if len(layers) > 1]
 
 
 def size_ladder(

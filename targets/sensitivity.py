@@ -303,25 +303,25 @@ def _least_costly_range(probe, calibration, config, name: str, own_db: float) ->
 @mutator
 class _WeightSwitches(PyExprMutator):
     """Replaces the constant weights of chosen conv/matmul layers by
-    ``base + switch[k] * (alternative - base)``."""
+    ``base + sum_i switches[i][k] * (alternatives[i] - base)``."""
 
-    def __init__(self, mod, weights: dict, switch: relax.Var):
+    def __init__(self, mod, weights: dict, switches: list[relax.Var]):
         super().__init__(mod)
         self.index = {var: k for k, var in enumerate(weights)}  # by var: names may repeat
         self.weights = weights
-        self.switch = switch
+        self.switches = switches
 
     def visit_var_binding_(self, binding):
         k = self.index.get(binding.var)
         if k is None:
             return super().visit_var_binding_(binding)
         call = self.visit_expr(binding.value)
-        base, alternative = self.weights[binding.var]
-        on = self.builder_.emit(relax.op.take(self.switch, relax.const(k, "int64"), axis=0))
-        delta = relax.const((alternative - base).astype("float32"))
-        weight = self.builder_.emit(
-            relax.op.add(relax.const(base.astype("float32")), relax.op.multiply(on, delta))
-        )
+        base, *alternatives = self.weights[binding.var]
+        weight = relax.const(base.astype("float32"))
+        for switch, alternative in zip(self.switches, alternatives):
+            on = self.builder_.emit(relax.op.take(switch, relax.const(k, "int64"), axis=0))
+            delta = relax.const((alternative - base).astype("float32"))
+            weight = self.builder_.emit(relax.op.add(weight, relax.op.multiply(on, delta)))
         new = relax.Call(call.op, [call.args[0], weight, *call.args[2:]], call.attrs, call.ty_args)
         var = binding.var
         emit = (
@@ -343,8 +343,9 @@ def _dequantized_weights(call, spec, config: QuantConfig, stats) -> np.ndarray:
 
 class WeightProbe:
     """The float model with each conv/matmul layer's weights switchable between their 8-bit and
-    4-bit roundings (activations exact), compiled once: the output SQNR with any set of layers
-    at 4 bits, measured on ``samples`` -- what 4-bit weights in a layer do to the answer.
+    4-bit roundings and their float values (activations exact), compiled once: the output SQNR
+    with any set of layers at 4 bits or float, measured on ``samples`` -- what 4-bit weights in
+    a layer do to the answer, and what keeping its weights float saves.
 
     With ``layers`` (input statistics per layer, as :meth:`Calibration.quantize` rounds with),
     the roundings that ``config`` (resolved) optimizes are optimized against them, as the
@@ -362,14 +363,20 @@ class WeightProbe:
             call = binding.value
             if op_name(call) in CONV_OPS | MATMUL_OPS and const_value(call.args[1]) is not None:
                 stats = (layers or {}).get(binding.var)
-                weights[binding.var] = tuple(
+                rounded = [
                     _dequantized_weights(call, spec, config, stats) for spec in (eight, four)
-                )
+                ]
+                weights[binding.var] = (*rounded, const_value(call.args[1]).astype(np.float32))
         self.names = [var.name for var in weights]
-        switch = relax.Var("qc_switch", relax.TensorType((len(weights),), "float32"))
-        body = _WeightSwitches(calibration.mod, weights, switch).visit_expr(func).body
+        switches = [
+            relax.Var(name, relax.TensorType((len(weights),), "float32"))
+            for name in ("qc_four_bit", "qc_float")
+        ]
+        body = _WeightSwitches(calibration.mod, weights, switches).visit_expr(func).body
         probe = tvm.IRModule(dict(calibration.mod.functions), attrs=calibration.mod.attrs)
-        probe["main"] = relax.Function([*func.params, switch], body, func.ret_ty, attrs=func.attrs)
+        probe["main"] = relax.Function(
+            [*func.params, *switches], body, func.ret_ty, attrs=func.attrs
+        )
         self._probe = SensitivityProbe._vm(probe, target)
         params = [p.name for p in func.params]
         self._inputs = [
@@ -378,12 +385,20 @@ class WeightProbe:
         reference = SensitivityProbe._vm(calibration.mod, target)
         self.reference = [SensitivityProbe._outputs(reference(*args)) for args in self._inputs]
 
-    def run(self, four_bit: set[str]) -> float:
-        """Output SQNR (dB) with the layers in ``four_bit`` at 4 bits, the others at 8."""
-        flag = tvm.runtime.tensor(np.array([n in four_bit for n in self.names], dtype="float32"))
-        got = [SensitivityProbe._outputs(self._probe(*args, flag)) for args in self._inputs]
+    def run(self, four_bit: set[str], floats: set[str] = frozenset()) -> float:
+        """Output SQNR (dB) with the layers in ``four_bit`` at 4 bits, those in ``floats``
+        float, the others at 8."""
+        flags = [
+            tvm.runtime.tensor(np.array([n in chosen for n in self.names], dtype="float32"))
+            for chosen in (four_bit, floats)
+        ]
+        got = [SensitivityProbe._outputs(self._probe(*args, *flags)) for args in self._inputs]
         return output_sqnr(self.reference, got)
 
     def measure(self) -> tuple[dict[str, float], float]:
         """``({layer: SQNR with it alone at 4 bits}, SQNR with every layer at 8 bits)``."""
         return {n: self.run({n}) for n in self.names}, self.run(set())
+
+    def measure_float(self) -> dict[str, float]:
+        """``{layer: SQNR with it alone float, the others at 8 bits}``."""
+        return {n: self.run(set(), {n}) for n in self.names}

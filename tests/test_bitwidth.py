@@ -98,6 +98,29 @@ def test_hand_made_table_known_optimum():
     assert (plan.latency_ms, plan.error, plan.bytes) == (3.0, pytest.approx(0.5), 150)
 
 
+def test_layers_reading_one_tensor_widen_it_together_and_ties_go_to_the_faster_plan():
+    """The hand-made optimum: ``a`` and ``b`` read one tensor, so 16 bits for it costs both
+    their time; among plans of equal bytes the second objective takes the fastest."""
+    table = {
+        "a": [Option("w8a8", 1.0, 0.0, 10), Option("w8a16", 2.0, -1.0, 10)],
+        "b": [Option("w8a8", 1.0, 0.0, 10), Option("w8a16", 3.0, -1.0, 10)],
+        "c": [Option("w8a8", 1.0, 0.0, 10), Option("w4a8", 1.0, 2.0, 5)]
+        + [Option("w8a16", 2.0, -1.5, 10)],
+    }
+    tie = [("w8a16", ["a", "b"])]
+    alone = choose_precisions(table, minimize="error", max_latency_ms=5.0)
+    assert alone.precisions == {"a": "w8a16", "b": "w8a8", "c": "w8a16"}
+    assert alone.error == pytest.approx(-2.5)
+    tied = choose_precisions(table, minimize="error", max_latency_ms=5.0, precision_ties=tie)
+    assert tied.precisions == {"a": "w8a8", "b": "w8a8", "c": "w8a16"}
+    # 4 bits in c need the widened tensor to pay for their error: both readers widen it.
+    plan = choose_precisions(table, minimize="bytes", max_error=0.0, precision_ties=tie)
+    assert plan.precisions == {"a": "w8a16", "b": "w8a16", "c": "w4a8"} and plan.bytes == 25
+    # With error to spare, widening buys nothing and the faster plan of 25 bytes is chosen.
+    fast = choose_precisions(table, minimize="bytes", max_error=10.0, then="latency_ms")
+    assert fast.precisions == {"a": "w8a8", "b": "w8a8", "c": "w4a8"} and fast.latency_ms == 3.0
+
+
 def test_an_unreachable_budget_names_the_tightest_achievable_value():
     table = random_table(5, layers=4)
     smallest = sum(min(o.error for o in options) for options in table.values())
@@ -246,6 +269,85 @@ def test_a_latency_budget_is_planned_from_measured_layers(mnist_calibration, mni
         qcompiler.api.choose_weight_precisions(
             calibration, max_latency_ms=0.5 * fast.latency_ms, **quiet
         )
+
+
+def test_float_layers_compute_in_float(mnist_calibration, shared):
+    """Layers kept float run as float fallbacks on their weights as trained: with every
+    activation at 16 bits too, the outputs are onnxruntime's float ones up to the 16-bit
+    rounding, far closer than all-8-bit's; the manifest counts their float32 bytes."""
+    import onnxruntime as ort
+
+    import qcompiler
+    from qcompiler.targets.bitwidth import weight_layers
+
+    model, calibration, images, _ = mnist_calibration
+    layers = weight_layers(calibration)
+    session = ort.InferenceSession(
+        str(shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"),
+        providers=["CPUExecutionProvider"],
+    )
+    samples = [{"Input3": x} for x in images[100:140]]
+    expected = np.concatenate([session.run(None, x)[0] for x in samples])
+
+    def sqnr(config) -> tuple[float, dict]:
+        quantized = qcompiler.quantize(model, None, config, calibration=calibration)
+        built = quantized.build("x86")
+        got = np.concatenate([next(iter(built.run(x).values())) for x in samples])
+        error = np.sum((got - expected) ** 2)
+        return 10 * np.log10(np.sum(expected**2) / error), built.manifest
+
+    eight_db, eight = sqnr({"int16_activations": ()})
+    with pytest.warns(UserWarning, match="stay float"):
+        float_db, floats = sqnr({"int16_activations": 1.0, "float_layers": layers})
+    assert [t["precision"] for t in floats["layers"]] == ["float"] * len(layers)
+    assert [t["layer"] for t in floats["layers"]] == [t["layer"] for t in eight["layers"]]
+    assert floats["weight_bytes"] == 4 * eight["weight_bytes"]
+    assert floats["quantization"]["float_layers"] == list(layers)
+    assert len(floats["quantization"]["float_fallbacks"]) >= len(layers)
+    assert float_db > eight_db + 20
+    one = qcompiler.quantize(model, None, {"float_layers": layers[1:2]}, calibration=calibration)
+    precisions = [t["precision"] for t in qcompiler.api.layer_table(one.mod)]
+    assert precisions == ["w8a8", "float", "w8a8"]
+
+
+def test_wider_precisions_are_chosen_by_what_they_measure(mnist_calibration, mnist_records, shared):
+    """w8a16 and float beside w8a8/w4a8: with no more bytes than all-8-bit, the least error
+    widens inputs (free in bytes) where their rounding costs the outputs, and the plan is
+    what the build runs: each layer's precision in the manifest, the plan's bytes, and an
+    output SQNR checked here against onnxruntime's float outputs."""
+    import onnxruntime as ort
+
+    import qcompiler
+
+    model, calibration, images, _ = mnist_calibration
+    samples = [{"Input3": x} for x in images[:6]]
+    eight = qcompiler.quantize(model, None, calibration=calibration).build("x86")
+    every = ("w8a8", "w4a8", "w8a16", "float")
+    quiet = {"records": mnist_records, "echo": lambda _: None, "samples": samples}
+    with pytest.raises(QCompilerError, match="w8a16 and float layers are priced by measurement"):
+        qcompiler.api.choose_weight_precisions(calibration, max_bytes=1e6, precisions=every)
+    config, plan = qcompiler.api.choose_weight_precisions(
+        calibration, max_bytes=eight.manifest["weight_bytes"], precisions=every, **quiet
+    )
+    assert plan.bytes <= eight.manifest["weight_bytes"] and plan.error < 0
+    assert "w8a16" in plan.precisions.values()
+    built = qcompiler.quantize(model, None, config, calibration=calibration).build("x86")
+    assert {t["layer"]: t["precision"] for t in built.manifest["layers"]} == plan.precisions
+    assert built.manifest["weight_bytes"] == plan.bytes
+    session = ort.InferenceSession(
+        str(shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"),
+        providers=["CPUExecutionProvider"],
+    )
+    expected = np.concatenate([session.run(None, x)[0] for x in samples])
+    got = np.concatenate([next(iter(built.run(x).values())) for x in samples])
+    sqnr = 10 * np.log10(np.sum(expected**2) / np.sum((got - expected) ** 2))
+    assert plan.measured_sqnr_db == pytest.approx(sqnr, abs=0.05)
+    # Room for float32 weights: the least error keeps weights float, and measures cleaner.
+    config, roomy = qcompiler.api.choose_weight_precisions(
+        calibration, max_bytes=4 * eight.manifest["weight_bytes"], precisions=every, **quiet
+    )
+    assert config.float_layers == roomy.layers_at("float") != ()
+    assert roomy.measured_sqnr_db > plan.measured_sqnr_db
 
 
 def test_an_accuracy_budget_is_met_when_scored(mnist_calibration, shared):

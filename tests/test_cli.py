@@ -246,7 +246,7 @@ def test_compile_within_a_size_budget(compiled, shared):
            "--calib", str(tmp / "calib.npz"),
            "--size-budget-kb", f"{budget:.2f}", "-o", str(out)]  # fmt: skip
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    assert "layers at W4A8" in done.stdout and "dB" in done.stdout
+    assert " at W4A8;" in done.stdout and "dB" in done.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["weight_bytes"] <= budget * 1024
     assert any(layer["precision"] == "w4a8" for layer in manifest["layers"])

@@ -440,7 +440,7 @@ def choose_weight_precisions(
     if wider:
         resolve(calibration, chosen)
         integer = calibration.quantize(chosen)
-        plan = replace(plan, measured_sqnr_db=_output_sqnr_of(integer, calibration, samples))
+        plan = replace(plan, measured_sqnr_db=output_sqnr_on(integer, calibration, samples))
     elif probe is not None:
         plan = replace(plan, measured_sqnr_db=probe.run(set(plan.int4_layers)))
     return chosen, plan
@@ -460,7 +460,7 @@ def _widening_noise(calibration: Calibration, config, samples) -> dict[str, floa
     return {name: max(_noise(probe.run({name})) - exact, 0.0) for name in probe.names}
 
 
-def _output_sqnr_of(integer: tvm.IRModule, calibration: Calibration, samples) -> float:
+def output_sqnr_on(integer: tvm.IRModule, calibration: Calibration, samples) -> float:
     """Output SQNR (dB) of the integer module against the float model on ``samples``, both
     built for this host."""
     names = [p.name for p in calibration.mod["main"].params]

@@ -130,6 +130,14 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     assert "none.onnx" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_precisions_without_a_size_or_latency_budget_is_a_clear_error(tmp_path):
+    cmd = [sys.executable, "-m", "qcompiler.cli", "compile", str(tmp_path / "none.onnx"),
+           "--precisions", "w8a8,w8a16", "-o", str(tmp_path / "o")]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--precisions goes with --size-budget-kb or --latency-budget-ms" in result.stderr
+
+
 def test_compile_with_optimized_rounding_and_bias_correction(compiled, shared):
     tmp, _, images, labels = compiled
     model = shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"

@@ -133,6 +133,7 @@ class _Program:
             lower.append(1)
             upper.append(1)
         self.forbidden = np.zeros(n, dtype=bool)
+        pairs = []  # (precision, layers): each of them at it, or none
         for group in ties:
             group = list(group)
             unknown = [name for name in group if name not in table]
@@ -145,17 +146,10 @@ class _Program:
                 for option in table[name]:
                     if option.precision not in shared:
                         self.forbidden[self.index[(name, option.precision)]] = True
-            for first, other in zip(group, group[1:]):
-                for precision in sorted(shared):
-                    row = np.zeros(n)
-                    row[self.index[(first, precision)]] = 1
-                    row[self.index[(other, precision)]] = -1
-                    rows.append(row)
-                    lower.append(0)
-                    upper.append(0)
-        for precision, group in precision_ties:
+            pairs.extend((p, group) for p in sorted(shared))
+        for precision, group in pairs + list(precision_ties):
             group = [name for name in group if (name, precision) in self.index]
-            for first, other in zip(group, group[1:]):
+            for first, other in zip(group, group[1:]):  # x[first, p] == x[other, p]
                 row = np.zeros(n)
                 row[self.index[(first, precision)]] = 1
                 row[self.index[(other, precision)]] = -1
@@ -320,13 +314,16 @@ def add_wider_options(
     for layer, point in input_points(calibration).items():
         if layer in table:
             readers.setdefault(point, []).append(layer)
-    for point, layers in (widened and readers or {}).items():
-        removed = widened[point] / len(layers)
-        for layer in layers:
-            table[layer].append(Option("w8a16", ms("w8a16", layer), -removed, sizes[layer]))
+    if widened is not None:
+        for point, layers in readers.items():
+            removed = widened.get(point, 0.0) / len(layers)
+            for layer in layers:
+                table[layer].append(Option("w8a16", ms("w8a16", layer), -removed, sizes[layer]))
     for layer, change in (floated or {}).items():
         if layer in table:
             table[layer].append(Option("float", ms("float", layer), change, 4 * sizes[layer]))
+    if widened is None:
+        return []
     return [("w8a16", layers) for layers in readers.values() if len(layers) > 1]
 
 

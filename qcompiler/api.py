@@ -307,10 +307,12 @@ def _precision_latencies(
     return {p: m.layers for p, m in measured.items()}, measured["w8a8"].rest_ms
 
 
-def _option_table(calibration, config, measured, latency) -> dict[str, list[Option]]:
+def _option_table(
+    calibration, config, measured, latency, four_bit: bool = True
+) -> dict[str, list[Option]]:
     """The program's table; with ``latency`` (see :func:`_precision_latencies`) the fixed rest
     of the model is a row of its own, so that latency totals are the whole model's."""
-    table = weight_options(calibration, config, measured, latency and latency[0])
+    table = weight_options(calibration, config, measured, latency and latency[0], four_bit)
     if latency is not None:
         table[_REST] = [Option("fixed", latency[1], 0.0, 0)]
     return table
@@ -407,9 +409,7 @@ def choose_weight_precisions(
         latency = _precision_latencies(
             calibration, config, records, target, rpc, threads, echo, precisions
         )
-    table = _option_table(calibration, config, measured, latency)
-    if "w4a8" not in precisions:
-        table = {k: [o for o in v if o.precision != "w4a8"] for k, v in table.items()}
+    table = _option_table(calibration, config, measured, latency, "w4a8" in precisions)
     ties = []
     if wider:
         widened = _widening_noise(calibration, config, samples) if "w8a16" in wider else None

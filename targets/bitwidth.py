@@ -344,9 +344,10 @@ def size_ladder(
 
 
 def weight_options(
-    calibration, config=None, measured=None, latency=None
+    calibration, config=None, measured=None, latency=None, four_bit: bool = True
 ) -> dict[str, list[Option]]:
-    """``w8a8`` and ``w4a8`` options for every conv/matmul layer with constant weights: their
+    """``w8a8`` and (with ``four_bit``) ``w4a8`` options for every conv/matmul layer with
+    constant weights: their
     stored bytes, an error, and (with ``latency``: ``{precision: {layer: ms}}``, measured on
     the board by :mod:`qcompiler.targets.latency`) their latency.
 
@@ -382,10 +383,9 @@ def weight_options(
         if measured is not None:
             alone, base = measured
             added = max(10 ** (-alone[name] / 10) - 10 ** (-base / 10), 0.0)
-            table[name] = [
-                Option("w8a8", ms("w8a8", name), 0.0, weight.size),
-                Option("w4a8", ms("w4a8", name), added, small),
-            ]
+            table[name] = [Option("w8a8", ms("w8a8", name), 0.0, weight.size)]
+            if four_bit:
+                table[name].append(Option("w4a8", ms("w4a8", name), added, small))
             continue
         stats = calibration.layers.get(binding.var)
         if stats is None or stats.count == 0:  # no statistics (a very long patch): 8 bits
@@ -395,7 +395,7 @@ def weight_options(
         hessian = stats.second_moment
         signal = float(np.einsum("gok,gkl,gol->", w, hessian, w))
         options = []
-        for precision, bits in (("w8a8", 8), ("w4a8", 4)):
+        for precision, bits in (("w8a8", 8), ("w4a8", 4))[: 1 + four_bit]:
             spec = config.scheme.weight
             if bits == 4:
                 spec = dataclasses.replace(spec, bits=4, narrow_range=True)

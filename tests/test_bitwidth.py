@@ -244,7 +244,8 @@ def test_layer_latencies_split_the_measured_model(mnist_calibration, mnist_recor
     assert int16_layers == {"none": 0, "one layer": 1, "all": 3}[wide]
     measured = qcompiler.api.layer_latencies(quantized.mod, mnist_records, echo=lambda _: None)
     assert set(measured.layers) == set(weight_options(calibration))
-    assert all(ms > 0 for ms in measured.layers.values()) and measured.rest_ms > 0
+    # A chain of layers: every kernel prepares one layer's input, so the rest may be empty.
+    assert all(ms > 0 for ms in measured.layers.values()) and measured.rest_ms >= 0
     report = qcompiler.tune(quantized, mnist_records, trials=0, echo=lambda _: None)
     assert report.trials == 0  # everything came from the database
     assert measured.total_ms == pytest.approx(report.estimated_ms(), rel=1e-9)

@@ -412,7 +412,9 @@ def choose_weight_precisions(
     table = _option_table(calibration, config, measured, latency, "w4a8" in precisions)
     ties = []
     if wider:
-        widened = _widening_noise(calibration, config, samples) if "w8a16" in wider else None
+        widened = None
+        if "w8a16" in wider:
+            widened = _widening_noise(calibration, config, samples, probe.reference)
         floated = None
         if "float" in wider:
             base = _noise(measured[1])
@@ -438,9 +440,10 @@ def choose_weight_precisions(
         wide = (*resolved.int16_activations, *(points[layer] for layer in widen))
         chosen = replace(chosen, int16_activations=tuple(dict.fromkeys(wide)))
     if wider:
-        resolve(calibration, chosen)
+        resolve(calibration, chosen)  # measured once per config, cached
         integer = calibration.quantize(chosen)
-        plan = replace(plan, measured_sqnr_db=output_sqnr_on(integer, calibration, samples))
+        sqnr = output_sqnr_on(integer, calibration, samples, probe.reference)
+        plan = replace(plan, measured_sqnr_db=sqnr)
     elif probe is not None:
         plan = replace(plan, measured_sqnr_db=probe.run(set(plan.int4_layers)))
     return chosen, plan
@@ -451,32 +454,30 @@ def _noise(sqnr_db: float) -> float:
     return 10 ** (-sqnr_db / 10)
 
 
-def _widening_noise(calibration: Calibration, config, samples) -> dict[str, float]:
+def _widening_noise(calibration: Calibration, config, samples, reference) -> dict[str, float]:
     """``{activation tensor: output noise power its 8-bit rounding alone adds}`` (weights at 8
-    bits), measured on ``samples`` on this host."""
+    bits), measured on ``samples`` on this host; ``reference``: the float model's outputs on
+    them."""
     config = choice_key(_as_config(config))
-    probe = SensitivityProbe(calibration, config, samples, _tvm_target("host"))
+    probe = SensitivityProbe(calibration, config, samples, _tvm_target("host"), reference=reference)
     exact = _noise(probe.run(set()))
     return {name: max(_noise(probe.run({name})) - exact, 0.0) for name in probe.names}
 
 
-def output_sqnr_on(integer: tvm.IRModule, calibration: Calibration, samples) -> float:
-    """Output SQNR (dB) of the integer module against the float model on ``samples``, both
-    built for this host."""
+def output_sqnr_on(
+    integer: tvm.IRModule, calibration: Calibration, samples, reference=None
+) -> float:
+    """Output SQNR (dB) of the integer module against the float model on ``samples``, built
+    for this host; ``reference``: the float model's outputs on them, if already known."""
     names = [p.name for p in calibration.mod["main"].params]
-    outputs = []
-    for mod in (calibration.mod, integer):
-        executable = build_executable(mod, _tvm_target("host"), None)
-        vm = tvm.relax.VirtualMachine(executable, tvm.cpu())["main"]
-        outputs.append(
-            [
-                SensitivityProbe._outputs(
-                    vm(*(tvm.runtime.tensor(np.ascontiguousarray(s[n])) for n in names))
-                )
-                for s in samples
-            ]
-        )
-    return output_sqnr(*outputs)
+
+    def outputs(mod) -> list:
+        vm = SensitivityProbe._vm(mod, _tvm_target("host"))
+        args = ([tvm.runtime.tensor(np.ascontiguousarray(s[n])) for n in names] for s in samples)
+        return [SensitivityProbe._outputs(vm(*a)) for a in args]
+
+    expected = reference if reference is not None else outputs(calibration.mod)
+    return output_sqnr(expected, outputs(integer))
 
 
 @dataclass(frozen=True)

@@ -158,7 +158,7 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
     held_out = {}  # rounding -> the weight probe on 16 evaluation images
 
     def held_out_db(rounding: QuantConfig, int4: tuple[str, ...]) -> float:
-        key = rounding.weight_rounding
+        key = (rounding.weight_rounding, rounding.nearest_weights)
         if key not in held_out:
             held_out[key] = api.weight_probe(calibration, rounding, data.inputs[:16])
         return held_out[key].run(set(int4))
@@ -207,7 +207,7 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
     searches = (
         *roundings[:1],
         (", optimized-4bit rounding", QuantConfig(weight_rounding=OPTIMIZED_4BIT)),
-        (", default (auto, then nearest rounding)", QuantConfig()),
+        (", default (auto, nearest, then each layer's better)", QuantConfig()),
     )
     for label, rounding in searches if not args.no_search else ():
         search = time.perf_counter()
@@ -221,13 +221,12 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
             continue
         title = f"top-1 within {args.max_drop:g} points"
         if rounding.weight_rounding == AUTO:
-            label = f"{label}: {config.weight_rounding} won"
+            label = f"{label}: {found.chosen.rounding} won"
         add_choice(title, label, config, config, plan, search)
         notes.append(
             f"{rows[-1][0]}: tried "
             + ", ".join(
-                f"{len(c.int4_weights)} layers {c.weight_rounding} {c.top1:.4f}"
-                f"/{c.held_out_top1:.4f}"
+                f"{len(c.int4_weights)} layers {c.rounding} {c.top1:.4f}/{c.held_out_top1:.4f}"
                 for c in tried
             )
             + f" (top-1 on the {found.searched} searched/{found.held_out} held-out images; "
@@ -284,7 +283,7 @@ def search_on_half(model, calibration, labelled, max_drop, probe, fp32) -> str:
     drops = [100 * (api.top1(chosen, part) - api.top1(fp32, part)) for part in (own, other)]
     return (
         f"the default search on the first {half} evaluation images only: "
-        f"{len(config.int4_weights)} W4A8 layers ({config.weight_rounding} rounding), "
+        f"{len(config.int4_weights)} W4A8 layers ({search.chosen.rounding} rounding), "
         f"{plan.bytes / 1024:.1f} KiB; top-1 {drops[0]:+.2f} points on those images, "
         f"{drops[1]:+.2f} on the other {len(other)}"
     )

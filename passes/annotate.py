@@ -200,7 +200,7 @@ class _Annotator(PyExprMutator):
             return codes
         call = stats.call
         spec = config.weight_spec(var.name)
-        if config.optimized_rounding(spec.bits):
+        if config.optimized_rounding(spec.bits, var.name):
             codes = rounding.optimized_codes(
                 call, weight, codes, scale, spec.qmin, spec.qmax, stats
             )
@@ -240,15 +240,14 @@ def annotate(
     annotator = _Annotator(mod, plan, qparams, config, layers)
     out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
     out["main"] = annotator.visit_expr(mod["main"])
+    found = [b.var.name for b in bindings(mod["main"]) if op_name(b.value) in CONV_OPS | MATMUL_OPS]
     missing = sorted(set(config.int4_weights) - set(annotator.int4))
     missing += sorted(set(config.float_layers) - set(annotator.float_layers))
+    missing += sorted(set(config.nearest_weights) - set(found))
     if missing:
-        found = [
-            b.var.name for b in bindings(mod["main"]) if op_name(b.value) in CONV_OPS | MATMUL_OPS
-        ]
         raise QCompilerError(
-            f"int4_weights/float_layers name {missing}, which are not conv/matmul layers with "
-            f"constant weights (those are {found[:8]} ...)"
+            f"int4_weights/float_layers/nearest_weights name {missing}, which are not "
+            f"conv/matmul layers with constant weights (those are {found[:8]} ...)"
         )
     if annotator.names:
         out["main"] = out["main"].with_attr(LAYER_NAMES_ATTR, annotator.names)

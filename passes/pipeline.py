@@ -114,7 +114,12 @@ def choice_key(config: QuantConfig) -> QuantConfig:
     4-bit layers (they are measured with 8-bit weights), so that candidates of a bit-width
     search differ only in their weights."""
     return dataclasses.replace(
-        config, int16_activations=(), int4_weights=(), float_layers=(), tensor_methods=()
+        config,
+        int16_activations=(),
+        int4_weights=(),
+        float_layers=(),
+        nearest_weights=(),
+        tensor_methods=(),
     )
 
 

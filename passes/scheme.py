@@ -202,6 +202,12 @@ class QuantConfig:
     ``float_layers``: names of conv2d/matmul layers kept in float: their weights stay float32
     and they run as float fallbacks between a dequantize of their input codes and a quantize of
     their output (the report counts them).
+
+    ``nearest_weights``: names of conv2d/matmul layers whose weights round to nearest whatever
+    ``weight_rounding`` says: a per-layer rounding choice. Rounding against the layer's inputs
+    lowers the error on the statistics it was fitted to, not always on other inputs (a
+    classifier's last matmul, EfficientNet-Lite0's 1x1 convs on 7x7 maps); the accuracy-budget
+    search fills it with the layers whose 4-bit error measured lower rounded to nearest.
     """
 
     scheme: QuantScheme = field(default_factory=lambda: PRESETS["hybrid"])
@@ -211,6 +217,7 @@ class QuantConfig:
     bias_correction: bool = False
     int4_weights: tuple[str, ...] = ()
     float_layers: tuple[str, ...] = ()
+    nearest_weights: tuple[str, ...] = ()
     tensor_methods: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
@@ -225,6 +232,7 @@ class QuantConfig:
             )
         object.__setattr__(self, "int4_weights", tuple(str(n) for n in self.int4_weights))
         object.__setattr__(self, "float_layers", tuple(str(n) for n in self.float_layers))
+        object.__setattr__(self, "nearest_weights", tuple(str(n) for n in self.nearest_weights))
         both = sorted(set(self.int4_weights) & set(self.float_layers))
         if both:
             raise QCompilerError(f"layers {both} are named both in int4_weights and float_layers")
@@ -269,9 +277,12 @@ class QuantConfig:
         four_bit = four_bit or bool(self.int4_weights)
         return self.needs_layer_inputs or (self.weight_rounding == AUTO and four_bit)
 
-    def optimized_rounding(self, bits: int) -> bool:
-        """Whether weights of ``bits`` bits are rounded against their layer's input statistics
-        (a resolved ``weight_rounding``: not ``"auto"``)."""
+    def optimized_rounding(self, bits: int, layer: str | None = None) -> bool:
+        """Whether weights of ``bits`` bits (of the layer called ``layer``, if given) are rounded
+        against their layer's input statistics (a resolved ``weight_rounding``: not ``"auto"``;
+        ``nearest_weights`` round to nearest)."""
+        if layer is not None and layer in self.nearest_weights:
+            return False
         return self.weight_rounding == "optimized" or (
             self.weight_rounding == OPTIMIZED_4BIT and bits == 4
         )

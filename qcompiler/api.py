@@ -149,6 +149,7 @@ class QuantizedModel:
             "weight_rounding": self.config.weight_rounding,
             "bias_correction": self.config.bias_correction,
             "float_layers": list(self.config.float_layers),
+            "nearest_weights": list(self.config.nearest_weights),
             "rounding": self.rounding,
             "float_fallbacks": self.float_fallbacks,
             "activations": {
@@ -490,6 +491,14 @@ class Candidate:
     top1: float
     weight_rounding: str = AUTO
     held_out_top1: float | None = None
+    nearest_weights: tuple[str, ...] = ()  # 4-bit layers rounded to nearest all the same
+
+    @property
+    def rounding(self) -> str:
+        """How its 4-bit weights were rounded, in words."""
+        if not self.nearest_weights:
+            return self.weight_rounding
+        return f"{self.weight_rounding}, {len(self.nearest_weights)} to nearest"
 
 
 @dataclass(frozen=True)
@@ -528,7 +537,8 @@ def within_drop(reference: float, accuracy: float, max_drop_points: float) -> bo
 
 def accuracy_search_roundings(calibration: Calibration, config=None) -> tuple[str, ...]:
     """The weight roundings an accuracy-budget search tries, in order: ``config``'s own, and
-    with ``"auto"`` that optimizes the 4-bit layers also ``"nearest"``. Neither is better
+    with ``"auto"`` that optimizes the 4-bit layers also ``"nearest"`` (and then each layer the
+    way its 4-bit error measured lower, see :func:`per_layer_rounding`). Neither is better
     everywhere: rounding against the layers' inputs made ResNet-8's 4-bit layers far more
     accurate, while nearest rounding kept more of EfficientNet-Lite0's within the same drop
     (bench/mixed.py)."""
@@ -537,6 +547,18 @@ def accuracy_search_roundings(calibration: Calibration, config=None) -> tuple[st
         return (config.weight_rounding,)
     resolved = _resolved_for_4_bits(calibration, config)
     return (AUTO, "nearest") if resolved.weight_rounding == OPTIMIZED_4BIT else (AUTO,)
+
+
+def per_layer_rounding(config: QuantConfig, optimized: tuple, nearest: tuple):
+    """``config`` with the layers whose 4-bit error measured lower rounded to nearest than
+    optimized (``nearest_weights``), and each layer's 4-bit error as it will then be rounded:
+    ``optimized`` and ``nearest`` are two :meth:`WeightProbe.measure` results on the same
+    samples, of ``config`` and of it with nearest rounding (the 8-bit layers round to nearest
+    in both). Measured per layer, the choice adds nothing to what each layer alone costs."""
+    (four, base), (four_nearest, _) = optimized, nearest
+    chosen = tuple(n for n in four if four_nearest[n] > four[n])
+    best = {n: max(four[n], four_nearest[n]) for n in four}
+    return replace(config, nearest_weights=chosen), (best, base)
 
 
 def choose_within_accuracy_drop(
@@ -583,9 +605,10 @@ def choose_within_accuracy_drop(
 
     def candidate(plan: Plan, variant: QuantConfig) -> Candidate:
         int4 = plan.int4_layers
-        key = (variant.weight_rounding if int4 else None, int4)
+        nearest = tuple(n for n in variant.nearest_weights if n in int4)
+        key = (variant.weight_rounding, nearest, int4) if int4 else None
         if key not in candidates:
-            chosen = replace(variant, int4_weights=tuple(int4))
+            chosen = replace(variant, int4_weights=tuple(int4), nearest_weights=nearest)
             built = quantize(model, None, chosen, calibration=calibration).build(target)
             candidates[key] = Candidate(
                 int4,
@@ -593,6 +616,7 @@ def choose_within_accuracy_drop(
                 top1(built, searched),
                 variant.weight_rounding,
                 top1(built, held) if held else None,
+                nearest,
             )
         return candidates[key]
 
@@ -617,14 +641,25 @@ def choose_within_accuracy_drop(
             held_reference,
         )
 
-    best, ladders = None, {}
-    for rounding in accuracy_search_roundings(calibration, config):
-        variant = replace(config, weight_rounding=rounding)
-        probe = weight_probe(calibration, variant, samples)
+    def variants():
+        """Each rounding tried, with each layer's 4-bit error measured as it rounds."""
+        measured = {}
+        for rounding in accuracy_search_roundings(calibration, config):
+            variant = replace(config, weight_rounding=rounding)
+            measured[rounding] = weight_probe(calibration, variant, samples).measure()
+            yield variant, measured[rounding]
+        if len(measured) == 2:  # optimized and nearest: also each layer its better one
+            variant, errors = per_layer_rounding(
+                replace(config, weight_rounding=AUTO), measured[AUTO], measured["nearest"]
+            )
+            if 0 < len(variant.nearest_weights) < len(errors[0]):
+                yield variant, errors
+
+    best, ladders = None, []
+    for variant, errors in variants():
         # 16 rungs span the 8 halvings of the error budget: twice the plans, one more build.
-        ladders[rounding] = ladder = size_ladder(
-            weight_options(calibration, variant, probe.measure()), steps, 2**0.5
-        )
+        ladder = size_ladder(weight_options(calibration, variant, errors), steps, 2**0.5)
+        ladders.append((variant, ladder))
         if best is None:
             if not fits(ladder[-1], variant):  # the largest plan (all 8-bit): the last resort
                 eight = candidate(ladder[-1], variant)
@@ -643,15 +678,17 @@ def choose_within_accuracy_drop(
             best = (variant, smaller[high])
     variant, plan = best
     # Step up the winner's ladder until a plan is within budget on both parts.
-    for larger in (p for p in ladders[variant.weight_rounding] if p.bytes >= plan.bytes):
+    ladder = next(ladder for v, ladder in ladders if v is variant)
+    for larger in (p for p in ladder if p.bytes >= plan.bytes):
         if fits(larger, variant) and confirmed(larger, variant):
             plan = larger
             break
     else:
         eight = candidate(larger, variant)
         raise unreachable(eight.held_out_top1, held_reference, len(held), "held-out ")
+    nearest = tuple(n for n in variant.nearest_weights if n in plan.int4_layers)
     return AccuracySearch(
-        replace(variant, int4_weights=plan.int4_layers),
+        replace(variant, int4_weights=plan.int4_layers, nearest_weights=nearest),
         plan,
         reference,
         held_reference,

@@ -143,7 +143,7 @@ def _print_candidates(tried, reference: float, held_out_reference: float | None)
         return f"{text}, held out {held_out:.4f} ({100 * (held_out - held_out_reference):+.2f})"
 
     for candidate in sorted(tried, key=lambda c: c.bytes):
-        rounding = f", {candidate.weight_rounding} rounding" if candidate.int4_weights else ""
+        rounding = f", {candidate.rounding} rounding" if candidate.int4_weights else ""
         print(
             f"  tried {len(candidate.int4_weights)} W4A8 layers{rounding}, {candidate.bytes} "
             f"weight bytes: {scores(candidate.top1, candidate.held_out_top1)}"
@@ -180,7 +180,7 @@ def _compile_within_accuracy_drop(args, board):
         held = f", {search.held_out_reference:.4f} on the {search.held_out} held out"
     print(
         f"mixed precision: {len(config.int4_weights)} of {len(plan.precisions)} layers at W4A8 "
-        f"({config.weight_rounding} rounding), {plan.bytes} weight bytes; float top-1 "
+        f"({search.chosen.rounding} rounding), {plan.bytes} weight bytes; float top-1 "
         f"{search.reference:.4f} on {search.searched} samples searched{held}"
     )
     quant = api.quantize(model, None, config, calibration=calibration)

@@ -330,13 +330,13 @@ class _WeightSwitches(PyExprMutator):
         self.set_var_remap(var, emit(new, var.name))
 
 
-def _dequantized_weights(call, spec, config: QuantConfig, stats) -> np.ndarray:
-    """The weights of ``call`` rounded to ``spec`` as ``config`` (resolved) rounds them, as
-    :mod:`qcompiler.passes.annotate` does: against the layer's input statistics ``stats``
-    where it optimizes that bit-width, else to nearest."""
+def _dequantized_weights(call, name: str, spec, config: QuantConfig, stats) -> np.ndarray:
+    """The weights of ``call`` (the layer called ``name``) rounded to ``spec`` as ``config``
+    (resolved) rounds them, as :mod:`qcompiler.passes.annotate` does: against the layer's input
+    statistics ``stats`` where it optimizes that bit-width and layer, else to nearest."""
     weight = const_value(call.args[1])
     codes, scale, zero_point, axis = quantize_constant(weight, spec, weight_axis(call))
-    if stats is not None and spec.symmetric and config.optimized_rounding(spec.bits):
+    if stats is not None and spec.symmetric and config.optimized_rounding(spec.bits, name):
         codes = rounding.optimized_codes(call, weight, codes, scale, spec.qmin, spec.qmax, stats)
     return qmath.dequantize(codes, scale, zero_point, axis).astype(np.float32)
 
@@ -364,7 +364,8 @@ class WeightProbe:
             if op_name(call) in CONV_OPS | MATMUL_OPS and const_value(call.args[1]) is not None:
                 stats = (layers or {}).get(binding.var)
                 rounded = [
-                    _dequantized_weights(call, spec, config, stats) for spec in (eight, four)
+                    _dequantized_weights(call, binding.var.name, spec, config, stats)
+                    for spec in (eight, four)
                 ]
                 weights[binding.var] = (*rounded, const_value(call.args[1]).astype(np.float32))
         self.names = [var.name for var in weights]

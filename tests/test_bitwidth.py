@@ -461,6 +461,45 @@ def test_an_accuracy_search_tries_nearest_beside_optimized_4_bit_rounding(mnist_
         )
 
 
+def test_each_layer_rounds_the_way_its_4_bit_error_measured_lower(mnist_calibration):
+    """``per_layer_rounding`` rounds to nearest the layers whose 4-bit error the probe measured
+    lower that way; the probe and the build honour ``nearest_weights`` layer by layer."""
+    import qcompiler
+    from qcompiler.api import per_layer_rounding, weight_probe
+    from qcompiler.passes.scheme import QuantConfig
+
+    model, calibration, images, _ = mnist_calibration
+    probe = [{"Input3": x} for x in images[:4]]
+    optimized = weight_probe(calibration, QuantConfig(), probe).measure()
+    nearest = weight_probe(calibration, QuantConfig(weight_rounding="nearest"), probe).measure()
+    layers = list(optimized[0])
+    assert optimized[1] == nearest[1]  # 8-bit layers round to nearest either way
+    mixed, (errors, base) = per_layer_rounding(QuantConfig(), optimized, nearest)
+    assert set(mixed.nearest_weights) == {n for n in layers if nearest[0][n] > optimized[0][n]}
+    assert base == optimized[1]
+    # Each layer alone at 4 bits measures, rounded the mixed way, the better of the two.
+    mixed_alone, _ = weight_probe(calibration, mixed, probe).measure()
+    for layer in layers:
+        assert errors[layer] == max(optimized[0][layer], nearest[0][layer])
+        assert mixed_alone[layer] == pytest.approx(errors[layer], abs=1e-6)
+
+    def outputs(**kw):
+        config = QuantConfig(int4_weights=tuple(layers), **kw)
+        built = qcompiler.quantize(model, None, config, calibration=calibration).build("x86")
+        return built, [next(iter(built.run(x).values())) for x in probe]
+
+    _, rounded = outputs(weight_rounding="nearest")
+    _, fitted = outputs()
+    built, named = outputs(nearest_weights=tuple(layers))
+    assert any(not np.array_equal(a, b) for a, b in zip(rounded, fitted))
+    assert all(np.array_equal(a, b) for a, b in zip(rounded, named))
+    assert built.manifest["quantization"]["nearest_weights"] == layers
+    with pytest.raises(QCompilerError, match="nearest_weights name \\['nope'\\]"):
+        qcompiler.quantize(
+            model, None, QuantConfig(nearest_weights=("nope",)), calibration=calibration
+        )
+
+
 def test_pareto_front_keeps_the_points_nothing_beats():
     from qcompiler.report import Point, pareto_front
 

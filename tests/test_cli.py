@@ -239,6 +239,8 @@ def test_compile_within_an_accuracy_drop(compiled, shared):
     manifest = json.loads((out / "manifest.json").read_text())
     chosen = [t for t in manifest["layers"] if t["precision"] == "w4a8"]
     assert f"{len(chosen)} of" in done.stdout.splitlines()[-2]
+    # Layers rounded to nearest under the optimizing rounding are among the 4-bit ones.
+    assert set(manifest["quantization"]["nearest_weights"]) <= {t["layer"] for t in chosen}
     # A budget not even 8 bits meet: the candidates measured are printed before the reason.
     failed = subprocess.run([*cmd, "--max-accuracy-drop=-5"], capture_output=True, text=True)
     assert failed.returncode != 0 and "cannot be met" in failed.stderr

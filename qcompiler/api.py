@@ -561,6 +561,62 @@ def per_layer_rounding(config: QuantConfig, optimized: tuple, nearest: tuple):
     return replace(config, nearest_weights=chosen), (best, base)
 
 
+def _rounding_ladders(calibration: Calibration, config: QuantConfig, samples, steps: int):
+    """``(variant, ladder, probe)`` for each rounding a budget search tries
+    (:func:`accuracy_search_roundings`, then :func:`per_layer_rounding` where the two disagree
+    by layer): ``config`` rounded that way, its :func:`size_ladder` of ``steps`` error budgets
+    from all-4-bit's total down by sqrt(2) each (16 rungs span the 8 halvings: twice the plans,
+    one more build), each layer's 4-bit error measured on ``samples`` as the build rounds it,
+    and the weight probe of the first rounding (its ``reference``: the float model's outputs)."""
+    measured, first = {}, None
+    for rounding in accuracy_search_roundings(calibration, config):
+        variant = replace(config, weight_rounding=rounding)
+        probe = weight_probe(calibration, variant, samples)
+        first = first or probe
+        measured[rounding] = probe.measure()
+        table = weight_options(calibration, variant, measured[rounding])
+        yield variant, size_ladder(table, steps, 2**0.5), first
+    if len(measured) == 2:  # optimized and nearest: also each layer its better one
+        variant, errors = per_layer_rounding(
+            replace(config, weight_rounding=AUTO), measured[AUTO], measured["nearest"]
+        )
+        if 0 < len(variant.nearest_weights) < len(errors[0]):
+            table = weight_options(calibration, variant, errors)
+            yield variant, size_ladder(table, steps, 2**0.5), first
+
+
+def _smallest_fitting(ladders, fits, unreachable):
+    """``(variant, plan, ladder)``: the smallest plan of any ladder of ``ladders`` (as
+    :func:`_rounding_ladders` yields) that ``fits(plan, variant)``, found by binary search over
+    each ladder's plans smaller than the best so far, on the assumption that a larger plan (a
+    smaller error budget) never fits worse. The largest plan (all 8-bit) is tried first, and
+    if it does not fit, ``unreachable(plan, variant)`` is raised."""
+    best = None
+    for variant, ladder, _ in ladders:
+        if best is None:
+            if not fits(ladder[-1], variant):  # the largest plan (all 8-bit): the last resort
+                raise unreachable(ladder[-1], variant)
+            best = (variant, ladder[-1], ladder)
+        smaller = [plan for plan in ladder if plan.bytes < best[1].bytes]
+        low, high = 0, len(smaller)  # the first (smallest) plan that fits, if one does
+        while low < high:
+            middle = (low + high) // 2
+            if fits(smaller[middle], variant):
+                high = middle
+            else:
+                low = middle + 1
+        if high < len(smaller):
+            best = (variant, smaller[high], ladder)
+    return best
+
+
+def _with_plan(variant: QuantConfig, plan: Plan) -> QuantConfig:
+    """``variant`` with ``plan``'s 4-bit layers, and only those among its nearest-rounded."""
+    int4 = plan.int4_layers
+    nearest = tuple(n for n in variant.nearest_weights if n in int4)
+    return replace(variant, int4_weights=tuple(int4), nearest_weights=nearest)
+
+
 def choose_within_accuracy_drop(
     model: ImportedModel,
     calibration: Calibration,
@@ -604,19 +660,18 @@ def choose_within_accuracy_drop(
     candidates: dict[tuple, Candidate] = {}  # all at 8 bits is one build whatever the rounding
 
     def candidate(plan: Plan, variant: QuantConfig) -> Candidate:
-        int4 = plan.int4_layers
-        nearest = tuple(n for n in variant.nearest_weights if n in int4)
-        key = (variant.weight_rounding, nearest, int4) if int4 else None
+        chosen = _with_plan(variant, plan)
+        key = (chosen.weight_rounding, chosen.nearest_weights, chosen.int4_weights)
+        key = key if chosen.int4_weights else None
         if key not in candidates:
-            chosen = replace(variant, int4_weights=tuple(int4), nearest_weights=nearest)
             built = quantize(model, None, chosen, calibration=calibration).build(target)
             candidates[key] = Candidate(
-                int4,
+                chosen.int4_weights,
                 plan.bytes,
                 top1(built, searched),
-                variant.weight_rounding,
+                chosen.weight_rounding,
                 top1(built, held) if held else None,
-                nearest,
+                chosen.nearest_weights,
             )
         return candidates[key]
 
@@ -641,44 +696,13 @@ def choose_within_accuracy_drop(
             held_reference,
         )
 
-    def variants():
-        """Each rounding tried, with each layer's 4-bit error measured as it rounds."""
-        measured = {}
-        for rounding in accuracy_search_roundings(calibration, config):
-            variant = replace(config, weight_rounding=rounding)
-            measured[rounding] = weight_probe(calibration, variant, samples).measure()
-            yield variant, measured[rounding]
-        if len(measured) == 2:  # optimized and nearest: also each layer its better one
-            variant, errors = per_layer_rounding(
-                replace(config, weight_rounding=AUTO), measured[AUTO], measured["nearest"]
-            )
-            if 0 < len(variant.nearest_weights) < len(errors[0]):
-                yield variant, errors
+    def searched_unreachable(plan: Plan, variant: QuantConfig) -> QCompilerError:
+        eight = candidate(plan, variant)
+        return unreachable(eight.top1, reference, len(searched), "searched " if holdout else "")
 
-    best, ladders = None, []
-    for variant, errors in variants():
-        # 16 rungs span the 8 halvings of the error budget: twice the plans, one more build.
-        ladder = size_ladder(weight_options(calibration, variant, errors), steps, 2**0.5)
-        ladders.append((variant, ladder))
-        if best is None:
-            if not fits(ladder[-1], variant):  # the largest plan (all 8-bit): the last resort
-                eight = candidate(ladder[-1], variant)
-                which = "searched " if holdout else ""
-                raise unreachable(eight.top1, reference, len(searched), which)
-            best = (variant, ladder[-1])
-        smaller = [plan for plan in ladder if plan.bytes < best[1].bytes]
-        low, high = 0, len(smaller)  # the first (smallest) plan that fits, if one does
-        while low < high:
-            middle = (low + high) // 2
-            if fits(smaller[middle], variant):
-                high = middle
-            else:
-                low = middle + 1
-        if high < len(smaller):
-            best = (variant, smaller[high])
-    variant, plan = best
+    ladders = _rounding_ladders(calibration, config, samples, steps)
+    variant, plan, ladder = _smallest_fitting(ladders, fits, searched_unreachable)
     # Step up the winner's ladder until a plan is within budget on both parts.
-    ladder = next(ladder for v, ladder in ladders if v is variant)
     for larger in (p for p in ladder if p.bytes >= plan.bytes):
         if fits(larger, variant) and confirmed(larger, variant):
             plan = larger
@@ -686,9 +710,8 @@ def choose_within_accuracy_drop(
     else:
         eight = candidate(larger, variant)
         raise unreachable(eight.held_out_top1, held_reference, len(held), "held-out ")
-    nearest = tuple(n for n in variant.nearest_weights if n in plan.int4_layers)
     return AccuracySearch(
-        replace(variant, int4_weights=plan.int4_layers, nearest_weights=nearest),
+        _with_plan(variant, plan),
         plan,
         reference,
         held_reference,
@@ -696,6 +719,103 @@ def choose_within_accuracy_drop(
         candidate(plan, variant),
         len(searched),
         len(held),
+    )
+
+
+@dataclass(frozen=True)
+class SqnrCandidate:
+    """A configuration built against an output SQNR budget: its 4-bit layers, weight bytes,
+    rounding, and its output SQNR (dB) against the float model on the samples measured."""
+
+    int4_weights: tuple[str, ...]
+    bytes: int
+    sqnr_db: float
+    weight_rounding: str = AUTO
+    nearest_weights: tuple[str, ...] = ()
+    rounding = Candidate.rounding
+
+
+@dataclass(frozen=True)
+class SqnrSearch:
+    """What :func:`choose_within_sqnr` chose: the config to build, its plan, every candidate
+    built in the order tried, the chosen one among them, and how many samples measured them."""
+
+    config: QuantConfig
+    plan: Plan
+    tried: list[SqnrCandidate]
+    chosen: SqnrCandidate
+    measured_on: int
+
+
+def choose_within_sqnr(
+    model: ImportedModel,
+    calibration: Calibration,
+    min_sqnr_db: float,
+    config=None,
+    *,
+    samples,
+    measure_on=None,
+    target="x86",
+    steps: int = 16,
+) -> SqnrSearch:
+    """The fewest weight bytes whose build keeps the model's output SQNR against the float
+    model at ``min_sqnr_db`` or more on ``measure_on`` (input dicts; default ``samples``): an
+    accuracy budget for models without labels, such as a detector or a segmenter (SQNR as
+    :func:`~qcompiler.targets.sensitivity.output_sqnr` measures it, each output column against
+    its own peak).
+
+    The plans are :func:`choose_within_accuracy_drop`'s: each layer's 4-bit error measured by
+    the weight probe on ``samples`` for each rounding tried, and the integer program's fewest
+    bytes within a ladder of error budgets. Each plan tried is built for ``target`` and run
+    whole, the activations' rounding included, by binary search over the sizes; the smallest
+    that measures ``min_sqnr_db`` is chosen. A continuous score needs no held-out half, but
+    measured on inputs the calibration did not see it is not flattered by weights rounded
+    against the calibration's statistics: pass those as ``measure_on``.
+    """
+    config = _as_config(config)
+    measure_on = list(samples if measure_on is None else measure_on)
+    if not measure_on:
+        raise QCompilerError("an output SQNR budget needs samples to measure the builds on")
+    fp32 = compile_float(model, target)
+    reference = [list(fp32.run(s).values()) for s in measure_on]
+    candidates: dict[tuple, SqnrCandidate] = {}
+
+    def candidate(plan: Plan, variant: QuantConfig) -> SqnrCandidate:
+        chosen = _with_plan(variant, plan)
+        key = (chosen.weight_rounding, chosen.nearest_weights, chosen.int4_weights)
+        key = key if chosen.int4_weights else None
+        if key not in candidates:
+            built = quantize(model, None, chosen, calibration=calibration).build(target)
+            got = [list(built.run(s).values()) for s in measure_on]
+            candidates[key] = SqnrCandidate(
+                chosen.int4_weights,
+                plan.bytes,
+                output_sqnr(reference, got),
+                chosen.weight_rounding,
+                chosen.nearest_weights,
+            )
+        return candidates[key]
+
+    def fits(plan: Plan, variant: QuantConfig) -> bool:
+        return candidate(plan, variant).sqnr_db >= min_sqnr_db
+
+    def unreachable(plan: Plan, variant: QuantConfig) -> QCompilerError:
+        eight = candidate(plan, variant)
+        return QCompilerError(
+            f"output SQNR >= {min_sqnr_db:g} dB cannot be met: all weights at 8 bits measure "
+            f"{eight.sqnr_db:.2f} dB against the float model on {len(measure_on)} samples, the "
+            "most any 4-bit weights can keep: ask for at most that, or give more activations "
+            "16 bits (int16_activations) to raise it"
+        )
+
+    ladders = _rounding_ladders(calibration, config, samples, steps)
+    variant, plan, _ = _smallest_fitting(ladders, fits, unreachable)
+    return SqnrSearch(
+        _with_plan(variant, plan),
+        plan,
+        list(candidates.values()),
+        candidate(plan, variant),
+        len(measure_on),
     )
 
 

@@ -70,10 +70,15 @@ def cmd_compile(args) -> int:
     board = _board(args)
     confirm = None
     budgets = args.size_budget_kb is not None or args.latency_budget_ms is not None
-    if args.precisions != "w8a8,w4a8" and not (budgets and args.max_accuracy_drop is None):
+    accuracy = args.max_accuracy_drop is not None or args.min_sqnr_db is not None
+    if args.precisions != "w8a8,w4a8" and not (budgets and not accuracy):
         raise QCompilerError("--precisions goes with --size-budget-kb or --latency-budget-ms")
+    if args.max_accuracy_drop is not None and args.min_sqnr_db is not None:
+        raise QCompilerError("--max-accuracy-drop and --min-sqnr-db are two budgets: give one")
     if args.max_accuracy_drop is not None:
         art = _compile_within_accuracy_drop(args, board)
+    elif args.min_sqnr_db is not None:
+        art = _compile_within_sqnr(args, board)
     elif args.size_budget_kb is not None or args.latency_budget_ms is not None:
         art, confirm = _compile_within_budget(args, board)
     else:
@@ -182,6 +187,38 @@ def _compile_within_accuracy_drop(args, board):
         f"mixed precision: {len(config.int4_weights)} of {len(plan.precisions)} layers at W4A8 "
         f"({search.chosen.rounding} rounding), {plan.bytes} weight bytes; float top-1 "
         f"{search.reference:.4f} on {search.searched} samples searched{held}"
+    )
+    quant = api.quantize(model, None, config, calibration=calibration)
+    return quant.build(
+        board, tuning_records=args.tuning_records, cross_compiler=args.cross_compiler
+    )
+
+
+def _compile_within_sqnr(args, board):
+    """``--min-sqnr-db``: the fewest weight bytes whose build keeps the output SQNR against the
+    float model, measured on ``--data`` (else on 8 calibration samples), at the budget or
+    above; each candidate built and measured (see :func:`qcompiler.api.choose_within_sqnr`)."""
+    if not args.calib:
+        raise QCompilerError("--min-sqnr-db needs --calib (the layers' statistics)")
+    if args.size_budget_kb is not None or args.latency_budget_ms is not None:
+        raise QCompilerError("--min-sqnr-db is a budget of its own: drop the other budgets")
+    config, model, calibration, probe = _calibrated_with_probe(args)
+    measure_on = _inputs(args, model) if args.data else probe
+    search = api.choose_within_sqnr(
+        model, calibration, args.min_sqnr_db, config, samples=probe, measure_on=measure_on
+    )
+    for candidate in sorted(search.tried, key=lambda c: c.bytes):
+        rounding = f", {candidate.rounding} rounding" if candidate.int4_weights else ""
+        print(
+            f"  tried {len(candidate.int4_weights)} W4A8 layers{rounding}, {candidate.bytes} "
+            f"weight bytes: output SQNR {candidate.sqnr_db:.2f} dB"
+        )
+    config, plan, chosen = search.config, search.plan, search.chosen
+    where = "--data" if args.data else "calibration"
+    print(
+        f"mixed precision: {len(config.int4_weights)} of {len(plan.precisions)} layers at W4A8 "
+        f"({chosen.rounding} rounding), {plan.bytes} weight bytes; output SQNR "
+        f"{chosen.sqnr_db:.2f} dB against the float model on {search.measured_on} {where} samples"
     )
     quant = api.quantize(model, None, config, calibration=calibration)
     return quant.build(
@@ -411,6 +448,13 @@ def _images(args, model) -> list[dict]:
     return [{spec.name: image_sample(f, spec, _preprocess(args))} for f in files]
 
 
+def _inputs(args, model) -> list[dict]:
+    """The ``--data`` inputs, labelled (an .npz) or not (an image folder); labels ignored."""
+    if args.data.endswith(".npz"):
+        return [inputs for inputs, _ in _labelled(args, model)]
+    return _images(args, model)
+
+
 def _labelled(args, model):
     """(inputs, label) pairs from an image folder (ImageNet naming) or an npz with labels."""
     spec = model.inputs[0]
@@ -571,6 +615,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="mixed precision: the smallest weights whose top-1 on --data stays within this "
         "many points of the float model's, each candidate built and scored; the search ranks "
         "on every other sample of --data and confirms its choice on the rest",
+    )
+    p.add_argument(
+        "--min-sqnr-db",
+        type=float,
+        metavar="DB",
+        help="mixed precision without labels: the smallest weights whose build keeps the output "
+        "SQNR against the float model at DB or more, measured on --data (images or .npz; "
+        "else 8 calibration samples), each candidate built and measured",
     )
     p.add_argument(
         "--no-holdout",

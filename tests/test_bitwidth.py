@@ -500,6 +500,46 @@ def test_each_layer_rounds_the_way_its_4_bit_error_measured_lower(mnist_calibrat
         )
 
 
+def test_an_output_sqnr_budget_is_met_when_measured(mnist_calibration, shared):
+    """``choose_within_sqnr`` (no labels): the chosen build's output SQNR against onnxruntime's
+    float outputs, computed here in numpy on the samples it measured, is at the budget; every
+    smaller candidate measured under it; a budget over all-8-bit's SQNR names that SQNR."""
+    import onnxruntime as ort
+
+    import qcompiler
+    from qcompiler.api import choose_within_sqnr
+    from qcompiler.passes.scheme import QuantConfig
+    from qcompiler.targets.bitwidth import weight_options
+
+    model, calibration, images, _ = mnist_calibration
+    probe = [{"Input3": x} for x in images[:4]]
+    measure_on = [{"Input3": x} for x in images[100:132]]  # not calibration samples
+    session = ort.InferenceSession(
+        str(shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"),
+        providers=["CPUExecutionProvider"],
+    )
+    reference = np.stack([session.run(None, x)[0] for x in measure_on]).astype(np.float64)
+
+    def sqnr(config) -> float:
+        built = qcompiler.quantize(model, None, config, calibration=calibration).build("x86")
+        got = np.stack([next(iter(built.run(x).values())) for x in measure_on])
+        return 10 * np.log10((reference**2).sum() / ((reference - got) ** 2).sum())
+
+    layers = tuple(weight_options(calibration))
+    eight, four = sqnr(QuantConfig()), sqnr(QuantConfig(int4_weights=layers))
+    assert four < eight - 3, "4-bit weights must cost the outputs something measurable"
+    budget = (eight + four) / 2
+    search = choose_within_sqnr(model, calibration, budget, samples=probe, measure_on=measure_on)
+    assert search.measured_on == len(measure_on)
+    assert sqnr(search.config) >= budget
+    assert search.chosen.sqnr_db == pytest.approx(sqnr(search.config), abs=0.05)
+    assert 0 < len(search.config.int4_weights) < len(layers)
+    assert search.chosen in search.tried and search.plan.bytes == search.chosen.bytes
+    assert all(c.sqnr_db < budget for c in search.tried if c.bytes < search.chosen.bytes)
+    with pytest.raises(QCompilerError, match="all weights at 8 bits measure"):
+        choose_within_sqnr(model, calibration, eight + 1, samples=probe, measure_on=measure_on)
+
+
 def test_pareto_front_keeps_the_points_nothing_beats():
     from qcompiler.report import Point, pareto_front
 

@@ -247,6 +247,35 @@ def test_compile_within_an_accuracy_drop(compiled, shared):
     assert "tried 0 W4A8 layers" in failed.stdout
 
 
+def test_compile_within_an_output_sqnr(compiled, shared):
+    """``--min-sqnr-db`` without labels: the artifact's output SQNR against onnxruntime's float
+    outputs on the --data samples, computed here, is at the budget."""
+    import onnxruntime as ort
+
+    tmp, _, _, _ = compiled
+    model = shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"
+    out = tmp / "art_sqnr"
+    cmd = [sys.executable, "-m", "qcompiler.cli", "compile", str(model),
+           "--calib", str(tmp / "calib.npz"), "--min-sqnr-db", "30",
+           "--data", str(shared / "data" / "mnist_test.npz"), "--offset", "100",
+           "--count", "32", "-o", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "tried" in done.stdout and "on 32 --data samples" in done.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    chosen = [t for t in manifest["layers"] if t["precision"] == "w4a8"]
+    assert f"{len(chosen)} of" in done.stdout.splitlines()[-2]
+    images = np.load(shared / "data" / "mnist_test.npz")["images"][100:132].astype(np.float32)
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    artifact = qcompiler.api.load(out)
+    feeds = [{"Input3": x.reshape(1, 1, 28, 28)} for x in images]
+    reference = np.stack([session.run(None, f)[0] for f in feeds]).astype(np.float64)
+    got = np.stack([next(iter(artifact.run(f).values())) for f in feeds])
+    assert 10 * np.log10((reference**2).sum() / ((reference - got) ** 2).sum()) >= 30
+    both = subprocess.run([*cmd, "--max-accuracy-drop", "1"], capture_output=True, text=True)
+    assert both.returncode != 0 and "give one" in both.stderr
+
+
 def test_compile_within_a_size_budget(compiled, shared):
     tmp, first, images, labels = compiled
     budget = 0.7 * json.loads((first / "manifest.json").read_text())["weight_bytes"] / 1024

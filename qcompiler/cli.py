@@ -70,15 +70,23 @@ def cmd_compile(args) -> int:
     board = _board(args)
     confirm = None
     budgets = args.size_budget_kb is not None or args.latency_budget_ms is not None
-    accuracy = args.max_accuracy_drop is not None or args.min_sqnr_db is not None
+    accuracy = {
+        flag: value
+        for flag, value in (
+            ("--max-accuracy-drop", args.max_accuracy_drop),
+            ("--min-sqnr-db", args.min_sqnr_db),
+            ("--min-psnr-db", args.min_psnr_db),
+        )
+        if value is not None
+    }
     if args.precisions != "w8a8,w4a8" and not (budgets and not accuracy):
         raise QCompilerError("--precisions goes with --size-budget-kb or --latency-budget-ms")
-    if args.max_accuracy_drop is not None and args.min_sqnr_db is not None:
-        raise QCompilerError("--max-accuracy-drop and --min-sqnr-db are two budgets: give one")
+    if len(accuracy) > 1:
+        raise QCompilerError(f"{' and '.join(accuracy)} are budgets of their own: give one")
     if args.max_accuracy_drop is not None:
         art = _compile_within_accuracy_drop(args, board)
-    elif args.min_sqnr_db is not None:
-        art = _compile_within_sqnr(args, board)
+    elif accuracy:
+        art = _compile_within_output_db(args, board)
     elif args.size_budget_kb is not None or args.latency_budget_ms is not None:
         art, confirm = _compile_within_budget(args, board)
     else:
@@ -194,31 +202,41 @@ def _compile_within_accuracy_drop(args, board):
     )
 
 
-def _compile_within_sqnr(args, board):
-    """``--min-sqnr-db``: the fewest weight bytes whose build keeps the output SQNR against the
-    float model, measured on ``--data`` (else on 8 calibration samples), at the budget or
-    above; each candidate built and measured (see :func:`qcompiler.api.choose_within_sqnr`)."""
+def _compile_within_output_db(args, board):
+    """``--min-sqnr-db`` / ``--min-psnr-db``: the fewest weight bytes whose build keeps the
+    output SQNR (PSNR) against the float model, measured on ``--data`` (else on 8 calibration
+    samples), at the budget or above; each candidate built and measured (see
+    :func:`qcompiler.api.choose_within_output_db`)."""
+    measure = "sqnr" if args.min_sqnr_db is not None else "psnr"
+    flag = f"--min-{measure}-db"
     if not args.calib:
-        raise QCompilerError("--min-sqnr-db needs --calib (the layers' statistics)")
+        raise QCompilerError(f"{flag} needs --calib (the layers' statistics)")
     if args.size_budget_kb is not None or args.latency_budget_ms is not None:
-        raise QCompilerError("--min-sqnr-db is a budget of its own: drop the other budgets")
+        raise QCompilerError(f"{flag} is a budget of its own: drop the other budgets")
     config, model, calibration, probe = _calibrated_with_probe(args)
     measure_on = _inputs(args, model) if args.data else probe
-    search = api.choose_within_sqnr(
-        model, calibration, args.min_sqnr_db, config, samples=probe, measure_on=measure_on
+    search = api.choose_within_output_db(
+        model,
+        calibration,
+        getattr(args, f"min_{measure}_db"),
+        config,
+        samples=probe,
+        measure=measure,
+        measure_on=measure_on,
     )
+    name = measure.upper()
     for candidate in sorted(search.tried, key=lambda c: c.bytes):
         rounding = f", {candidate.rounding} rounding" if candidate.int4_weights else ""
         print(
             f"  tried {len(candidate.int4_weights)} W4A8 layers{rounding}, {candidate.bytes} "
-            f"weight bytes: output SQNR {candidate.sqnr_db:.2f} dB"
+            f"weight bytes: output {name} {candidate.db:.2f} dB"
         )
     config, plan, chosen = search.config, search.plan, search.chosen
     where = "--data" if args.data else "calibration"
     print(
         f"mixed precision: {len(config.int4_weights)} of {len(plan.precisions)} layers at W4A8 "
-        f"({chosen.rounding} rounding), {plan.bytes} weight bytes; output SQNR "
-        f"{chosen.sqnr_db:.2f} dB against the float model on {search.measured_on} {where} samples"
+        f"({chosen.rounding} rounding), {plan.bytes} weight bytes; output {name} "
+        f"{chosen.db:.2f} dB against the float model on {search.measured_on} {where} samples"
     )
     quant = api.quantize(model, None, config, calibration=calibration)
     return quant.build(
@@ -623,6 +641,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="mixed precision without labels: the smallest weights whose build keeps the output "
         "SQNR against the float model at DB or more, measured on --data (images or .npz; "
         "else 8 calibration samples), each candidate built and measured",
+    )
+    p.add_argument(
+        "--min-psnr-db",
+        type=float,
+        metavar="DB",
+        help="as --min-sqnr-db with the output PSNR (each output column's error against its "
+        "peak): for detectors and masks, whose near-empty score columns outweigh the rest in "
+        "the SQNR",
     )
     p.add_argument(
         "--no-holdout",

@@ -500,14 +500,15 @@ def test_each_layer_rounds_the_way_its_4_bit_error_measured_lower(mnist_calibrat
         )
 
 
-def test_an_output_sqnr_budget_is_met_when_measured(mnist_calibration, shared):
-    """``choose_within_sqnr`` (no labels): the chosen build's output SQNR against onnxruntime's
-    float outputs, computed here in numpy on the samples it measured, is at the budget; every
-    smaller candidate measured under it; a budget over all-8-bit's SQNR names that SQNR."""
+@pytest.mark.parametrize("measure", ["sqnr", "psnr"])
+def test_an_output_budget_is_met_when_measured(mnist_calibration, shared, measure):
+    """``choose_within_output_db`` (no labels): the chosen build's output SQNR or PSNR against
+    onnxruntime's float outputs, computed here in numpy on the samples it measured, is at the
+    budget; every smaller candidate measured under it; a budget over all-8-bit's names it."""
     import onnxruntime as ort
 
     import qcompiler
-    from qcompiler.api import choose_within_sqnr
+    from qcompiler.api import choose_within_output_db
     from qcompiler.passes.scheme import QuantConfig
     from qcompiler.targets.bitwidth import weight_options
 
@@ -520,24 +521,32 @@ def test_an_output_sqnr_budget_is_met_when_measured(mnist_calibration, shared):
     )
     reference = np.stack([session.run(None, x)[0] for x in measure_on]).astype(np.float64)
 
-    def sqnr(config) -> float:
+    def db(config) -> float:  # 32 rows of 10 logits: one column
         built = qcompiler.quantize(model, None, config, calibration=calibration).build("x86")
         got = np.stack([next(iter(built.run(x).values())) for x in measure_on])
-        return 10 * np.log10((reference**2).sum() / ((reference - got) ** 2).sum())
+        noise = ((reference - got) ** 2).mean()
+        power = (reference**2).mean() if measure == "sqnr" else np.abs(reference).max() ** 2
+        return 10 * np.log10(power / noise)
 
     layers = tuple(weight_options(calibration))
-    eight, four = sqnr(QuantConfig()), sqnr(QuantConfig(int4_weights=layers))
+    eight, four = db(QuantConfig()), db(QuantConfig(int4_weights=layers))
     assert four < eight - 3, "4-bit weights must cost the outputs something measurable"
     budget = (eight + four) / 2
-    search = choose_within_sqnr(model, calibration, budget, samples=probe, measure_on=measure_on)
-    assert search.measured_on == len(measure_on)
-    assert sqnr(search.config) >= budget
-    assert search.chosen.sqnr_db == pytest.approx(sqnr(search.config), abs=0.05)
-    assert 0 < len(search.config.int4_weights) < len(layers)
-    assert search.chosen in search.tried and search.plan.bytes == search.chosen.bytes
-    assert all(c.sqnr_db < budget for c in search.tried if c.bytes < search.chosen.bytes)
+
+    def search(min_db):
+        return choose_within_output_db(
+            model, calibration, min_db, samples=probe, measure=measure, measure_on=measure_on
+        )
+
+    found = search(budget)
+    assert found.measured_on == len(measure_on) and found.measure == measure
+    assert db(found.config) >= budget
+    assert found.chosen.db == pytest.approx(db(found.config), abs=0.05)
+    assert 0 < len(found.config.int4_weights) < len(layers)
+    assert found.chosen in found.tried and found.plan.bytes == found.chosen.bytes
+    assert all(c.db < budget for c in found.tried if c.bytes < found.chosen.bytes)
     with pytest.raises(QCompilerError, match="all weights at 8 bits measure"):
-        choose_within_sqnr(model, calibration, eight + 1, samples=probe, measure_on=measure_on)
+        search(eight + 1)
 
 
 def test_pareto_front_keeps_the_points_nothing_beats():

@@ -274,6 +274,8 @@ def test_compile_within_an_output_sqnr(compiled, shared):
     assert 10 * np.log10((reference**2).sum() / ((reference - got) ** 2).sum()) >= 30
     both = subprocess.run([*cmd, "--max-accuracy-drop", "1"], capture_output=True, text=True)
     assert both.returncode != 0 and "give one" in both.stderr
+    psnr = subprocess.run([*cmd, "--min-psnr-db", "30"], capture_output=True, text=True)
+    assert psnr.returncode != 0 and "--min-sqnr-db and --min-psnr-db" in psnr.stderr
 
 
 def test_compile_within_a_size_budget(compiled, shared):

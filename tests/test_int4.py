@@ -133,7 +133,8 @@ def test_mnist_at_w4a8(mnist):
 def test_unknown_int4_layer_is_a_clear_error(mnist):
     model, images, _, layers = mnist
     with pytest.raises(
-        QCompilerError, match=r"int4_weights/float_layers name \['conv9'\].*" + layers[0]
+        QCompilerError,
+        match=r"int4_weights/float_layers/nearest_weights name \['conv9'\].*" + layers[0],
     ):
         qcompiler.quantize(
             model, [{"Input3": x} for x in images[:10]], QuantConfig(int4_weights=["conv9"])

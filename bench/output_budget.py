@@ -1,20 +1,21 @@
-"""Mixed precision without labels: the fewest weight bytes within an output SQNR budget.
+"""Mixed precision without labels: the fewest weight bytes within an output SQNR/PSNR budget.
 
 A detector or a segmenter has no top-1 to hold a bit-width search to; ``qc compile
---min-sqnr-db`` (:func:`qcompiler.api.choose_within_sqnr`) holds the integer build's output SQNR
-against the float model instead, each candidate built and measured whole. For each model:
+--min-psnr-db`` / ``--min-sqnr-db`` (:func:`qcompiler.api.choose_within_output_db`) holds the
+integer build's output PSNR or SQNR (``--measure``) against the float model instead, each
+candidate built and measured whole. For each model:
 calibration on the first ``--calib`` COCO images of ../shared/data/coco_val2017_50, the SQNR
 measured on the next ``--measure`` images, and the task metric against the float model's own
 answers (YOLOX-Nano: mAP@0.5 of the detections; selfie segmentation: pooled mask IoU) on the
 images after those, which neither the calibration nor the search saw. Rows: fp32, the default
-W8A8 build, and the search's choice at budgets of ``--below`` dB under W8A8's SQNR, with
-weight bytes, compression against the fp32 weights, SQNR, the metric and the search's wall
-time; peak RSS at the end.
+W8A8 build, and the search's choice at budgets of ``--below`` dB under W8A8's measure, with
+weight bytes, compression against the fp32 weights, the measure, the metric and the search's
+wall time; peak RSS at the end.
 
 Run from the repository root::
 
-    python bench/sqnr_budget.py
-    python bench/sqnr_budget.py --models yolox_nano --below 1 3
+    python bench/output_budget.py
+    python bench/output_budget.py --models yolox_nano --measure sqnr --below 1 3
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from qcompiler import api  # noqa: E402
 from qcompiler.data import Preprocess, image_sample  # noqa: E402
 from qcompiler.deploy.artifact import set_threads  # noqa: E402
 from qcompiler.passes.errors import QCompilerError  # noqa: E402
-from qcompiler.targets.sensitivity import output_sqnr  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # name: (model file, preprocessing, agreement metric)
@@ -53,8 +53,9 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
     parser.add_argument("--calib", type=int, default=25, help="calibration images")
     parser.add_argument("--measure", type=int, default=8, help="images the SQNR is measured on")
+    parser.add_argument("--measure", choices=sorted(api.OUTPUT_MEASURES), default="psnr")
     parser.add_argument(
-        "--below", nargs="+", type=float, default=[1.0, 3.0, 6.0], help="dB under W8A8's SQNR"
+        "--below", nargs="+", type=float, default=[1.0, 3.0, 6.0], help="dB under W8A8's"
     )
     args = parser.parse_args(argv)
     shared = Path(os.environ.get("QC_SHARED", REPO.parent / "shared")).resolve()
@@ -80,7 +81,8 @@ def bench_model(name: str, args, shared: Path) -> None:
     model, calibration = api.calibrate(model, calib, layer_inputs=True)
     print(
         f"\n{name}: calibration {len(calib)} images with layer statistics "
-        f"({time.perf_counter() - start:.0f} s), SQNR on {len(measure_on)}, {metric} on the "
+        f"({time.perf_counter() - start:.0f} s), {args.measure.upper()} on {len(measure_on)}, "
+        f"{metric} on the "
         f"{len(score)} after them"
     )
     fp32 = api.compile_float(model, "x86")
@@ -89,21 +91,23 @@ def bench_model(name: str, args, shared: Path) -> None:
     def build(config):
         return api.quantize(model, None, config, calibration=calibration).build("x86")
 
-    def sqnr(artifact) -> float:
-        return output_sqnr(reference, [list(artifact.run(s).values()) for s in measure_on])
+    def db(artifact) -> float:
+        got = [list(artifact.run(s).values()) for s in measure_on]
+        return api.OUTPUT_MEASURES[args.measure](reference, got)
 
     eight = build(api.QuantConfig())
     fp32_bytes = 4 * sum(layer["weight_bytes"] for layer in eight.manifest["layers"])
-    base = sqnr(eight)
+    base = db(eight)
     rows = [("fp32 (TVM)", fp32, fp32_bytes, None), ("W8A8 (default)", eight, None, None)]
     for below in args.below:
         start = time.perf_counter()
         try:
-            search = api.choose_within_sqnr(
+            search = api.choose_within_output_db(
                 model,
                 calibration,
                 base - below,
                 samples=calib[:8],
+                measure=args.measure,
                 measure_on=measure_on,
             )
         except QCompilerError as err:
@@ -117,20 +121,21 @@ def bench_model(name: str, args, shared: Path) -> None:
         )
         rows.append((label, build(config), None, seconds))
         tried = ", ".join(
-            f"{len(c.int4_weights)} layers {c.sqnr_db:.1f} dB"
+            f"{len(c.int4_weights)} layers {c.db:.1f} dB"
             for c in sorted(search.tried, key=lambda c: c.bytes)
         )
         print(f"- {label}: tried {tried}")
     print(f"\n{path}, 1 thread\n")
-    print(f"| build | weight KiB | vs fp32 | SQNR dB | {metric} vs fp32 | search s |")
+    unit = f"{args.measure.upper()} dB"
+    print(f"| build | weight KiB | vs fp32 | {unit} | {metric} vs fp32 | search s |")
     print("|---|---:|---:|---:|---:|---:|")
     for label, artifact, size, seconds in rows:
         size = size or artifact.manifest["weight_bytes"]
-        db = "" if artifact is fp32 else f"{sqnr(artifact):.1f}"
+        measured = "" if artifact is fp32 else f"{db(artifact):.1f}"
         agree = api.agreement(fp32, artifact, score, metric)
         print(
-            f"| {label} | {size / 1024:.1f} | {fp32_bytes / size:.1f}x | {db} | {agree:.4f} | "
-            f"{'' if seconds is None else f'{seconds:.0f}'} |"
+            f"| {label} | {size / 1024:.1f} | {fp32_bytes / size:.1f}x | {measured} | "
+            f"{agree:.4f} | {'' if seconds is None else f'{seconds:.0f}'} |"
         )
 
 

@@ -5,7 +5,7 @@ A detector or a segmenter has no top-1 to hold a bit-width search to; ``qc compi
 integer build's output PSNR or SQNR (``--measure``) against the float model instead, each
 candidate built and measured whole. For each model:
 calibration on the first ``--calib`` COCO images of ../shared/data/coco_val2017_50, the SQNR
-measured on the next ``--measure`` images, and the task metric against the float model's own
+measured on the next ``--images`` images, and the task metric against the float model's own
 answers (YOLOX-Nano: mAP@0.5 of the detections; selfie segmentation: pooled mask IoU) on the
 images after those, which neither the calibration nor the search saw. Rows: fp32, the default
 W8A8 build, and the search's choice at budgets of ``--below`` dB under W8A8's measure, with
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
     parser.add_argument("--calib", type=int, default=25, help="calibration images")
-    parser.add_argument("--measure", type=int, default=8, help="images the SQNR is measured on")
+    parser.add_argument("--images", type=int, default=8, help="images the measure is taken on")
     parser.add_argument("--measure", choices=sorted(api.OUTPUT_MEASURES), default="psnr")
     parser.add_argument(
         "--below", nargs="+", type=float, default=[1.0, 3.0, 6.0], help="dB under W8A8's"
@@ -75,8 +75,8 @@ def bench_model(name: str, args, shared: Path) -> None:
     files = sorted((shared / "data" / "coco_val2017_50").glob("*.jpg"))
     images = [{spec.name: image_sample(f, spec, pre)} for f in files]
     calib = images[: args.calib]
-    measure_on = images[args.calib : args.calib + args.measure]
-    score = images[args.calib + args.measure :]
+    measure_on = images[args.calib : args.calib + args.images]
+    score = images[args.calib + args.images :]
     start = time.perf_counter()
     model, calibration = api.calibrate(model, calib, layer_inputs=True)
     print(

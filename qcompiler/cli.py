@@ -647,8 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="DB",
         help="as --min-sqnr-db with the output PSNR (each output column's error against its "
-        "peak): for detectors and masks, whose near-empty score columns outweigh the rest in "
-        "the SQNR",
+        "peak, on the scale of the 16-bit activation choice's PSNR; a detector's near-empty "
+        "score columns make its SQNR low)",
     )
     p.add_argument(
         "--no-holdout",

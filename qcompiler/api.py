@@ -618,6 +618,14 @@ def _with_plan(variant: QuantConfig, plan: Plan) -> QuantConfig:
     return replace(variant, int4_weights=tuple(int4), nearest_weights=nearest)
 
 
+def _build_key(config: QuantConfig) -> tuple | None:
+    """What tells one candidate build of a budget search from another: its 4-bit layers and
+    how they are rounded. All at 8 bits is one build whatever the rounding (``None``)."""
+    if not config.int4_weights:
+        return None
+    return (config.weight_rounding, config.nearest_weights, config.int4_weights)
+
+
 def choose_within_accuracy_drop(
     model: ImportedModel,
     calibration: Calibration,
@@ -658,12 +666,11 @@ def choose_within_accuracy_drop(
     fp32 = compile_float(model, target)
     reference = top1(fp32, searched)
     held_reference = top1(fp32, held) if held else None
-    candidates: dict[tuple, Candidate] = {}  # all at 8 bits is one build whatever the rounding
+    candidates: dict[tuple | None, Candidate] = {}
 
     def candidate(plan: Plan, variant: QuantConfig) -> Candidate:
         chosen = _with_plan(variant, plan)
-        key = (chosen.weight_rounding, chosen.nearest_weights, chosen.int4_weights)
-        key = key if chosen.int4_weights else None
+        key = _build_key(chosen)
         if key not in candidates:
             built = quantize(model, None, chosen, calibration=calibration).build(target)
             candidates[key] = Candidate(
@@ -797,12 +804,11 @@ def choose_within_output_db(
         raise QCompilerError(f"an output {measure.upper()} budget needs samples to measure on")
     fp32 = compile_float(model, target)
     reference = [list(fp32.run(s).values()) for s in measure_on]
-    candidates: dict[tuple, OutputCandidate] = {}
+    candidates: dict[tuple | None, OutputCandidate] = {}
 
     def candidate(plan: Plan, variant: QuantConfig) -> OutputCandidate:
         chosen = _with_plan(variant, plan)
-        key = (chosen.weight_rounding, chosen.nearest_weights, chosen.int4_weights)
-        key = key if chosen.int4_weights else None
+        key = _build_key(chosen)
         if key not in candidates:
             built = quantize(model, None, chosen, calibration=calibration).build(target)
             got = [list(built.run(s).values()) for s in measure_on]

@@ -155,11 +155,17 @@ def _print_candidates(tried, reference: float, held_out_reference: float | None)
             return text
         return f"{text}, held out {held_out:.4f} ({100 * (held_out - held_out_reference):+.2f})"
 
+    _print_tried(tried, lambda c: scores(c.top1, c.held_out_top1))
+
+
+def _print_tried(tried, score) -> None:
+    """Each candidate a budget search built, smallest first: its 4-bit layers, rounding, bytes
+    and ``score(candidate)``."""
     for candidate in sorted(tried, key=lambda c: c.bytes):
         rounding = f", {candidate.rounding} rounding" if candidate.int4_weights else ""
         print(
             f"  tried {len(candidate.int4_weights)} W4A8 layers{rounding}, {candidate.bytes} "
-            f"weight bytes: {scores(candidate.top1, candidate.held_out_top1)}"
+            f"weight bytes: {score(candidate)}"
         )
 
 
@@ -196,6 +202,11 @@ def _compile_within_accuracy_drop(args, board):
         f"({search.chosen.rounding} rounding), {plan.bytes} weight bytes; float top-1 "
         f"{search.reference:.4f} on {search.searched} samples searched{held}"
     )
+    return _build(args, board, model, calibration, config)
+
+
+def _build(args, board, model, calibration, config):
+    """The artifact of ``config`` chosen by a budget search, built for ``board``."""
     quant = api.quantize(model, None, config, calibration=calibration)
     return quant.build(
         board, tuning_records=args.tuning_records, cross_compiler=args.cross_compiler
@@ -225,12 +236,7 @@ def _compile_within_output_db(args, board):
         measure_on=measure_on,
     )
     name = measure.upper()
-    for candidate in sorted(search.tried, key=lambda c: c.bytes):
-        rounding = f", {candidate.rounding} rounding" if candidate.int4_weights else ""
-        print(
-            f"  tried {len(candidate.int4_weights)} W4A8 layers{rounding}, {candidate.bytes} "
-            f"weight bytes: output {name} {candidate.db:.2f} dB"
-        )
+    _print_tried(search.tried, lambda c: f"output {name} {c.db:.2f} dB")
     config, plan, chosen = search.config, search.plan, search.chosen
     where = "--data" if args.data else "calibration"
     print(
@@ -238,10 +244,7 @@ def _compile_within_output_db(args, board):
         f"({chosen.rounding} rounding), {plan.bytes} weight bytes; output {name} "
         f"{chosen.db:.2f} dB against the float model on {search.measured_on} {where} samples"
     )
-    quant = api.quantize(model, None, config, calibration=calibration)
-    return quant.build(
-        board, tuning_records=args.tuning_records, cross_compiler=args.cross_compiler
-    )
+    return _build(args, board, model, calibration, config)
 
 
 def _compile_within_budget(args, board):

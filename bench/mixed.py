@@ -97,6 +97,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--records", help="tuning records for the layer latencies (default: temp)")
     parser.add_argument(
+        "--wider",
+        action="store_true",
+        help="also the default accuracy search with w8a16 and float layers allowed (their "
+        "latencies measured over RPC; not with --no-latency)",
+    )
+    parser.add_argument(
         "--search-half",
         action="store_true",
         help="also search on half the evaluation images and score the choice on the other half",
@@ -204,16 +210,19 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
                 title = f"mixed, <= {share:.0%} of W8A8 bytes{suffix}"
                 predicted = plan.latency_ms if extra else None
                 add_choice(title, label, rounding, config, plan, search, predicted)
-    searches = (
-        *roundings[:1],
-        (", optimized-4bit rounding", QuantConfig(weight_rounding=OPTIMIZED_4BIT)),
-        (", default (auto, nearest, then each layer's better)", QuantConfig()),
-    )
-    for label, rounding in searches if not args.no_search else ():
+    searches = [
+        (*roundings[0], {}),
+        (", optimized-4bit rounding", QuantConfig(weight_rounding=OPTIMIZED_4BIT), {}),
+        (", default (auto, nearest, then each layer's better)", QuantConfig(), {}),
+    ]
+    if args.wider and board is not None:
+        wider = {"precisions": ("w8a8", "w4a8", "w8a16", "float"), **measure}
+        searches.append((", default, W8A16 and float allowed", QuantConfig(), wider))
+    for label, rounding, extra in searches if not args.no_search else ():
         search = time.perf_counter()
         try:
             found = api.choose_within_accuracy_drop(
-                model, calibration, labelled, args.max_drop, rounding, samples=probe
+                model, calibration, labelled, args.max_drop, rounding, samples=probe, **extra
             )
             config, plan, tried = found.config, found.plan, found.tried
         except QCompilerError as err:
@@ -226,7 +235,8 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
         notes.append(
             f"{rows[-1][0]}: tried "
             + ", ".join(
-                f"{len(c.int4_weights)} layers {c.rounding} {c.top1:.4f}/{c.held_out_top1:.4f}"
+                f"{len(c.int4_weights)} layers {c.rounding}{_wider_layers(c)} "
+                f"{c.top1:.4f}/{c.held_out_top1:.4f}"
                 for c in tried
             )
             + f" (top-1 on the {found.searched} searched/{found.held_out} held-out images; "
@@ -268,6 +278,12 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
         )
     for note in notes:
         print(f"- {note}")
+
+
+def _wider_layers(candidate) -> str:
+    """A candidate's W8A16 and float layers, in words, where it has any."""
+    counts = ((len(candidate.w8a16_layers), "W8A16"), (len(candidate.float_layers), "float"))
+    return "".join(f" +{n} {what}" for n, what in counts if n)
 
 
 def search_on_half(model, calibration, labelled, max_drop, probe, fp32) -> str:

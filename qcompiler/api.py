@@ -385,22 +385,11 @@ def choose_weight_precisions(
     ``int4_weights``, ``float_layers`` and ``int16_activations`` set, and the plan.
     """
     config = _as_config(config)
-    precisions = tuple(dict.fromkeys(precisions))
-    unknown = [p for p in precisions if p not in PRECISIONS]
-    if unknown or "w8a8" not in precisions:
-        raise QCompilerError(
-            f"precisions must include w8a8 and be among {list(PRECISIONS)}, got {list(precisions)}"
-        )
-    wider = [p for p in precisions if p in ("w8a16", "float")]
     if max_bytes is None and max_error is None and max_latency_ms is None:
         raise QCompilerError("give a budget: max_bytes, max_error or max_latency_ms")
     if max_latency_ms is not None and records is None:
         raise QCompilerError("a latency budget needs records=DIR to measure the layers into")
-    if wider and (samples is None or records is None):
-        raise QCompilerError(
-            f"{' and '.join(wider)} layers are priced by measurement: they need samples= (the "
-            "noise they remove) and records=DIR (the time they cost on the board)"
-        )
+    precisions, wider = _checked_precisions(precisions, samples, records)
     probe = measured = None
     if samples is not None:
         samples = list(samples)
@@ -414,16 +403,8 @@ def choose_weight_precisions(
     table = _option_table(calibration, config, measured, latency, "w4a8" in precisions)
     ties = []
     if wider:
-        widened = None
-        if "w8a16" in wider:
-            widened = _widening_noise(calibration, config, samples, probe.reference)
-        floated = None
-        if "float" in wider:
-            base = _noise(measured[1])
-            floated = {k: _noise(db) - base for k, db in probe.measure_float().items()}
-        ties = add_wider_options(
-            table, calibration, widened=widened, floated=floated, latency=latency[0]
-        )
+        pricing = _wider_pricing(calibration, config, wider, samples, probe, measured)
+        ties = add_wider_options(table, calibration, latency=latency[0], **pricing)
     plan = choose_precisions(
         table,
         minimize="bytes" if max_error is not None else "error",
@@ -433,14 +414,8 @@ def choose_weight_precisions(
         precision_ties=ties,
         then="latency_ms" if latency is not None else None,
     )
-    plan = replace(plan, precisions={k: v for k, v in plan.precisions.items() if k != _REST})
-    chosen = replace(config, int4_weights=plan.int4_layers, float_layers=plan.layers_at("float"))
-    widen = plan.layers_at("w8a16")
-    if widen:
-        resolved = resolve(calibration, chosen)
-        points = input_points(calibration)
-        wide = (*resolved.int16_activations, *(points[layer] for layer in widen))
-        chosen = replace(chosen, int16_activations=tuple(dict.fromkeys(wide)))
+    plan = _without_rest(plan)
+    chosen = _with_plan(calibration, config, plan)
     if wider:
         resolve(calibration, chosen)  # measured once per config, cached
         integer = calibration.quantize(chosen)
@@ -454,6 +429,46 @@ def choose_weight_precisions(
 def _noise(sqnr_db: float) -> float:
     """Output noise power relative to the signal's, from an SQNR in dB."""
     return 10 ** (-sqnr_db / 10)
+
+
+def _checked_precisions(precisions, samples, records) -> tuple[tuple, list]:
+    """``precisions`` without repeats, and those of them that widen (``w8a16``, ``float``);
+    a clear error unless they are known, include ``w8a8``, and the widening ones can be priced
+    (they need ``samples`` and ``records``)."""
+    precisions = tuple(dict.fromkeys(precisions))
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or "w8a8" not in precisions:
+        raise QCompilerError(
+            f"precisions must include w8a8 and be among {list(PRECISIONS)}, got {list(precisions)}"
+        )
+    wider = [p for p in precisions if p in ("w8a16", "float")]
+    if wider and (samples is None or records is None):
+        raise QCompilerError(
+            f"{' and '.join(wider)} layers are priced by measurement: they need samples= (the "
+            "noise they remove) and records=DIR (the time they cost on the board)"
+        )
+    return precisions, wider
+
+
+def _wider_pricing(calibration: Calibration, config, wider, samples, probe, measured) -> dict:
+    """The noise ``w8a16`` and ``float`` options take off the outputs, as
+    :func:`~qcompiler.targets.bitwidth.add_wider_options` takes it: a layer's ``w8a16`` error
+    is minus the output noise power its input's 8-bit rounding adds alone (a
+    :class:`~qcompiler.targets.sensitivity.SensitivityProbe`), its ``float`` error minus that
+    of its 8-bit weights (the weight ``probe``, whose :meth:`WeightProbe.measure` gave
+    ``measured``)."""
+    pricing = {"widened": None, "floated": None}
+    if "w8a16" in wider:
+        pricing["widened"] = _widening_noise(calibration, config, samples, probe.reference)
+    if "float" in wider:
+        base = _noise(measured[1])
+        pricing["floated"] = {k: _noise(db) - base for k, db in probe.measure_float().items()}
+    return pricing
+
+
+def _without_rest(plan: Plan) -> Plan:
+    """``plan`` without the row of the model's fixed rest (:func:`_option_table`)."""
+    return replace(plan, precisions={k: v for k, v in plan.precisions.items() if k != _REST})
 
 
 def _widening_noise(calibration: Calibration, config, samples, reference) -> dict[str, float]:
@@ -493,6 +508,8 @@ class Candidate:
     weight_rounding: str = AUTO
     held_out_top1: float | None = None
     nearest_weights: tuple[str, ...] = ()  # 4-bit layers rounded to nearest all the same
+    w8a16_layers: tuple[str, ...] = ()  # layers whose input was widened to 16 bits
+    float_layers: tuple[str, ...] = ()  # layers whose weights stayed float
 
     @property
     def rounding(self) -> str:
@@ -562,68 +579,111 @@ def per_layer_rounding(config: QuantConfig, optimized: tuple, nearest: tuple):
     return replace(config, nearest_weights=chosen), (best, base)
 
 
-def _rounding_ladders(calibration: Calibration, config: QuantConfig, samples, steps: int):
+def _rounding_ladders(
+    calibration: Calibration,
+    config: QuantConfig,
+    samples,
+    steps: int,
+    precisions=PRECISIONS[:2],
+    latency=None,
+):
     """``(variant, ladder, probe)`` for each rounding a budget search tries
     (:func:`accuracy_search_roundings`, then :func:`per_layer_rounding` where the two disagree
     by layer): ``config`` rounded that way, its :func:`size_ladder` of ``steps`` error budgets
     from all-4-bit's total down by sqrt(2) each (16 rungs span the 8 halvings: twice the plans,
     one more build), each layer's 4-bit error measured on ``samples`` as the build rounds it,
-    and the weight probe of the first rounding (its ``reference``: the float model's outputs)."""
-    measured, first = {}, None
-    for rounding in accuracy_search_roundings(calibration, config):
-        variant = replace(config, weight_rounding=rounding)
+    and the weight probe of the first rounding (its ``reference``: the float model's outputs).
+
+    ``precisions`` beyond ``w8a8``/``w4a8`` add their options to every table, priced once
+    (:func:`_wider_pricing`) with ``latency`` (:func:`_precision_latencies`), and the ladder
+    goes on past all-8-bit to plans that buy accuracy with those, the fastest of equal bytes
+    at each rung."""
+    four_bit = "w4a8" in precisions
+    wider = [p for p in precisions if p in ("w8a16", "float")]
+    measured, first, pricing = {}, None, {}
+
+    def ladder(variant: QuantConfig, errors) -> list[Plan]:
+        table = _option_table(calibration, variant, errors, latency, four_bit)
+        ties = add_wider_options(table, calibration, latency=latency[0], **pricing) if wider else []
+        then = "latency_ms" if latency is not None else None
+        plans = size_ladder(table, steps, 2**0.5, precision_ties=ties, then=then)
+        return [_without_rest(plan) for plan in plans]
+
+    roundings = accuracy_search_roundings(calibration, config) if four_bit else (AUTO,)
+    for rounding in roundings:
+        variant = replace(config, weight_rounding=rounding) if four_bit else config
         probe = weight_probe(calibration, variant, samples)
-        first = first or probe
         measured[rounding] = probe.measure()
-        table = weight_options(calibration, variant, measured[rounding])
-        yield variant, size_ladder(table, steps, 2**0.5), first
+        if first is None:
+            first = probe
+            if wider:
+                pricing = _wider_pricing(
+                    calibration, variant, wider, samples, probe, measured[rounding]
+                )
+        yield variant, ladder(variant, measured[rounding]), first
     if len(measured) == 2:  # optimized and nearest: also each layer its better one
         variant, errors = per_layer_rounding(
             replace(config, weight_rounding=AUTO), measured[AUTO], measured["nearest"]
         )
         if 0 < len(variant.nearest_weights) < len(errors[0]):
-            table = weight_options(calibration, variant, errors)
-            yield variant, size_ladder(table, steps, 2**0.5), first
+            yield variant, ladder(variant, errors), first
 
 
 def _smallest_fitting(ladders, fits, unreachable):
     """``(variant, plan, ladder)``: the smallest plan of any ladder of ``ladders`` (as
     :func:`_rounding_ladders` yields) that ``fits(plan, variant)``, found by binary search over
-    each ladder's plans smaller than the best so far, on the assumption that a larger plan (a
-    smaller error budget) never fits worse. The largest plan (all 8-bit) is tried first, and
-    if it does not fit, ``unreachable(plan, variant)`` is raised."""
+    each ladder's plans better than the best so far (fewer bytes, or as few and faster), on
+    the assumption that a plan later in a ladder (a smaller error budget) never fits worse.
+    The last plan (all 8-bit, or the least error the precisions allow) is tried first, and if
+    it does not fit, ``unreachable(plan, variant)`` is raised."""
     best = None
     for variant, ladder, _ in ladders:
         if best is None:
-            if not fits(ladder[-1], variant):  # the largest plan (all 8-bit): the last resort
+            if not fits(ladder[-1], variant):  # the last resort
                 raise unreachable(ladder[-1], variant)
             best = (variant, ladder[-1], ladder)
-        smaller = [plan for plan in ladder if plan.bytes < best[1].bytes]
-        low, high = 0, len(smaller)  # the first (smallest) plan that fits, if one does
+        cost = (best[1].bytes, best[1].latency_ms)
+        better = [plan for plan in ladder if (plan.bytes, plan.latency_ms) < cost]
+        low, high = 0, len(better)  # the first (smallest) plan that fits, if one does
         while low < high:
             middle = (low + high) // 2
-            if fits(smaller[middle], variant):
+            if fits(better[middle], variant):
                 high = middle
             else:
                 low = middle + 1
-        if high < len(smaller):
-            best = (variant, smaller[high], ladder)
+        if high < len(better):
+            best = (variant, better[high], ladder)
     return best
 
 
-def _with_plan(variant: QuantConfig, plan: Plan) -> QuantConfig:
-    """``variant`` with ``plan``'s 4-bit layers, and only those among its nearest-rounded."""
+def _with_plan(calibration: Calibration, variant: QuantConfig, plan: Plan) -> QuantConfig:
+    """``variant`` with ``plan``'s precisions: its 4-bit layers (and only those among the
+    nearest-rounded), its float layers, and the inputs of its ``w8a16`` layers at 16 bits
+    beside the activations ``variant`` widens already."""
     int4 = plan.int4_layers
-    nearest = tuple(n for n in variant.nearest_weights if n in int4)
-    return replace(variant, int4_weights=tuple(int4), nearest_weights=nearest)
+    chosen = replace(
+        variant,
+        int4_weights=int4,
+        nearest_weights=tuple(n for n in variant.nearest_weights if n in int4),
+        float_layers=plan.layers_at("float"),
+    )
+    widen = plan.layers_at("w8a16")
+    if widen:
+        resolved = resolve(calibration, chosen)  # measured once per config, cached
+        points = input_points(calibration)
+        wide = (*resolved.int16_activations, *(points[layer] for layer in widen))
+        chosen = replace(chosen, int16_activations=tuple(dict.fromkeys(wide)))
+    return chosen
 
 
-def _build_key(config: QuantConfig) -> tuple | None:
+def _build_key(config: QuantConfig) -> tuple:
     """What tells one candidate build of a budget search from another: its 4-bit layers and
-    how they are rounded. All at 8 bits is one build whatever the rounding (``None``)."""
-    if not config.int4_weights:
-        return None
-    return (config.weight_rounding, config.nearest_weights, config.int4_weights)
+    how they are rounded (all at 8 bits is one build whatever the rounding), its float layers
+    and its 16-bit activations."""
+    four = None
+    if config.int4_weights:
+        four = (config.weight_rounding, config.nearest_weights, config.int4_weights)
+    return four, config.float_layers, config.int16_activations
 
 
 def choose_within_accuracy_drop(
@@ -637,6 +697,11 @@ def choose_within_accuracy_drop(
     target="x86",
     steps: int = 16,
     holdout: bool = True,
+    precisions=PRECISIONS[:2],
+    records=None,
+    rpc: RPCEndpoint | None = None,
+    threads: int | None = None,
+    echo=print,
 ) -> AccuracySearch:
     """The fewest weight bytes whose top-1 on ``labelled`` (``(inputs, label)`` pairs) stays
     within ``max_drop_points`` of the float model's, checked by running each candidate
@@ -648,6 +713,11 @@ def choose_within_accuracy_drop(
     sqrt(2) each, the fewest bytes within each. Those plans, ordered by size, are built and
     scored by binary search, on the assumption that a larger error budget never scores better;
     a later rounding only searches the plans smaller than the best found so far.
+
+    ``precisions`` may add ``w8a16`` and ``float`` (with ``records``, as in
+    :func:`choose_weight_precisions`): the program may then buy accuracy with time, and the
+    ladder goes on past all-8-bit to the plans that do (:func:`_rounding_ladders`), so that a
+    budget all-8-bit misses can still be met; of equal bytes, the faster plan is preferred.
 
     With ``holdout`` every other labelled sample is held out of the search: the smallest plan
     within budget on the rest must also be within budget on those (each against the float
@@ -663,13 +733,14 @@ def choose_within_accuracy_drop(
             f"an accuracy budget needs labelled samples to score on ({len(labelled)} given; "
             f"{'2 or more to hold half out' if holdout else '1 or more'})"
         )
+    precisions, wider = _checked_precisions(precisions, samples, records)
     fp32 = compile_float(model, target)
     reference = top1(fp32, searched)
     held_reference = top1(fp32, held) if held else None
-    candidates: dict[tuple | None, Candidate] = {}
+    candidates: dict[tuple, Candidate] = {}
 
     def candidate(plan: Plan, variant: QuantConfig) -> Candidate:
-        chosen = _with_plan(variant, plan)
+        chosen = _with_plan(calibration, variant, plan)
         key = _build_key(chosen)
         if key not in candidates:
             built = quantize(model, None, chosen, calibration=calibration).build(target)
@@ -680,6 +751,8 @@ def choose_within_accuracy_drop(
                 chosen.weight_rounding,
                 top1(built, held) if held else None,
                 chosen.nearest_weights,
+                plan.layers_at("w8a16"),
+                chosen.float_layers,
             )
         return candidates[key]
 
@@ -691,35 +764,37 @@ def choose_within_accuracy_drop(
             return True
         return within_drop(held_reference, candidate(plan, variant).held_out_top1, max_drop_points)
 
-    def unreachable(score: float, against: float, count: int, which: str) -> QCompilerError:
+    def unreachable(plan: Plan, score: float, against: float, count: int, which: str):
         drop = 100 * (against - score)
         return AccuracyBudgetError(
-            f"top-1 drop <= {max_drop_points:g} points cannot be met: all weights at 8 bits "
-            f"already lose {drop:.2f} points ({score:.4f} against the float model's "
+            f"top-1 drop <= {max_drop_points:g} points cannot be met: {_most_accurate(plan)} "
+            f"already loses {drop:.2f} points ({score:.4f} against the float model's "
             f"{against:.4f} on {count} {which}samples, where one sample is "
             f"{100 / count:.2g} points): score on more labelled samples or allow a larger drop"
-            + ("; without holding half out (--no-holdout) the choice is unconfirmed" * holdout),
+            + ("; without holding half out (--no-holdout) the choice is unconfirmed" * holdout)
+            + _wider_hint(wider),
             list(candidates.values()),
             reference,
             held_reference,
         )
 
     def searched_unreachable(plan: Plan, variant: QuantConfig) -> QCompilerError:
-        eight = candidate(plan, variant)
-        return unreachable(eight.top1, reference, len(searched), "searched " if holdout else "")
+        score = candidate(plan, variant).top1
+        return unreachable(plan, score, reference, len(searched), "searched " if holdout else "")
 
-    ladders = _rounding_ladders(calibration, config, samples, steps)
+    latency = _wider_latencies(calibration, config, wider, records, target, rpc, threads, echo)
+    ladders = _rounding_ladders(calibration, config, samples, steps, precisions, latency)
     variant, plan, ladder = _smallest_fitting(ladders, fits, searched_unreachable)
     # Step up the winner's ladder until a plan is within budget on both parts.
-    for larger in (p for p in ladder if p.bytes >= plan.bytes):
+    for larger in ladder[ladder.index(plan) :]:
         if fits(larger, variant) and confirmed(larger, variant):
             plan = larger
             break
     else:
-        eight = candidate(larger, variant)
-        raise unreachable(eight.held_out_top1, held_reference, len(held), "held-out ")
+        score = candidate(larger, variant).held_out_top1
+        raise unreachable(larger, score, held_reference, len(held), "held-out ")
     return AccuracySearch(
-        _with_plan(variant, plan),
+        _with_plan(calibration, variant, plan),
         plan,
         reference,
         held_reference,
@@ -728,6 +803,32 @@ def choose_within_accuracy_drop(
         len(searched),
         len(held),
     )
+
+
+def _wider_latencies(calibration, config, wider, records, target, rpc, threads, echo):
+    """The layers' latencies that price ``wider`` precisions in a budget search (see
+    :func:`_precision_latencies`), or None when there are none to price."""
+    if not wider:
+        return None
+    measured = ("w8a8", "w4a8", *wider)
+    return _precision_latencies(calibration, config, records, target, rpc, threads, echo, measured)
+
+
+def _most_accurate(plan: Plan) -> str:
+    """A budget search's last resort, in words."""
+    wide, floated = plan.layers_at("w8a16"), plan.layers_at("float")
+    if not wide and not floated:
+        return "all weights at 8 bits"
+    parts = [f"{len(wide)} layers' inputs at 16 bits"] * bool(wide)
+    parts += [f"{len(floated)} layers' weights float"] * bool(floated)
+    return f"the most accurate plan ({' and '.join(parts)})"
+
+
+def _wider_hint(wider) -> str:
+    """What else could meet a budget all-8-bit misses, where the search was not given it."""
+    if wider:
+        return ""
+    return "; or allow w8a16 and float layers (precisions, --precisions w8a8,w4a8,w8a16,float)"
 
 
 # The output measures an output budget can hold (dB against the float model): SQNR, each
@@ -747,6 +848,8 @@ class OutputCandidate:
     db: float
     weight_rounding: str = AUTO
     nearest_weights: tuple[str, ...] = ()
+    w8a16_layers: tuple[str, ...] = ()
+    float_layers: tuple[str, ...] = ()
     rounding = Candidate.rounding
 
 
@@ -775,6 +878,11 @@ def choose_within_output_db(
     measure_on=None,
     target="x86",
     steps: int = 16,
+    precisions=PRECISIONS[:2],
+    records=None,
+    rpc: RPCEndpoint | None = None,
+    threads: int | None = None,
+    echo=print,
 ) -> OutputSearch:
     """The fewest weight bytes whose build keeps the model's output SQNR (or PSNR, ``measure``)
     against the float model at ``min_db`` or more on ``measure_on`` (input dicts; default
@@ -793,7 +901,9 @@ def choose_within_output_db(
     whole, the activations' rounding included, by binary search over the sizes; the smallest
     that measures ``min_db`` is chosen. A continuous score needs no held-out half, but
     measured on inputs the calibration did not see it is not flattered by weights rounded
-    against the calibration's statistics: pass those as ``measure_on``.
+    against the calibration's statistics: pass those as ``measure_on``. ``precisions`` as in
+    :func:`choose_within_accuracy_drop`: with ``w8a16``/``float`` a budget above all-8-bit's
+    value can be met by layers that buy it with time.
     """
     config = _as_config(config)
     if measure not in OUTPUT_MEASURES:
@@ -802,12 +912,13 @@ def choose_within_output_db(
     measure_on = list(samples if measure_on is None else measure_on)
     if not measure_on:
         raise QCompilerError(f"an output {measure.upper()} budget needs samples to measure on")
+    precisions, wider = _checked_precisions(precisions, samples, records)
     fp32 = compile_float(model, target)
     reference = [list(fp32.run(s).values()) for s in measure_on]
-    candidates: dict[tuple | None, OutputCandidate] = {}
+    candidates: dict[tuple, OutputCandidate] = {}
 
     def candidate(plan: Plan, variant: QuantConfig) -> OutputCandidate:
-        chosen = _with_plan(variant, plan)
+        chosen = _with_plan(calibration, variant, plan)
         key = _build_key(chosen)
         if key not in candidates:
             built = quantize(model, None, chosen, calibration=calibration).build(target)
@@ -818,6 +929,8 @@ def choose_within_output_db(
                 score(reference, got),
                 chosen.weight_rounding,
                 chosen.nearest_weights,
+                plan.layers_at("w8a16"),
+                chosen.float_layers,
             )
         return candidates[key]
 
@@ -825,18 +938,23 @@ def choose_within_output_db(
         return candidate(plan, variant).db >= min_db
 
     def unreachable(plan: Plan, variant: QuantConfig) -> QCompilerError:
-        eight = candidate(plan, variant)
+        most = _most_accurate(plan)
+        verb = "measures" if most.startswith("the") else "measure"
+        more = ""
+        if not wider:
+            more = "; or give more activations 16 bits (int16_activations) to raise it"
         return QCompilerError(
-            f"output {measure.upper()} >= {min_db:g} dB cannot be met: all weights at 8 bits "
-            f"measure {eight.db:.2f} dB against the float model on {len(measure_on)} samples, "
-            "the most any 4-bit weights can keep: ask for at most that, or give more "
-            "activations 16 bits (int16_activations) to raise it"
+            f"output {measure.upper()} >= {min_db:g} dB cannot be met: {most} {verb} "
+            f"{candidate(plan, variant).db:.2f} dB against the float model on "
+            f"{len(measure_on)} samples, the most the search can keep: ask for at most that"
+            f"{more}{_wider_hint(wider)}"
         )
 
-    ladders = _rounding_ladders(calibration, config, samples, steps)
+    latency = _wider_latencies(calibration, config, wider, records, target, rpc, threads, echo)
+    ladders = _rounding_ladders(calibration, config, samples, steps, precisions, latency)
     variant, plan, _ = _smallest_fitting(ladders, fits, unreachable)
     return OutputSearch(
-        _with_plan(variant, plan),
+        _with_plan(calibration, variant, plan),
         plan,
         list(candidates.values()),
         candidate(plan, variant),

@@ -79,8 +79,11 @@ def cmd_compile(args) -> int:
         )
         if value is not None
     }
-    if args.precisions != "w8a8,w4a8" and not (budgets and not accuracy):
-        raise QCompilerError("--precisions goes with --size-budget-kb or --latency-budget-ms")
+    if args.precisions != "w8a8,w4a8" and not (budgets or accuracy):
+        raise QCompilerError(
+            "--precisions goes with a budget: --size-budget-kb, --latency-budget-ms, "
+            "--max-accuracy-drop, --min-sqnr-db or --min-psnr-db"
+        )
     if len(accuracy) > 1:
         raise QCompilerError(f"{' and '.join(accuracy)} are budgets of their own: give one")
     if args.max_accuracy_drop is not None:
@@ -131,6 +134,24 @@ def _records(args, board) -> str:
     return args.tuning_records or str(Path.home() / ".cache" / "qcompiler" / "records" / board.name)
 
 
+def _precisions(args) -> tuple[str, ...]:
+    return tuple(p.strip() for p in args.precisions.split(",") if p.strip())
+
+
+def _wider(args, board) -> dict:
+    """The precisions a budget search may choose, and where ``w8a16``/``float`` are among
+    them, the tuning database and board their layers' latencies are measured with."""
+    precisions = _precisions(args)
+    if not set(precisions) - {"w8a8", "w4a8"}:
+        return {"precisions": precisions}
+    return {
+        "precisions": precisions,
+        "records": _records(args, board),
+        "rpc": _endpoint(args),
+        "threads": args.threads,
+    }
+
+
 def _calibrated_with_probe(args):
     """The config, the calibrated model and 8 calibration samples for the weight probe."""
     config = _config(args)
@@ -164,9 +185,15 @@ def _print_tried(tried, score) -> None:
     for candidate in sorted(tried, key=lambda c: c.bytes):
         rounding = f", {candidate.rounding} rounding" if candidate.int4_weights else ""
         print(
-            f"  tried {len(candidate.int4_weights)} W4A8 layers{rounding}, {candidate.bytes} "
-            f"weight bytes: {score(candidate)}"
+            f"  tried {len(candidate.int4_weights)} W4A8 layers{rounding}{_wider_layers(candidate)}"
+            f", {candidate.bytes} weight bytes: {score(candidate)}"
         )
+
+
+def _wider_layers(chosen) -> str:
+    """A candidate's ``w8a16`` and ``float`` layers, in words, where it has any."""
+    counts = ((len(chosen.w8a16_layers), "W8A16"), (len(chosen.float_layers), "float"))
+    return "".join(f", {n} {what}" for n, what in counts if n)
 
 
 def _compile_within_accuracy_drop(args, board):
@@ -188,6 +215,8 @@ def _compile_within_accuracy_drop(args, board):
             config,
             samples=probe,
             holdout=args.holdout,
+            target=board,
+            **_wider(args, board),
         )
     except api.AccuracyBudgetError as err:  # what was measured, before the reason
         _print_candidates(err.tried, err.reference, err.held_out_reference)
@@ -199,18 +228,19 @@ def _compile_within_accuracy_drop(args, board):
         held = f", {search.held_out_reference:.4f} on the {search.held_out} held out"
     print(
         f"mixed precision: {len(config.int4_weights)} of {len(plan.precisions)} layers at W4A8 "
-        f"({search.chosen.rounding} rounding), {plan.bytes} weight bytes; float top-1 "
+        f"({search.chosen.rounding} rounding){_wider_layers(search.chosen)}, {plan.bytes} "
+        "weight bytes; float top-1 "
         f"{search.reference:.4f} on {search.searched} samples searched{held}"
     )
     return _build(args, board, model, calibration, config)
 
 
 def _build(args, board, model, calibration, config):
-    """The artifact of ``config`` chosen by a budget search, built for ``board``."""
+    """The artifact of ``config`` chosen by a budget search, built for ``board`` (with the
+    records its layers' latencies were measured into, where they were)."""
     quant = api.quantize(model, None, config, calibration=calibration)
-    return quant.build(
-        board, tuning_records=args.tuning_records, cross_compiler=args.cross_compiler
-    )
+    records = _wider(args, board).get("records", args.tuning_records)
+    return quant.build(board, tuning_records=records, cross_compiler=args.cross_compiler)
 
 
 def _compile_within_output_db(args, board):
@@ -234,6 +264,8 @@ def _compile_within_output_db(args, board):
         samples=probe,
         measure=measure,
         measure_on=measure_on,
+        target=board,
+        **_wider(args, board),
     )
     name = measure.upper()
     _print_tried(search.tried, lambda c: f"output {name} {c.db:.2f} dB")
@@ -241,7 +273,8 @@ def _compile_within_output_db(args, board):
     where = "--data" if args.data else "calibration"
     print(
         f"mixed precision: {len(config.int4_weights)} of {len(plan.precisions)} layers at W4A8 "
-        f"({chosen.rounding} rounding), {plan.bytes} weight bytes; output {name} "
+        f"({chosen.rounding} rounding){_wider_layers(chosen)}, {plan.bytes} weight bytes; "
+        f"output {name} "
         f"{chosen.db:.2f} dB against the float model on {search.measured_on} {where} samples"
     )
     return _build(args, board, model, calibration, config)
@@ -255,7 +288,7 @@ def _compile_within_budget(args, board):
     :func:`qcompiler.api.choose_weight_precisions`)."""
     if not args.calib:
         raise QCompilerError("a size or latency budget needs --calib (the layers' statistics)")
-    precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
+    precisions = _precisions(args)
     wider = set(precisions) - {"w8a8", "w4a8"}
     latency = {}
     if args.latency_budget_ms is not None or wider:
@@ -671,9 +704,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precisions",
         default="w8a8,w4a8",
-        help="with --size-budget-kb/--latency-budget-ms: the precisions a layer may get, "
-        "among w8a8,w4a8,w8a16 (its input at 16 bits),float (its weights float); w8a16 and "
-        "float are priced by the noise they remove and their kernels' time on the board",
+        help="with a budget: the precisions a layer may get, among w8a8,w4a8,w8a16 (its input "
+        "at 16 bits),float (its weights float); w8a16 and float are priced by the noise they "
+        "remove and their kernels' time on the board, and let an accuracy or SQNR budget "
+        "that all-8-bit misses be met",
     )
     measure_options(p)
     p.add_argument("--tuning-records", help="directory written by `qc tune`")

@@ -328,19 +328,44 @@ def add_wider_options(
 
 
 def size_ladder(
-    table: Mapping[str, Sequence[Option]], steps: int = 8, factor: float = 2.0
+    table: Mapping[str, Sequence[Option]],
+    steps: int = 8,
+    factor: float = 2.0,
+    *,
+    precision_ties: Iterable[tuple[str, Iterable[str]]] = (),
+    then: str | None = None,
 ) -> list[Plan]:
-    """Plans between all-4-bit and all-8-bit weights, smallest first: the fewest bytes within
-    each of ``steps`` error budgets, from the total of every layer's worst option down by
-    ``factor`` at each step, and the least-error plan (all at 8 bits) last."""
-    everything = sum(max(o.error for o in options) for options in table.values())
+    """Plans between all-4-bit and all-8-bit weights, smallest first: the fewest bytes (and
+    among those the least ``then``) within each of ``steps`` error budgets, from the total of
+    every layer's worst option down by ``factor`` at each step, and the least-error plan (all
+    at 8 bits) last.
+
+    Options that remove noise (negative errors: ``w8a16``, ``float``, see
+    :func:`add_wider_options`) carry the ladder on past all-8-bit: budgets of 0, and of the
+    least-error plan's removal times ``1 - factor**-k`` for k = 1 .. ``steps`` (the remaining
+    noise shrinking by ``factor`` at each). A plan no better than another in bytes, error and
+    latency alike is left out, so sizes repeat only where a plan buys error with time; the
+    order is by bytes, then error downwards."""
+    options = {"precision_ties": precision_ties, "then": then}
+    everything = sum(max(o.error for o in choices) for choices in table.values())
+    budgets = [everything / factor**step for step in range(steps)]
+    least = choose_precisions(table, minimize="error", **options)
+    if least.error < 0:
+        budgets += [0.0] + [least.error * (1 - factor**-k) for k in range(1, steps + 1)]
     plans = {}
-    for step in range(steps):
-        plan = choose_precisions(table, minimize="bytes", max_error=everything / factor**step)
-        plans.setdefault(plan.bytes, plan)
-    least = choose_precisions(table, minimize="error")
-    plans.setdefault(least.bytes, least)
-    return [plan for _, plan in sorted(plans.items())]
+    for budget in budgets:
+        plan = choose_precisions(table, minimize="bytes", max_error=budget, **options)
+        plans.setdefault(tuple(sorted(plan.precisions.items())), plan)
+    plans.setdefault(tuple(sorted(least.precisions.items())), least)
+
+    def costs(plan: Plan) -> tuple:
+        return plan.bytes, plan.error, plan.latency_ms
+
+    kept: list[Plan] = []  # a plan's betters all come before it in this order
+    for plan in sorted(plans.values(), key=costs):
+        if not any(all(a <= b for a, b in zip(costs(o), costs(plan))) for o in kept):
+            kept.append(plan)
+    return sorted(kept, key=lambda plan: (plan.bytes, -plan.error))
 
 
 def weight_options(

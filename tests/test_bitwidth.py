@@ -549,6 +549,61 @@ def test_an_output_budget_is_met_when_measured(mnist_calibration, shared, measur
         search(eight + 1)
 
 
+def test_an_output_budget_over_all_8_bit_is_met_by_wider_layers(
+    mnist_calibration, mnist_records, shared
+):
+    """With ``w8a16`` and ``float`` among the precisions, an output SQNR budget above
+    all-8-bit's (halfway to every layer's weights float), which the 4-bit search refuses
+    naming all-8-bit's value, is met by a build
+    that widens inputs or keeps weights float: its SQNR against onnxruntime's float outputs,
+    computed here, reaches the budget, and its manifest runs the plan's precisions. A budget
+    beyond every plan names the most accurate plan's value."""
+    import onnxruntime as ort
+
+    import qcompiler
+    from qcompiler.api import choose_within_output_db
+    from qcompiler.passes.scheme import QuantConfig
+    from qcompiler.targets.bitwidth import weight_layers
+
+    model, calibration, images, _ = mnist_calibration
+    probe = [{"Input3": x} for x in images[:4]]
+    measure_on = [{"Input3": x} for x in images[100:132]]  # not calibration samples
+    session = ort.InferenceSession(
+        str(shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"),
+        providers=["CPUExecutionProvider"],
+    )
+    reference = np.stack([session.run(None, x)[0] for x in measure_on]).astype(np.float64)
+
+    def built(config):
+        return qcompiler.quantize(model, None, config, calibration=calibration).build("x86")
+
+    def sqnr(artifact) -> float:
+        got = np.stack([next(iter(artifact.run(x).values())) for x in measure_on])
+        return 10 * np.log10((reference**2).mean() / ((reference - got) ** 2).mean())
+
+    eight = sqnr(built(QuantConfig()))
+    floated = sqnr(built(QuantConfig(float_layers=weight_layers(calibration))))
+    assert floated > eight + 1, "float weights must measure cleaner"
+    budget = (eight + floated) / 2
+    quiet = {"samples": probe, "measure_on": measure_on}
+    with pytest.raises(QCompilerError, match="all weights at 8 bits measure .* allow w8a16"):
+        choose_within_output_db(model, calibration, budget, **quiet)
+    every = {"precisions": ("w8a8", "w4a8", "w8a16", "float"), "records": mnist_records}
+    found = choose_within_output_db(
+        model, calibration, budget, **quiet, **every, echo=lambda _: None
+    )
+    chosen = built(found.config)
+    assert sqnr(chosen) >= budget
+    assert found.chosen.db == pytest.approx(sqnr(chosen), abs=0.05)
+    assert found.chosen.w8a16_layers or found.chosen.float_layers
+    assert {t["layer"]: t["precision"] for t in chosen.manifest["layers"]} == (
+        found.plan.precisions
+    )
+    assert chosen.manifest["weight_bytes"] == found.plan.bytes == found.chosen.bytes
+    with pytest.raises(QCompilerError, match="the most accurate plan .* measures"):
+        choose_within_output_db(model, calibration, 200.0, **quiet, **every, echo=lambda _: None)
+
+
 def test_pareto_front_keeps_the_points_nothing_beats():
     from qcompiler.report import Point, pareto_front
 

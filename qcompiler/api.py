@@ -536,9 +536,10 @@ class AccuracySearch:
 
 
 class AccuracyBudgetError(QCompilerError):
-    """An accuracy budget that not even all weights at 8 bits meet; ``tried`` holds every
-    candidate built (each with its top-1s) and ``reference``/``held_out_reference`` the float
-    model's, so that what the search measured is not lost with it."""
+    """An accuracy budget that not even the search's most accurate plan meets (all weights at
+    8 bits, or with ``w8a16``/``float`` layers); ``tried`` holds every candidate built (each
+    with its top-1s) and ``reference``/``held_out_reference`` the float model's, so that what
+    the search measured is not lost with it."""
 
     def __init__(self, message, tried, reference, held_out_reference):
         super().__init__(message)
@@ -767,9 +768,9 @@ def choose_within_accuracy_drop(
     def unreachable(plan: Plan, score: float, against: float, count: int, which: str):
         drop = 100 * (against - score)
         return AccuracyBudgetError(
-            f"top-1 drop <= {max_drop_points:g} points cannot be met: {_most_accurate(plan)} "
-            f"already loses {drop:.2f} points ({score:.4f} against the float model's "
-            f"{against:.4f} on {count} {which}samples, where one sample is "
+            f"top-1 drop <= {max_drop_points:g} points cannot be met: with "
+            f"{_most_accurate(plan)} it is already {drop:.2f} points ({score:.4f} against the "
+            f"float model's {against:.4f} on {count} {which}samples, where one sample is "
             f"{100 / count:.2g} points): score on more labelled samples or allow a larger drop"
             + ("; without holding half out (--no-holdout) the choice is unconfirmed" * holdout)
             + _wider_hint(wider),
@@ -782,7 +783,7 @@ def choose_within_accuracy_drop(
         score = candidate(plan, variant).top1
         return unreachable(plan, score, reference, len(searched), "searched " if holdout else "")
 
-    latency = _wider_latencies(calibration, config, wider, records, target, rpc, threads, echo)
+    latency = _wider_latencies(calibration, config, precisions, records, target, rpc, threads, echo)
     ladders = _rounding_ladders(calibration, config, samples, steps, precisions, latency)
     variant, plan, ladder = _smallest_fitting(ladders, fits, searched_unreachable)
     # Step up the winner's ladder until a plan is within budget on both parts.
@@ -805,13 +806,14 @@ def choose_within_accuracy_drop(
     )
 
 
-def _wider_latencies(calibration, config, wider, records, target, rpc, threads, echo):
-    """The layers' latencies that price ``wider`` precisions in a budget search (see
-    :func:`_precision_latencies`), or None when there are none to price."""
-    if not wider:
+def _wider_latencies(calibration, config, precisions, records, target, rpc, threads, echo):
+    """Each layer's latency at each of ``precisions`` (see :func:`_precision_latencies`),
+    which a budget search needs to price ``w8a16`` and ``float`` layers; None without them."""
+    if not set(precisions) & {"w8a16", "float"}:
         return None
-    measured = ("w8a8", "w4a8", *wider)
-    return _precision_latencies(calibration, config, records, target, rpc, threads, echo, measured)
+    return _precision_latencies(
+        calibration, config, records, target, rpc, threads, echo, precisions
+    )
 
 
 def _most_accurate(plan: Plan) -> str:
@@ -950,7 +952,7 @@ def choose_within_output_db(
             f"{more}{_wider_hint(wider)}"
         )
 
-    latency = _wider_latencies(calibration, config, wider, records, target, rpc, threads, echo)
+    latency = _wider_latencies(calibration, config, precisions, records, target, rpc, threads, echo)
     ladders = _rounding_ladders(calibration, config, samples, steps, precisions, latency)
     variant, plan, _ = _smallest_fitting(ladders, fits, unreachable)
     return OutputSearch(

@@ -510,6 +510,7 @@ class Candidate:
     nearest_weights: tuple[str, ...] = ()  # 4-bit layers rounded to nearest all the same
     w8a16_layers: tuple[str, ...] = ()  # layers whose input was widened to 16 bits
     float_layers: tuple[str, ...] = ()  # layers whose weights stayed float
+    latency_ms: float | None = None  # predicted from the board's kernels, where measured
 
     @property
     def rounding(self) -> str:
@@ -587,6 +588,7 @@ def _rounding_ladders(
     steps: int,
     precisions=PRECISIONS[:2],
     latency=None,
+    minimize: str = "bytes",
 ):
     """``(variant, ladder, probe)`` for each rounding a budget search tries
     (:func:`accuracy_search_roundings`, then :func:`per_layer_rounding` where the two disagree
@@ -598,7 +600,8 @@ def _rounding_ladders(
     ``precisions`` beyond ``w8a8``/``w4a8`` add their options to every table, priced once
     (:func:`_wider_pricing`) with ``latency`` (:func:`_precision_latencies`), and the ladder
     goes on past all-8-bit to plans that buy accuracy with those, the fastest of equal bytes
-    at each rung."""
+    at each rung. With ``minimize="latency_ms"`` each rung is the fastest plan within its
+    budget (by ``latency``), the fewest bytes among equally fast ones."""
     four_bit = "w4a8" in precisions
     wider = [p for p in precisions if p in ("w8a16", "float")]
     measured, first, pricing = {}, None, {}
@@ -606,8 +609,10 @@ def _rounding_ladders(
     def ladder(variant: QuantConfig, errors) -> list[Plan]:
         table = _option_table(calibration, variant, errors, latency, four_bit)
         ties = add_wider_options(table, calibration, latency=latency[0], **pricing) if wider else []
-        then = "latency_ms" if latency is not None else None
-        plans = size_ladder(table, steps, 2**0.5, precision_ties=ties, then=then)
+        then = "bytes" if minimize == "latency_ms" else None
+        if minimize == "bytes" and latency is not None:
+            then = "latency_ms"
+        plans = size_ladder(table, steps, 2**0.5, minimize=minimize, precision_ties=ties, then=then)
         return [_without_rest(plan) for plan in plans]
 
     roundings = accuracy_search_roundings(calibration, config) if four_bit else (AUTO,)
@@ -630,10 +635,11 @@ def _rounding_ladders(
             yield variant, ladder(variant, errors), first
 
 
-def _smallest_fitting(ladders, fits, unreachable):
-    """``(variant, plan, ladder)``: the smallest plan of any ladder of ``ladders`` (as
-    :func:`_rounding_ladders` yields) that ``fits(plan, variant)``, found by binary search over
-    each ladder's plans better than the best so far (fewer bytes, or as few and faster), on
+def _smallest_fitting(ladders, fits, unreachable, minimize: str = "bytes"):
+    """``(variant, plan, ladder)``: the smallest plan (least ``minimize``) of any ladder of
+    ``ladders`` (as :func:`_rounding_ladders` yields) that ``fits(plan, variant)``, found by
+    binary search over each ladder's plans better than the best so far (fewer bytes, or as few
+    and faster; with ``"latency_ms"``, faster, or as fast and fewer bytes), on
     the assumption that a plan later in a ladder (a smaller error budget) never fits worse.
     The last plan (all 8-bit, or the least error the precisions allow) is tried first, and if
     it does not fit, ``unreachable(plan, variant)`` is raised."""
@@ -643,8 +649,7 @@ def _smallest_fitting(ladders, fits, unreachable):
             if not fits(ladder[-1], variant):  # the last resort
                 raise unreachable(ladder[-1], variant)
             best = (variant, ladder[-1], ladder)
-        cost = (best[1].bytes, best[1].latency_ms)
-        better = [plan for plan in ladder if (plan.bytes, plan.latency_ms) < cost]
+        better = [plan for plan in ladder if _cost(plan, minimize) < _cost(best[1], minimize)]
         low, high = 0, len(better)  # the first (smallest) plan that fits, if one does
         while low < high:
             middle = (low + high) // 2
@@ -655,6 +660,13 @@ def _smallest_fitting(ladders, fits, unreachable):
         if high < len(better):
             best = (variant, better[high], ladder)
     return best
+
+
+def _cost(plan: Plan, minimize: str) -> tuple:
+    """What a budget search minimizes, then what breaks its ties."""
+    if minimize == "bytes":
+        return plan.bytes, plan.latency_ms
+    return plan.latency_ms, plan.bytes
 
 
 def _with_plan(calibration: Calibration, variant: QuantConfig, plan: Plan) -> QuantConfig:
@@ -698,6 +710,7 @@ def choose_within_accuracy_drop(
     target="x86",
     steps: int = 16,
     holdout: bool = True,
+    minimize: str = "bytes",
     precisions=PRECISIONS[:2],
     records=None,
     rpc: RPCEndpoint | None = None,
@@ -719,6 +732,10 @@ def choose_within_accuracy_drop(
     :func:`choose_weight_precisions`): the program may then buy accuracy with time, and the
     ladder goes on past all-8-bit to the plans that do (:func:`_rounding_ladders`), so that a
     budget all-8-bit misses can still be met; of equal bytes, the faster plan is preferred.
+    ``minimize="latency_ms"`` (with ``records``) chooses the plan predicted fastest on the
+    board instead of the smallest: each layer's kernels measured there at each precision
+    (:func:`_precision_latencies`), each rung of the ladder the fastest plan within its error
+    budget, the fewest bytes among equally fast ones.
 
     With ``holdout`` every other labelled sample is held out of the search: the smallest plan
     within budget on the rest must also be within budget on those (each against the float
@@ -735,6 +752,9 @@ def choose_within_accuracy_drop(
             f"{'2 or more to hold half out' if holdout else '1 or more'})"
         )
     precisions, wider = _checked_precisions(precisions, samples, records)
+    latency = _search_latencies(
+        calibration, config, precisions, minimize, records, target, rpc, threads, echo
+    )
     fp32 = compile_float(model, target)
     reference = top1(fp32, searched)
     held_reference = top1(fp32, held) if held else None
@@ -754,6 +774,7 @@ def choose_within_accuracy_drop(
                 chosen.nearest_weights,
                 plan.layers_at("w8a16"),
                 chosen.float_layers,
+                plan.latency_ms if latency is not None else None,
             )
         return candidates[key]
 
@@ -783,9 +804,8 @@ def choose_within_accuracy_drop(
         score = candidate(plan, variant).top1
         return unreachable(plan, score, reference, len(searched), "searched " if holdout else "")
 
-    latency = _wider_latencies(calibration, config, precisions, records, target, rpc, threads, echo)
-    ladders = _rounding_ladders(calibration, config, samples, steps, precisions, latency)
-    variant, plan, ladder = _smallest_fitting(ladders, fits, searched_unreachable)
+    ladders = _rounding_ladders(calibration, config, samples, steps, precisions, latency, minimize)
+    variant, plan, ladder = _smallest_fitting(ladders, fits, searched_unreachable, minimize)
     # Step up the winner's ladder until a plan is within budget on both parts.
     for larger in ladder[ladder.index(plan) :]:
         if fits(larger, variant) and confirmed(larger, variant):
@@ -806,11 +826,18 @@ def choose_within_accuracy_drop(
     )
 
 
-def _wider_latencies(calibration, config, precisions, records, target, rpc, threads, echo):
+def _search_latencies(
+    calibration, config, precisions, minimize, records, target, rpc, threads, echo
+):
     """Each layer's latency at each of ``precisions`` (see :func:`_precision_latencies`),
-    which a budget search needs to price ``w8a16`` and ``float`` layers; None without them."""
-    if not set(precisions) & {"w8a16", "float"}:
+    where a budget search needs them: to price ``w8a16`` and ``float`` layers, or to minimize
+    latency; else None. Checks ``minimize`` and that ``records`` are given where needed."""
+    if minimize not in ("bytes", "latency_ms"):
+        raise QCompilerError(f"a budget search minimizes bytes or latency_ms, not {minimize!r}")
+    if minimize == "bytes" and not set(precisions) & {"w8a16", "float"}:
         return None
+    if records is None:
+        raise QCompilerError("minimizing latency needs records=DIR to measure the layers into")
     return _precision_latencies(
         calibration, config, records, target, rpc, threads, echo, precisions
     )
@@ -852,6 +879,7 @@ class OutputCandidate:
     nearest_weights: tuple[str, ...] = ()
     w8a16_layers: tuple[str, ...] = ()
     float_layers: tuple[str, ...] = ()
+    latency_ms: float | None = None
     rounding = Candidate.rounding
 
 
@@ -880,6 +908,7 @@ def choose_within_output_db(
     measure_on=None,
     target="x86",
     steps: int = 16,
+    minimize: str = "bytes",
     precisions=PRECISIONS[:2],
     records=None,
     rpc: RPCEndpoint | None = None,
@@ -905,7 +934,7 @@ def choose_within_output_db(
     measured on inputs the calibration did not see it is not flattered by weights rounded
     against the calibration's statistics: pass those as ``measure_on``. ``precisions`` as in
     :func:`choose_within_accuracy_drop`: with ``w8a16``/``float`` a budget above all-8-bit's
-    value can be met by layers that buy it with time.
+    value can be met by layers that buy it with time; so is ``minimize``.
     """
     config = _as_config(config)
     if measure not in OUTPUT_MEASURES:
@@ -915,6 +944,9 @@ def choose_within_output_db(
     if not measure_on:
         raise QCompilerError(f"an output {measure.upper()} budget needs samples to measure on")
     precisions, wider = _checked_precisions(precisions, samples, records)
+    latency = _search_latencies(
+        calibration, config, precisions, minimize, records, target, rpc, threads, echo
+    )
     fp32 = compile_float(model, target)
     reference = [list(fp32.run(s).values()) for s in measure_on]
     candidates: dict[tuple, OutputCandidate] = {}
@@ -933,6 +965,7 @@ def choose_within_output_db(
                 chosen.nearest_weights,
                 plan.layers_at("w8a16"),
                 chosen.float_layers,
+                plan.latency_ms if latency is not None else None,
             )
         return candidates[key]
 
@@ -952,9 +985,8 @@ def choose_within_output_db(
             f"{more}{_wider_hint(wider)}"
         )
 
-    latency = _wider_latencies(calibration, config, precisions, records, target, rpc, threads, echo)
-    ladders = _rounding_ladders(calibration, config, samples, steps, precisions, latency)
-    variant, plan, _ = _smallest_fitting(ladders, fits, unreachable)
+    ladders = _rounding_ladders(calibration, config, samples, steps, precisions, latency, minimize)
+    variant, plan, _ = _smallest_fitting(ladders, fits, unreachable, minimize)
     return OutputSearch(
         _with_plan(calibration, variant, plan),
         plan,

@@ -79,6 +79,11 @@ def cmd_compile(args) -> int:
         )
         if value is not None
     }
+    if args.minimize != "size" and not accuracy:
+        raise QCompilerError(
+            "--minimize goes with an accuracy budget: --max-accuracy-drop, --min-sqnr-db or "
+            "--min-psnr-db"
+        )
     if args.precisions != "w8a8,w4a8" and not (budgets or accuracy):
         raise QCompilerError(
             "--precisions goes with a budget: --size-budget-kb, --latency-budget-ms, "
@@ -138,18 +143,24 @@ def _precisions(args) -> tuple[str, ...]:
     return tuple(p.strip() for p in args.precisions.split(",") if p.strip())
 
 
-def _wider(args, board) -> dict:
-    """The precisions a budget search may choose, and where ``w8a16``/``float`` are among
-    them, the tuning database and board their layers' latencies are measured with."""
+def _search_options(args, board) -> dict:
+    """What an accuracy or output budget search minimizes and the precisions it may choose;
+    where it minimizes latency or prices ``w8a16``/``float`` layers, the tuning database and
+    board the layers' latencies are measured with."""
     precisions = _precisions(args)
-    if not set(precisions) - {"w8a8", "w4a8"}:
-        return {"precisions": precisions}
+    options = {"precisions": precisions, "minimize": MINIMIZE[args.minimize]}
+    if args.minimize == "size" and not set(precisions) - {"w8a8", "w4a8"}:
+        return options
     return {
-        "precisions": precisions,
+        **options,
         "records": _records(args, board),
         "rpc": _endpoint(args),
         "threads": args.threads,
     }
+
+
+# --minimize: what an accuracy or output budget search minimizes, as the API names it
+MINIMIZE = {"size": "bytes", "latency": "latency_ms"}
 
 
 def _calibrated_with_probe(args):
@@ -186,8 +197,15 @@ def _print_tried(tried, score) -> None:
         rounding = f", {candidate.rounding} rounding" if candidate.int4_weights else ""
         print(
             f"  tried {len(candidate.int4_weights)} W4A8 layers{rounding}{_wider_layers(candidate)}"
-            f", {candidate.bytes} weight bytes: {score(candidate)}"
+            f", {candidate.bytes} weight bytes{_predicted(candidate)}: {score(candidate)}"
         )
+
+
+def _predicted(candidate) -> str:
+    """A candidate's latency predicted on the board, where its layers were measured."""
+    if candidate.latency_ms is None:
+        return ""
+    return f", {candidate.latency_ms:.3f} ms predicted"
 
 
 def _wider_layers(chosen) -> str:
@@ -216,7 +234,7 @@ def _compile_within_accuracy_drop(args, board):
             samples=probe,
             holdout=args.holdout,
             target=board,
-            **_wider(args, board),
+            **_search_options(args, board),
         )
     except api.AccuracyBudgetError as err:  # what was measured, before the reason
         _print_candidates(err.tried, err.reference, err.held_out_reference)
@@ -229,7 +247,7 @@ def _compile_within_accuracy_drop(args, board):
     print(
         f"mixed precision: {len(config.int4_weights)} of {len(plan.precisions)} layers at W4A8 "
         f"({search.chosen.rounding} rounding){_wider_layers(search.chosen)}, {plan.bytes} "
-        "weight bytes; float top-1 "
+        f"weight bytes{_predicted(search.chosen)}; float top-1 "
         f"{search.reference:.4f} on {search.searched} samples searched{held}"
     )
     return _build(args, board, model, calibration, config)
@@ -239,7 +257,7 @@ def _build(args, board, model, calibration, config):
     """The artifact of ``config`` chosen by a budget search, built for ``board`` (with the
     records its layers' latencies were measured into, where they were)."""
     quant = api.quantize(model, None, config, calibration=calibration)
-    records = _wider(args, board).get("records", args.tuning_records)
+    records = _search_options(args, board).get("records", args.tuning_records)
     return quant.build(board, tuning_records=records, cross_compiler=args.cross_compiler)
 
 
@@ -265,7 +283,7 @@ def _compile_within_output_db(args, board):
         measure=measure,
         measure_on=measure_on,
         target=board,
-        **_wider(args, board),
+        **_search_options(args, board),
     )
     name = measure.upper()
     _print_tried(search.tried, lambda c: f"output {name} {c.db:.2f} dB")
@@ -273,8 +291,8 @@ def _compile_within_output_db(args, board):
     where = "--data" if args.data else "calibration"
     print(
         f"mixed precision: {len(config.int4_weights)} of {len(plan.precisions)} layers at W4A8 "
-        f"({chosen.rounding} rounding){_wider_layers(chosen)}, {plan.bytes} weight bytes; "
-        f"output {name} "
+        f"({chosen.rounding} rounding){_wider_layers(chosen)}, {plan.bytes} weight bytes"
+        f"{_predicted(chosen)}; output {name} "
         f"{chosen.db:.2f} dB against the float model on {search.measured_on} {where} samples"
     )
     return _build(args, board, model, calibration, config)
@@ -708,6 +726,14 @@ def build_parser() -> argparse.ArgumentParser:
         "at 16 bits),float (its weights float); w8a16 and float are priced by the noise they "
         "remove and their kernels' time on the board, and let an accuracy or SQNR budget "
         "that all-8-bit misses be met",
+    )
+    p.add_argument(
+        "--minimize",
+        choices=list(MINIMIZE),
+        default="size",
+        help="with --max-accuracy-drop/--min-sqnr-db/--min-psnr-db: what the chosen build "
+        "minimizes within the budget: its weight bytes (default) or its latency on the board, "
+        "predicted from each layer's kernels measured there at each precision",
     )
     measure_options(p)
     p.add_argument("--tuning-records", help="directory written by `qc tune`")

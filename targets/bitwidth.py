@@ -332,20 +332,22 @@ def size_ladder(
     steps: int = 8,
     factor: float = 2.0,
     *,
+    minimize: str = "bytes",
     precision_ties: Iterable[tuple[str, Iterable[str]]] = (),
     then: str | None = None,
 ) -> list[Plan]:
-    """Plans between all-4-bit and all-8-bit weights, smallest first: the fewest bytes (and
-    among those the least ``then``) within each of ``steps`` error budgets, from the total of
-    every layer's worst option down by ``factor`` at each step, and the least-error plan (all
-    at 8 bits) last.
+    """Plans between all-4-bit and all-8-bit weights, cheapest first: the fewest bytes (or
+    the least ``minimize``, ``"latency_ms"``; and among those the least ``then``) within each
+    of ``steps`` error budgets, from the total of every layer's worst option down by
+    ``factor`` at each step, and the least-error plan (all at 8 bits) last.
 
     Options that remove noise (negative errors: ``w8a16``, ``float``, see
     :func:`add_wider_options`) carry the ladder on past all-8-bit: budgets of 0, and of the
     least-error plan's removal times ``1 - factor**-k`` for k = 1 .. ``steps`` (the remaining
     noise shrinking by ``factor`` at each). A plan no better than another in bytes, error and
-    latency alike is left out, so sizes repeat only where a plan buys error with time; the
-    order is by bytes, then error downwards."""
+    latency alike is left out; the order is by ``minimize``, then error downwards."""
+    if minimize not in ("bytes", "latency_ms"):
+        raise QCompilerError(f"a ladder minimizes bytes or latency_ms, not {minimize!r}")
     options = {"precision_ties": precision_ties, "then": then}
     everything = sum(max(o.error for o in choices) for choices in table.values())
     budgets = [everything / factor**step for step in range(steps)]
@@ -354,7 +356,7 @@ def size_ladder(
         budgets += [0.0] + [least.error * (1 - factor**-k) for k in range(1, steps + 1)]
     plans = {}
     for budget in budgets:
-        plan = choose_precisions(table, minimize="bytes", max_error=budget, **options)
+        plan = choose_precisions(table, minimize=minimize, max_error=budget, **options)
         plans.setdefault(tuple(sorted(plan.precisions.items())), plan)
     plans.setdefault(tuple(sorted(least.precisions.items())), least)
 
@@ -365,7 +367,7 @@ def size_ladder(
     for plan in sorted(plans.values(), key=costs):
         if not any(all(a <= b for a, b in zip(costs(o), costs(plan))) for o in kept):
             kept.append(plan)
-    return sorted(kept, key=lambda plan: (plan.bytes, -plan.error))
+    return sorted(kept, key=lambda plan: (getattr(plan, minimize), -plan.error))
 
 
 def weight_options(

@@ -556,8 +556,9 @@ def test_an_output_budget_over_all_8_bit_is_met_by_wider_layers(
     all-8-bit's (halfway to every layer's weights float), which the 4-bit search refuses
     naming all-8-bit's value, is met by a build
     that widens inputs or keeps weights float: its SQNR against onnxruntime's float outputs,
-    computed here, reaches the budget, and its manifest runs the plan's precisions. A budget
-    beyond every plan names the most accurate plan's value."""
+    computed here, reaches the budget, and its manifest runs the plan's precisions; so does
+    the plan predicted fastest (``minimize="latency_ms"``). A budget beyond every plan names
+    the most accurate plan's value."""
     import onnxruntime as ort
 
     import qcompiler
@@ -600,6 +601,15 @@ def test_an_output_budget_over_all_8_bit_is_met_by_wider_layers(
         found.plan.precisions
     )
     assert chosen.manifest["weight_bytes"] == found.plan.bytes == found.chosen.bytes
+    # The fastest instead of the smallest: it holds the budget too, and every candidate it
+    # tried that is predicted faster measured under it.
+    fastest = choose_within_output_db(
+        model, calibration, budget, **quiet, **every, minimize="latency_ms", echo=lambda _: None
+    )
+    assert sqnr(built(fastest.config)) >= budget
+    assert fastest.chosen.latency_ms == pytest.approx(fastest.plan.latency_ms)
+    faster = [c for c in fastest.tried if c.latency_ms < fastest.chosen.latency_ms]
+    assert all(c.db < budget for c in faster)
     with pytest.raises(QCompilerError, match="the most accurate plan .* measures"):
         choose_within_output_db(model, calibration, 200.0, **quiet, **every, echo=lambda _: None)
 
@@ -677,6 +687,29 @@ def test_size_ladder_rungs_are_the_fewest_bytes_within_each_budget(factor):
     if factor < 2:
         coarse = {plan.bytes for plan in size_ladder(table, steps=8, factor=2.0)}
         assert coarse < set(sizes)
+
+
+@pytest.mark.parametrize("minimize", ["bytes", "latency_ms"])
+def test_a_ladder_with_wider_options_goes_past_all_8_bit(minimize):
+    """With options that remove noise (errors relative to all-8-bit, as the searches price
+    ``w8a16`` and ``float``), every rung is the exhaustive optimum of ``minimize`` at its own
+    error, the rungs run cheapest first with the error falling, some remove noise, and the
+    last is the least error any assignment reaches."""
+    table = {}
+    for layer, options in random_table(4, layers=5).items():
+        zero = next(o.error for o in options if o.precision == "w8a8")
+        table[layer] = [Option(o.precision, o.latency_ms, o.error - zero, o.bytes) for o in options]
+    then = "bytes" if minimize == "latency_ms" else "latency_ms"
+    ladder = size_ladder(table, steps=8, factor=2**0.5, minimize=minimize, then=then)
+    for plan in ladder:
+        _, cost = exhaustive(table, minimize, {"error": plan.error})
+        assert getattr(plan, minimize) == pytest.approx(cost, rel=1e-9)
+    costs = [getattr(plan, minimize) for plan in ladder]
+    assert costs == sorted(costs)
+    assert all(a.error > b.error for a, b in zip(ladder, ladder[1:]))
+    assert any(plan.error < 0 for plan in ladder)
+    _, least = exhaustive(table, "error", {})
+    assert ladder[-1].error == pytest.approx(least)
 
 
 def test_the_solver_prints_nothing_on_standard_output(capfd):

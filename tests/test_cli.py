@@ -130,12 +130,17 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     assert "none.onnx" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_precisions_without_a_budget_is_a_clear_error(tmp_path):
+def test_search_options_without_a_budget_are_clear_errors(tmp_path):
     cmd = [sys.executable, "-m", "qcompiler.cli", "compile", str(tmp_path / "none.onnx"),
            "--precisions", "w8a8,w8a16", "-o", str(tmp_path / "o")]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--precisions goes with a budget: --size-budget-kb" in result.stderr
+    latency = subprocess.run(
+        [*cmd[:5], "--minimize", "latency", *cmd[-2:]], capture_output=True, text=True
+    )
+    assert latency.returncode == 2 and "Traceback" not in latency.stderr
+    assert "--minimize goes with an accuracy budget" in latency.stderr
 
 
 def test_compile_with_optimized_rounding_and_bias_correction(compiled, shared):

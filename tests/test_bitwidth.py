@@ -149,6 +149,14 @@ def test_bad_tables_are_clear_errors():
         choose_precisions({"conv": [Option("w8a8", 1, 1)]}, minimize="speed")
 
 
+def mnist_session(shared):
+    """onnxruntime running the float MNIST model: the independent reference."""
+    import onnxruntime as ort
+
+    path = shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
 @pytest.fixture(scope="module")
 def mnist_calibration(shared):
     import qcompiler
@@ -276,17 +284,12 @@ def test_float_layers_compute_in_float(mnist_calibration, shared):
     """Layers kept float run as float fallbacks on their weights as trained: with every
     activation at 16 bits too, the outputs are onnxruntime's float ones up to the 16-bit
     rounding, far closer than all-8-bit's; the manifest counts their float32 bytes."""
-    import onnxruntime as ort
-
     import qcompiler
     from qcompiler.targets.bitwidth import weight_layers
 
     model, calibration, images, _ = mnist_calibration
     layers = weight_layers(calibration)
-    session = ort.InferenceSession(
-        str(shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"),
-        providers=["CPUExecutionProvider"],
-    )
+    session = mnist_session(shared)
     samples = [{"Input3": x} for x in images[100:140]]
     expected = np.concatenate([session.run(None, x)[0] for x in samples])
 
@@ -316,8 +319,6 @@ def test_wider_precisions_are_chosen_by_what_they_measure(mnist_calibration, mni
     widens inputs (free in bytes) where their rounding costs the outputs, and the plan is
     what the build runs: each layer's precision in the manifest, the plan's bytes, and an
     output SQNR checked here against onnxruntime's float outputs."""
-    import onnxruntime as ort
-
     import qcompiler
 
     model, calibration, images, _ = mnist_calibration
@@ -335,10 +336,7 @@ def test_wider_precisions_are_chosen_by_what_they_measure(mnist_calibration, mni
     built = qcompiler.quantize(model, None, config, calibration=calibration).build("x86")
     assert {t["layer"]: t["precision"] for t in built.manifest["layers"]} == plan.precisions
     assert built.manifest["weight_bytes"] == plan.bytes
-    session = ort.InferenceSession(
-        str(shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"),
-        providers=["CPUExecutionProvider"],
-    )
+    session = mnist_session(shared)
     expected = np.concatenate([session.run(None, x)[0] for x in samples])
     got = np.concatenate([next(iter(built.run(x).values())) for x in samples])
     sqnr = 10 * np.log10(np.sum(expected**2) / np.sum((got - expected) ** 2))
@@ -355,8 +353,6 @@ def test_an_accuracy_budget_is_met_when_scored(mnist_calibration, shared):
     """The chosen weights score within the budget of the float model on the samples searched
     and on those held out, both scored here independently: the float model by onnxruntime, the
     chosen build by its own outputs."""
-    import onnxruntime as ort
-
     import qcompiler
 
     model, calibration, images, labels = mnist_calibration
@@ -366,10 +362,7 @@ def test_an_accuracy_budget_is_met_when_scored(mnist_calibration, shared):
         model, calibration, labelled, 1.0, samples=probe
     )
     config, plan, tried = search.config, search.plan, search.tried
-    session = ort.InferenceSession(
-        str(shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"),
-        providers=["CPUExecutionProvider"],
-    )
+    session = mnist_session(shared)
     float_hits = np.array([np.argmax(session.run(None, x)[0]) == y for x, y in labelled])
     built = qcompiler.quantize(model, None, config, calibration=calibration).build("x86")
     hits = np.array([np.argmax(next(iter(built.run(x).values()))) == y for x, y in labelled])
@@ -407,17 +400,12 @@ def test_an_accuracy_search_steps_up_to_a_plan_the_held_out_samples_confirm(
     and the all-4-bit build gets wrong; searched: samples all three get right. The search finds
     all-4-bit within budget on what it searched, and must step up its ladder to a plan that
     holds on the held-out samples too."""
-    import onnxruntime as ort
-
     import qcompiler
     from qcompiler.passes.scheme import QuantConfig
     from qcompiler.targets.bitwidth import weight_options
 
     model, calibration, images, labels = mnist_calibration
-    session = ort.InferenceSession(
-        str(shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"),
-        providers=["CPUExecutionProvider"],
-    )
+    session = mnist_session(shared)
     pool = [({"Input3": x}, int(y)) for x, y in zip(images[100:1100], labels[100:1100])]
     layers = tuple(weight_options(calibration))
 
@@ -505,8 +493,6 @@ def test_an_output_budget_is_met_when_measured(mnist_calibration, shared, measur
     """``choose_within_output_db`` (no labels): the chosen build's output SQNR or PSNR against
     onnxruntime's float outputs, computed here in numpy on the samples it measured, is at the
     budget; every smaller candidate measured under it; a budget over all-8-bit's names it."""
-    import onnxruntime as ort
-
     import qcompiler
     from qcompiler.api import choose_within_output_db
     from qcompiler.passes.scheme import QuantConfig
@@ -515,10 +501,7 @@ def test_an_output_budget_is_met_when_measured(mnist_calibration, shared, measur
     model, calibration, images, _ = mnist_calibration
     probe = [{"Input3": x} for x in images[:4]]
     measure_on = [{"Input3": x} for x in images[100:132]]  # not calibration samples
-    session = ort.InferenceSession(
-        str(shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"),
-        providers=["CPUExecutionProvider"],
-    )
+    session = mnist_session(shared)
     reference = np.stack([session.run(None, x)[0] for x in measure_on]).astype(np.float64)
 
     def db(config) -> float:  # 32 rows of 10 logits: one column
@@ -559,8 +542,6 @@ def test_an_output_budget_over_all_8_bit_is_met_by_wider_layers(
     computed here, reaches the budget, and its manifest runs the plan's precisions; so does
     the plan predicted fastest (``minimize="latency_ms"``). A budget beyond every plan names
     the most accurate plan's value."""
-    import onnxruntime as ort
-
     import qcompiler
     from qcompiler.api import choose_within_output_db
     from qcompiler.passes.scheme import QuantConfig
@@ -569,10 +550,7 @@ def test_an_output_budget_over_all_8_bit_is_met_by_wider_layers(
     model, calibration, images, _ = mnist_calibration
     probe = [{"Input3": x} for x in images[:4]]
     measure_on = [{"Input3": x} for x in images[100:132]]  # not calibration samples
-    session = ort.InferenceSession(
-        str(shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"),
-        providers=["CPUExecutionProvider"],
-    )
+    session = mnist_session(shared)
     reference = np.stack([session.run(None, x)[0] for x in measure_on]).astype(np.float64)
 
     def built(config):

@@ -133,8 +133,11 @@ def attribute(mod: tvm.IRModule, report: TuneReport) -> LayerLatencies:
     for binding in bindings(fused["main"]):
         for var in relax.analysis.free_vars(binding.value):
             users.setdefault(var, []).append(binding.var)
+    # Ownership flows back through every binding, not only kernel calls: the unpacked 4-bit
+    # weights reach their layer through a reshape (a view, no kernel of its own).
     outputs = set(relax.analysis.free_vars(fused["main"].body.body))
-    for var, _, _ in reversed(calls):
+    for binding in reversed(list(bindings(fused["main"]))):
+        var = binding.var
         if var in owner or var in outputs or not users.get(var):
             continue
         owners = {owner.get(user) for user in users[var]}

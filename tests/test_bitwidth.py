@@ -259,6 +259,27 @@ def test_layer_latencies_split_the_measured_model(mnist_calibration, mnist_recor
     assert measured.total_ms == pytest.approx(report.estimated_ms(), rel=1e-9)
 
 
+def test_4_bit_unpacking_is_its_layers_latency(mnist_calibration, mnist_records):
+    """The kernel that unpacks a layer's 4-bit weights before its call (through a reshape, no
+    kernel of its own) is that layer's: with every layer at 4 bits the rest of the model
+    costs what it costs at 8 bits, and the layers plus the rest still add up to
+    meta-schedule's own estimate."""
+    import qcompiler
+    from qcompiler.targets.bitwidth import weight_layers
+
+    model, calibration, _, _ = mnist_calibration
+    quiet = {"echo": lambda _: None}
+    measured = {}
+    for bits, config in ((8, {}), (4, {"int4_weights": weight_layers(calibration)})):
+        quantized = qcompiler.quantize(
+            model, None, {"int16_activations": (), **config}, calibration=calibration
+        )
+        measured[bits] = qcompiler.api.layer_latencies(quantized.mod, mnist_records, **quiet)
+    report = qcompiler.tune(quantized, mnist_records, trials=0, **quiet)
+    assert measured[4].total_ms == pytest.approx(report.estimated_ms(), rel=1e-9)
+    assert measured[4].rest_ms == pytest.approx(measured[8].rest_ms, abs=1e-9)
+
+
 def test_a_latency_budget_is_planned_from_measured_layers(mnist_calibration, mnist_records):
     import qcompiler
 

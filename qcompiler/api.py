@@ -67,6 +67,8 @@ from qcompiler.targets.boards import Board, host_arch, resolve_board
 from qcompiler.targets.build import build as build_executable
 from qcompiler.targets.latency import LayerLatencies, attribute
 from qcompiler.targets.sensitivity import (
+    HUTCHINSON_PROBES,
+    HessianProbe,
     SensitivityProbe,
     WeightProbe,
     choose_activations,
@@ -283,6 +285,9 @@ _REST = "(the rest of the model)"
 
 
 PRECISIONS = ("w8a8", "w4a8", "w8a16", "float")
+# How the bit-width program's layer errors are found: each layer rounded alone and the outputs
+# measured (WeightProbe), or HAWQ's second-order proxy (HessianProbe).
+SENSITIVITIES = ("measured", "hessian")
 
 
 def _precision_latencies(
@@ -331,10 +336,33 @@ def weight_probe(calibration: Calibration, config, samples) -> WeightProbe:
     build rounds them (optimized against the layers' input statistics, or to nearest), so
     that each layer's 4-bit error is measured as it will be deployed. The probe runs on this
     host whatever the board: it measures numbers, not speed."""
+    resolved, layers = _as_rounded(calibration, config)
+    return WeightProbe(calibration, resolved, list(samples), _tvm_target("x86"), layers=layers)
+
+
+def hessian_probe(
+    calibration: Calibration, config, samples, probes: int = HUTCHINSON_PROBES
+) -> HessianProbe:
+    """HAWQ's second-order proxy of each layer's sensitivity on ``samples``: the trace of the
+    loss's Hessian with respect to its weights (Hutchinson's estimate with ``probes`` random
+    directions, by finite differences of the float model's outputs) times the squared norm of
+    their rounding error, the weights rounded as :func:`weight_probe` rounds them. Its
+    :meth:`~qcompiler.targets.sensitivity.HessianProbe.measure` predicts what the weight
+    probe's measures, from one forward run per direction instead of one per layer and
+    sample."""
+    resolved, layers = _as_rounded(calibration, config)
+    return HessianProbe(
+        calibration, resolved, list(samples), _tvm_target("x86"), layers=layers, probes=probes
+    )
+
+
+def _as_rounded(calibration: Calibration, config) -> tuple[QuantConfig, dict]:
+    """``config`` resolved as a bit-width search's 4-bit layers are rounded, and the layer
+    statistics they are rounded against (none when they are rounded to nearest)."""
     config = _as_config(config)
     resolved = _resolved_for_4_bits(calibration, config)
     layers = calibration.rounding_statistics(config) if resolved.optimized_rounding(4) else {}
-    return WeightProbe(calibration, resolved, list(samples), _tvm_target("x86"), layers=layers)
+    return resolved, layers
 
 
 def choose_weight_precisions(
@@ -350,6 +378,7 @@ def choose_weight_precisions(
     rpc: RPCEndpoint | None = None,
     threads: int | None = None,
     precisions=PRECISIONS[:2],
+    sensitivity="measured",
     echo=print,
 ) -> tuple[QuantConfig, Plan]:
     """Each conv/matmul layer's precision: the integer program of
@@ -361,7 +390,9 @@ def choose_weight_precisions(
     model's outputs (:class:`~qcompiler.targets.sensitivity.WeightProbe`: each layer alone at
     4 bits), and the chosen configuration is run through the same probe
     (``plan.measured_sqnr_db``); without, a per-layer proxy from the calibration's layer
-    statistics (``layer_inputs=True``).
+    statistics (``layer_inputs=True``). ``sensitivity="hessian"`` takes the layers' errors
+    from HAWQ's second-order proxy on ``samples`` instead (:func:`hessian_probe`); the
+    chosen configuration is still measured by the weight probe.
 
     With ``records`` (a tuning-records directory), each layer's latency at either precision is
     measured on the board (``rpc``, or this host through a local tracker): the model is lowered
@@ -390,11 +421,20 @@ def choose_weight_precisions(
     if max_latency_ms is not None and records is None:
         raise QCompilerError("a latency budget needs records=DIR to measure the layers into")
     precisions, wider = _checked_precisions(precisions, samples, records)
+    if sensitivity not in SENSITIVITIES:
+        raise QCompilerError(
+            f"unknown sensitivity {sensitivity!r}, candidates are {list(SENSITIVITIES)}"
+        )
+    if sensitivity == "hessian" and samples is None:
+        raise QCompilerError("sensitivity='hessian' is estimated on samples: give samples=")
     probe = measured = None
     if samples is not None:
         samples = list(samples)
         probe = weight_probe(calibration, config, samples)
-        measured = probe.measure()
+        if sensitivity == "hessian":
+            measured = hessian_probe(calibration, config, samples).measure()
+        else:
+            measured = probe.measure()
     latency = None
     if records is not None:
         latency = _precision_latencies(
@@ -403,7 +443,7 @@ def choose_weight_precisions(
     table = _option_table(calibration, config, measured, latency, "w4a8" in precisions)
     ties = []
     if wider:
-        pricing = _wider_pricing(calibration, config, wider, samples, probe, measured)
+        pricing = _wider_pricing(calibration, config, wider, samples, probe)
         ties = add_wider_options(table, calibration, latency=latency[0], **pricing)
     plan = choose_precisions(
         table,
@@ -450,18 +490,17 @@ def _checked_precisions(precisions, samples, records) -> tuple[tuple, list]:
     return precisions, wider
 
 
-def _wider_pricing(calibration: Calibration, config, wider, samples, probe, measured) -> dict:
+def _wider_pricing(calibration: Calibration, config, wider, samples, probe) -> dict:
     """The noise ``w8a16`` and ``float`` options take off the outputs, as
     :func:`~qcompiler.targets.bitwidth.add_wider_options` takes it: a layer's ``w8a16`` error
     is minus the output noise power its input's 8-bit rounding adds alone (a
     :class:`~qcompiler.targets.sensitivity.SensitivityProbe`), its ``float`` error minus that
-    of its 8-bit weights (the weight ``probe``, whose :meth:`WeightProbe.measure` gave
-    ``measured``)."""
+    of its 8-bit weights (the weight ``probe``)."""
     pricing = {"widened": None, "floated": None}
     if "w8a16" in wider:
         pricing["widened"] = _widening_noise(calibration, config, samples, probe.reference)
     if "float" in wider:
-        base = _noise(measured[1])
+        base = _noise(probe.run(set()))
         pricing["floated"] = {k: _noise(db) - base for k, db in probe.measure_float().items()}
     return pricing
 
@@ -623,9 +662,7 @@ def _rounding_ladders(
         if first is None:
             first = probe
             if wider:
-                pricing = _wider_pricing(
-                    calibration, variant, wider, samples, probe, measured[rounding]
-                )
+                pricing = _wider_pricing(calibration, variant, wider, samples, probe)
         yield variant, ladder(variant, measured[rounding]), first
     if len(measured) == 2:  # optimized and nearest: also each layer its better one
         variant, errors = per_layer_rounding(

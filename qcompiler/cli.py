@@ -89,6 +89,11 @@ def cmd_compile(args) -> int:
             "--precisions goes with a budget: --size-budget-kb, --latency-budget-ms, "
             "--max-accuracy-drop, --min-sqnr-db or --min-psnr-db"
         )
+    if args.sensitivity != "measured" and not budgets:
+        raise QCompilerError(
+            "--sensitivity goes with a size or latency budget: --size-budget-kb or "
+            "--latency-budget-ms (the accuracy budgets measure every candidate they choose)"
+        )
     if len(accuracy) > 1:
         raise QCompilerError(f"{' and '.join(accuracy)} are budgets of their own: give one")
     if args.max_accuracy_drop is not None:
@@ -325,6 +330,7 @@ def _compile_within_budget(args, board):
         samples=probe,
         target=board,
         precisions=precisions,
+        sensitivity=args.sensitivity,
         **latency,
     )
     counts = Counter(plan.precisions.values())
@@ -726,6 +732,15 @@ def build_parser() -> argparse.ArgumentParser:
         "at 16 bits),float (its weights float); w8a16 and float are priced by the noise they "
         "remove and their kernels' time on the board, and let an accuracy or SQNR budget "
         "that all-8-bit misses be met",
+    )
+    p.add_argument(
+        "--sensitivity",
+        choices=list(api.SENSITIVITIES),
+        default="measured",
+        help="with --size-budget-kb/--latency-budget-ms: each layer's 4-bit error as measured "
+        "on the outputs with it alone at 4 bits (default), or predicted by HAWQ's second-order "
+        "proxy (the trace of the loss's Hessian over the layer's weights, by Hutchinson's "
+        "estimate on the float model, times the squared norm of the rounding error)",
     )
     p.add_argument(
         "--minimize",

@@ -3,7 +3,9 @@
 For a float model and its calibration, :func:`mixed_precision_report` measures
 
 * each conv/matmul layer's sensitivity: the output SQNR with its weights alone at 4 bits
-  (:class:`~qcompiler.targets.sensitivity.WeightProbe`, on a few calibration samples);
+  (:class:`~qcompiler.targets.sensitivity.WeightProbe`, on a few calibration samples), and
+  HAWQ's second-order proxy for it (:class:`~qcompiler.targets.sensitivity.HessianProbe`: the
+  trace of the loss's Hessian per weight, times the squared norm of the 4-bit rounding error);
 * each layer's latency on the board at W8A8 and at W4A8 (over RPC, from the tuning database:
   :func:`qcompiler.api.layer_latencies`);
 
@@ -31,6 +33,8 @@ from qcompiler.targets.bitwidth import choose_precisions, size_ladder
 class LayerRow:
     name: str
     sqnr_4bit_db: float  # output SQNR with this layer's weights alone at 4 bits
+    hawq_4bit_db: float  # the same, predicted by HAWQ's proxy
+    curvature: float  # Tr(H) / n: the mean diagonal of the loss's Hessian over the weights
     ms: dict  # {precision: latency on the board}
     bytes: dict  # {precision: stored weight bytes}
 
@@ -76,6 +80,8 @@ def mixed_precision_report(
     board = api.resolve_board(target)
     probe = api.weight_probe(calibration, config, samples)
     alone, base = probe.measure()
+    hessian = api.hessian_probe(calibration, config, samples)
+    predicted, _ = hessian.measure()
     latency = api._precision_latencies(calibration, config, records, board, rpc, threads, echo)
     table = api._option_table(calibration, config, (alone, base), latency)
     report = Report(model.name, board.name, base)
@@ -86,6 +92,8 @@ def mixed_precision_report(
             LayerRow(
                 name,
                 alone[name],
+                predicted[name],
+                hessian.curvature(hessian.names.index(name)),
                 {o.precision: o.latency_ms for o in options},
                 {o.precision: o.bytes for o in options},
             )
@@ -139,16 +147,17 @@ def write(report: Report, folder) -> list[Path]:
         f"Output SQNR with every layer at 8 bits: {report.base_sqnr_db:.1f} dB"
         + (f"; float top-1 {report.float_top1:.4f}" if labelled else ""),
         "",
-        "| layer | SQNR alone at 4 bits (dB) | W8A8 ms | W4A8 ms | W8A8 bytes | W4A8 bytes |"
-        + (" chosen |" if report.chosen else ""),
-        "|---|---:|---:|---:|---:|---:|" + ("---|" if report.chosen else ""),
+        "| layer | SQNR alone at 4 bits (dB) | HAWQ's prediction (dB) | Tr(H)/n | W8A8 ms "
+        "| W4A8 ms | W8A8 bytes | W4A8 bytes |" + (" chosen |" if report.chosen else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if report.chosen else ""),
     ]
     for row in report.layers:
         chosen = ""
         if report.chosen:
             chosen = f" {'w4a8' if row.name in report.chosen.int4_weights else 'w8a8'} |"
         lines.append(
-            f"| {row.name} | {row.sqnr_4bit_db:.1f} | {row.ms.get('w8a8', 0):.4f} | "
+            f"| {row.name} | {row.sqnr_4bit_db:.1f} | {row.hawq_4bit_db:.1f} | "
+            f"{row.curvature:.3g} | {row.ms.get('w8a8', 0):.4f} | "
             f"{row.ms.get('w4a8', 0):.4f} | {row.bytes.get('w8a8', 0)} | "
             f"{row.bytes.get('w4a8', 0)} |{chosen}"
         )

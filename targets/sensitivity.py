@@ -85,14 +85,19 @@ def output_sqnr(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]
     box coordinates (hundreds) and scores (0 to 1) share one output tensor, and an error of 0.1
     is nothing in the first and much in the second. Outputs without such columns are taken
     whole, against their peak."""
+    noise = output_noise(reference, candidate)
+    return float("inf") if noise == 0 else float(-10.0 * np.log10(noise))
+
+
+def output_noise(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float:
+    """The noise power of ``candidate`` relative to the signal's, as :func:`output_sqnr`
+    measures them (``10**(-SQNR/10)``)."""
     noise = signal = 0.0
     for ref, got in _columns(reference, candidate):
         peak = np.maximum(np.abs(ref).max(axis=0), 1e-20) ** 2
         noise += float((((ref - got) ** 2).mean(axis=0) / peak).sum())
         signal += float(((ref**2).mean(axis=0) / peak).sum())
-    if noise == 0:
-        return float("inf")
-    return float(10.0 * np.log10(max(signal, 1e-30) / noise))
+    return noise / max(signal, 1e-30)
 
 
 def output_psnr(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float:
@@ -202,14 +207,17 @@ class SensitivityProbe:
         self.params = {
             p.name: activation_qparams(o, config) for p, o in calibration.observers.items()
         }
-        params = [p.name for p in calibration.mod["main"].params]
-        self._inputs = [
-            [tvm.runtime.tensor(np.ascontiguousarray(s[n])) for n in params] for s in samples
-        ]
+        self._inputs = SensitivityProbe._tensors(calibration.mod["main"], samples)
         if reference is None:
             run = self._vm(calibration.mod, target)
             reference = [self._outputs(run(*args)) for args in self._inputs]
         self.reference = reference
+
+    @staticmethod
+    def _tensors(func, samples) -> list[list]:
+        """Each sample's inputs in ``func``'s parameter order, as TVM tensors."""
+        names = [p.name for p in func.params]
+        return [[tvm.runtime.tensor(np.ascontiguousarray(s[n])) for n in names] for s in samples]
 
     @staticmethod
     def _vm(mod, target):
@@ -301,27 +309,21 @@ def _least_costly_range(probe, calibration, config, name: str, own_db: float) ->
 
 # -- weights ------------------------------------------------------------------------------------
 @mutator
-class _WeightSwitches(PyExprMutator):
-    """Replaces the constant weights of chosen conv/matmul layers by
-    ``base + sum_i switches[i][k] * (alternatives[i] - base)``."""
+class _LayerWeights(PyExprMutator):
+    """Replaces the constant weights of chosen conv/matmul layers (``{binding var: k}``) by
+    the expression ``weight(k, var, call)`` emits."""
 
-    def __init__(self, mod, weights: dict, switches: list[relax.Var]):
+    def __init__(self, mod, layers, weight):
         super().__init__(mod)
-        self.index = {var: k for k, var in enumerate(weights)}  # by var: names may repeat
-        self.weights = weights
-        self.switches = switches
+        self.index = {var: k for k, var in enumerate(layers)}  # by var: names may repeat
+        self.weight = weight
 
     def visit_var_binding_(self, binding):
         k = self.index.get(binding.var)
         if k is None:
             return super().visit_var_binding_(binding)
         call = self.visit_expr(binding.value)
-        base, *alternatives = self.weights[binding.var]
-        weight = relax.const(base.astype("float32"))
-        for switch, alternative in zip(self.switches, alternatives):
-            on = self.builder_.emit(relax.op.take(switch, relax.const(k, "int64"), axis=0))
-            delta = relax.const((alternative - base).astype("float32"))
-            weight = self.builder_.emit(relax.op.add(weight, relax.op.multiply(on, delta)))
+        weight = self.weight(self.builder_, k, binding.var, call)
         new = relax.Call(call.op, [call.args[0], weight, *call.args[2:]], call.attrs, call.ty_args)
         var = binding.var
         emit = (
@@ -341,6 +343,24 @@ def _dequantized_weights(call, name: str, spec, config: QuantConfig, stats) -> n
     return qmath.dequantize(codes, scale, zero_point, axis).astype(np.float32)
 
 
+def _rounded_weights(func, config: QuantConfig, layers) -> dict:
+    """``{binding var: (8-bit, 4-bit, float weights)}`` of every conv/matmul layer of ``func``
+    with constant weights, rounded as :func:`_dequantized_weights` does."""
+    eight = config.scheme.weight
+    four = dataclasses.replace(eight, bits=4, narrow_range=True)
+    weights = {}
+    for binding in bindings(func):
+        call = binding.value
+        if op_name(call) in CONV_OPS | MATMUL_OPS and const_value(call.args[1]) is not None:
+            stats = (layers or {}).get(binding.var)
+            rounded = [
+                _dequantized_weights(call, binding.var.name, spec, config, stats)
+                for spec in (eight, four)
+            ]
+            weights[binding.var] = (*rounded, const_value(call.args[1]).astype(np.float32))
+    return weights
+
+
 class WeightProbe:
     """The float model with each conv/matmul layer's weights switchable between their 8-bit and
     4-bit roundings and their float values (activations exact), compiled once: the output SQNR
@@ -356,33 +376,29 @@ class WeightProbe:
         if not samples:
             raise QCompilerError("weight sensitivity needs at least one calibration sample")
         func = calibration.mod["main"]
-        eight = config.scheme.weight
-        four = dataclasses.replace(eight, bits=4, narrow_range=True)
-        weights = {}
-        for binding in bindings(func):
-            call = binding.value
-            if op_name(call) in CONV_OPS | MATMUL_OPS and const_value(call.args[1]) is not None:
-                stats = (layers or {}).get(binding.var)
-                rounded = [
-                    _dequantized_weights(call, binding.var.name, spec, config, stats)
-                    for spec in (eight, four)
-                ]
-                weights[binding.var] = (*rounded, const_value(call.args[1]).astype(np.float32))
+        weights = _rounded_weights(func, config, layers)
         self.names = [var.name for var in weights]
         switches = [
             relax.Var(name, relax.TensorType((len(weights),), "float32"))
             for name in ("qc_four_bit", "qc_float")
         ]
-        body = _WeightSwitches(calibration.mod, weights, switches).visit_expr(func).body
+
+        def switched(builder, k, var, call):  # base + sum_i switch_i[k] * (alternative_i - base)
+            base, *alternatives = weights[var]
+            weight = relax.const(base.astype("float32"))
+            for switch, alternative in zip(switches, alternatives):
+                on = builder.emit(relax.op.take(switch, relax.const(k, "int64"), axis=0))
+                delta = relax.const((alternative - base).astype("float32"))
+                weight = builder.emit(relax.op.add(weight, relax.op.multiply(on, delta)))
+            return weight
+
+        body = _LayerWeights(calibration.mod, weights, switched).visit_expr(func).body
         probe = tvm.IRModule(dict(calibration.mod.functions), attrs=calibration.mod.attrs)
         probe["main"] = relax.Function(
             [*func.params, *switches], body, func.ret_ty, attrs=func.attrs
         )
         self._probe = SensitivityProbe._vm(probe, target)
-        params = [p.name for p in func.params]
-        self._inputs = [
-            [tvm.runtime.tensor(np.ascontiguousarray(s[n])) for n in params] for s in samples
-        ]
+        self._inputs = SensitivityProbe._tensors(func, samples)
         reference = SensitivityProbe._vm(calibration.mod, target)
         self.reference = [SensitivityProbe._outputs(reference(*args)) for args in self._inputs]
 
@@ -403,3 +419,125 @@ class WeightProbe:
     def measure_float(self) -> dict[str, float]:
         """``{layer: SQNR with it alone float, the others at 8 bits}``."""
         return {n: self.run(set(), {n}) for n in self.names}
+
+
+# Random directions per layer in the Hutchinson estimate of a trace, each run on one sample.
+HUTCHINSON_PROBES = 16
+# The finite-difference step, relative to the RMS of the layer's weights: about the size of an
+# 8-bit rounding, small enough for the quadratic term to dominate.
+STEP = 2.0**-8
+
+
+class HessianProbe:
+    """HAWQ's second-order sensitivity of each conv/matmul layer (Dong et al., HAWQ-V2: the
+    trace of the Hessian of the loss with respect to the layer's weights, times the squared
+    norm of the weights' perturbation), from forward runs of the float model only.
+
+    The loss is the output noise against the float model's own outputs, relative to their
+    power (:func:`output_noise`: what the bit-width program budgets, and needs no labels). At
+    the float weights it is 0 with zero gradient, so its Hessian there is the Gauss-Newton
+    matrix ``G = JᵀJ`` (``J`` the Jacobian of the outputs, scaled as the noise is), which is
+    positive semi-definite, and for a small perturbation ``εv`` of one layer's weights
+
+        L(W + εv) ≈ ε² vᵀGv,
+
+    one forward run. Hutchinson's estimator averages ``vᵀGv`` over random ±1 directions
+    ``v``: ``E[vᵀGv] = Tr(G)``. Each direction runs on one of ``samples`` in turn (the mean of
+    the samples' traces is the trace of their mean). Every layer's weights get a perturbation
+    input, so one build serves every layer and direction.
+
+    For a rounding error ``ΔW`` spread evenly over a layer's ``n`` weights (HAWQ's
+    assumption), the predicted output noise is ``Tr(G) / n · ‖ΔW‖²``: :meth:`measure` predicts
+    what :meth:`WeightProbe.measure` measures, with the weights rounded as ``config`` (resolved)
+    rounds them (against ``layers``' statistics where it optimizes).
+    """
+
+    def __init__(
+        self,
+        calibration,
+        config: QuantConfig,
+        samples: list[dict],
+        target,
+        layers=None,
+        probes: int = HUTCHINSON_PROBES,
+        seed: int = 0,
+    ):
+        if not samples:
+            raise QCompilerError("Hessian sensitivity needs at least one calibration sample")
+        if probes < 1:
+            raise QCompilerError(f"Hutchinson's estimate needs at least one probe, got {probes}")
+        func = calibration.mod["main"]
+        rounded = _rounded_weights(func, config, layers)
+        self.names = [var.name for var in rounded]
+        self._weights = [float_weights for _, _, float_weights in rounded.values()]
+        # squared norms of the 8-bit and 4-bit roundings' errors
+        self.rounding_error = [
+            (float(np.sum((eight - w) ** 2)), float(np.sum((four - w) ** 2)))
+            for eight, four, w in rounded.values()
+        ]
+        deltas = [
+            relax.Var(f"qc_delta{k}", relax.TensorType(w.shape, "float32"))
+            for k, w in enumerate(self._weights)
+        ]
+
+        def perturbed(builder, k, var, call):
+            return builder.emit(relax.op.add(call.args[1], deltas[k]))
+
+        body = _LayerWeights(calibration.mod, rounded, perturbed).visit_expr(func).body
+        probe = tvm.IRModule(dict(calibration.mod.functions), attrs=calibration.mod.attrs)
+        probe["main"] = relax.Function([*func.params, *deltas], body, func.ret_ty, attrs=func.attrs)
+        self._probe = SensitivityProbe._vm(probe, target)
+        self._zeros = [tvm.runtime.tensor(np.zeros(w.shape, "float32")) for w in self._weights]
+        self._inputs = SensitivityProbe._tensors(func, samples)
+        # the same executable unperturbed: the differences are the perturbation's alone
+        self.reference = [self._run(args, self._zeros) for args in self._inputs]
+        self.probes, self.seed = probes, seed
+        self._curvature = {}
+
+    def _run(self, args, deltas) -> list[np.ndarray]:
+        return SensitivityProbe._outputs(self._probe(*args, *deltas))
+
+    def noise(self, k: int, delta: np.ndarray, sample: int | None = None) -> float:
+        """Output noise (:func:`output_noise`) with layer ``k``'s weights moved by ``delta``,
+        on every sample or on the one numbered ``sample`` (its share, scaled to the mean)."""
+        deltas = list(self._zeros)
+        deltas[k] = tvm.runtime.tensor(np.asarray(delta, dtype="float32"))
+        chosen = range(len(self._inputs)) if sample is None else [sample]
+        got = list(self.reference)
+        for s in chosen:
+            got[s] = self._run(self._inputs[s], deltas)
+        return output_noise(self.reference, got) * len(got) / len(chosen)
+
+    def curvature(self, k: int) -> float:
+        """``Tr(G) / n`` of layer ``k``: Hutchinson's estimate of the mean diagonal of the loss's
+        Hessian with respect to its ``n`` weights (computed once)."""
+        if k not in self._curvature:
+            w = self._weights[k]
+            step = STEP * max(float(np.sqrt(np.mean(np.square(w, dtype=np.float64)))), 1e-12)
+            rng = np.random.default_rng((self.seed, k))  # the same directions in any order
+            total = 0.0
+            for j in range(self.probes):
+                v = rng.choice(np.array([-1.0, 1.0]), size=w.shape)
+                total += self.noise(k, step * v, j % len(self._inputs)) / step**2
+            self._curvature[k] = total / self.probes / w.size
+        return self._curvature[k]
+
+    def predicted_noise(self, k: int, bits: int) -> float:
+        """HAWQ's ``Tr(G) / n · ‖ΔW‖²`` for layer ``k``'s weights rounded to ``bits`` (8 or 4)."""
+        eight, four = self.rounding_error[k]
+        return self.curvature(k) * (four if bits == 4 else eight)
+
+    def measure(self) -> tuple[dict[str, float], float]:
+        """:meth:`WeightProbe.measure`'s ``({layer: SQNR with it alone at 4 bits}, SQNR with
+        every layer at 8 bits)``, predicted: the layers' noises add up."""
+        eight = [self.predicted_noise(k, 8) for k in range(len(self.names))]
+        base = sum(eight)
+        alone = {
+            name: _decibels(base - eight[k] + self.predicted_noise(k, 4))
+            for k, name in enumerate(self.names)
+        }
+        return alone, _decibels(base)
+
+
+def _decibels(noise: float) -> float:
+    return float("inf") if noise <= 0 else float(-10.0 * np.log10(noise))

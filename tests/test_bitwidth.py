@@ -642,6 +642,7 @@ def test_report_measures_layers_and_traces_candidates(mnist_calibration, mnist_r
     )
     assert [row.name for row in measured.layers] == list(weight_layers(calibration))
     assert all(row.ms["w8a8"] > 0 and row.ms["w4a8"] > 0 for row in measured.layers)
+    assert all(row.curvature > 0 and np.isfinite(row.hawq_4bit_db) for row in measured.layers)
     by_size = sorted(measured.points, key=lambda p: p.bytes)
     assert by_size[-1].int4_weights == () and by_size[0].bytes < by_size[-1].bytes
     assert by_size[-1].sqnr_db == pytest.approx(measured.base_sqnr_db)

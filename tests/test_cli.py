@@ -141,6 +141,11 @@ def test_search_options_without_a_budget_are_clear_errors(tmp_path):
     )
     assert latency.returncode == 2 and "Traceback" not in latency.stderr
     assert "--minimize goes with an accuracy budget" in latency.stderr
+    hessian = subprocess.run(
+        [*cmd[:5], "--sensitivity", "hessian", *cmd[-2:]], capture_output=True, text=True
+    )
+    assert hessian.returncode == 2 and "Traceback" not in hessian.stderr
+    assert "--sensitivity goes with a size or latency budget" in hessian.stderr
 
 
 def test_compile_with_optimized_rounding_and_bias_correction(compiled, shared):
@@ -225,7 +230,8 @@ def test_report_writes_the_layer_table_and_the_pareto_plot(compiled, shared):
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     table = (out / "report.md").read_text()
-    assert "SQNR alone at 4 bits" in table and table.count("| yes |") >= 1
+    assert "SQNR alone at 4 bits" in table and "HAWQ's prediction" in table
+    assert table.count("| yes |") >= 1
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -316,13 +322,16 @@ def test_compile_within_an_output_sqnr_above_all_8_bit(compiled, shared):
     assert sqnr(out) >= budget
 
 
-def test_compile_within_a_size_budget(compiled, shared):
+@pytest.mark.parametrize("sensitivity", ["measured", "hessian"])
+def test_compile_within_a_size_budget(compiled, shared, sensitivity):
+    """Either way of finding the layers' 4-bit errors (measured one layer at a time, or HAWQ's
+    proxy) gives a build within the budget that still reads the digits."""
     tmp, first, images, labels = compiled
     budget = 0.7 * json.loads((first / "manifest.json").read_text())["weight_bytes"] / 1024
     model = shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"
-    out = tmp / "art_budget"
+    out = tmp / f"art_budget_{sensitivity}"
     cmd = [sys.executable, "-m", "qcompiler.cli", "compile", str(model),
-           "--calib", str(tmp / "calib.npz"),
+           "--calib", str(tmp / "calib.npz"), "--sensitivity", sensitivity,
            "--size-budget-kb", f"{budget:.2f}", "-o", str(out)]  # fmt: skip
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     assert " at W4A8;" in done.stdout and "dB" in done.stdout

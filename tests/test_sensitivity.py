@@ -414,3 +414,71 @@ def test_auto_rounding_optimizes_4_bit_layers_that_saw_enough_patches():
     _, few = outputs(15, int4_weights=(conv,))  # 540 patches: kept to nearest
     _, few_nearest = outputs(15, int4_weights=(conv,), weight_rounding="nearest")
     assert all(np.array_equal(a, b) for a, b in zip(few, few_nearest))
+
+
+def _mlp(w1, b1, w2, b2):
+    """``relu(x @ w1 + b1) @ w2 + b2`` as an ONNX model."""
+    inits = [numpy_helper.from_array(a.astype(np.float32), n)
+             for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))]  # fmt: skip
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"]),
+        helper.make_node("Add", ["m1", "b1"], ["a1"]),
+        helper.make_node("Relu", ["a1"], ["h"]),
+        helper.make_node("MatMul", ["h", "w2"], ["m2"]),
+        helper.make_node("Add", ["m2", "b2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, w1.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w2.shape[1]])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_hessian_probe_matches_the_gauss_newton_trace_in_numpy():
+    """HAWQ's proxy on a two-layer MLP, against the trace of ``JᵀJ`` written out in numpy
+    (the loss is the output noise over the output power, so at the float weights its Hessian
+    is the Gauss-Newton matrix): for ``y = relu(x W1 + b1) W2 + b2`` with ``m`` the ReLU's
+    mask, ``Tr_W1 = sum_s |x_s|² sum_k m_sk |W2[k, :]|²`` and ``Tr_W2 = sum_s |h_s|² · C``,
+    both over ``sum y²``. The noise of a finite perturbation is checked exactly first."""
+    rng = np.random.default_rng(3)
+    w1, b1 = rng.normal(size=(16, 12)), 0.3 * rng.normal(size=12)
+    w2, b2 = rng.normal(size=(12, 6)) / 3, 0.1 * rng.normal(size=6)
+    xs = rng.normal(size=(6, 1, 16))
+    model = _mlp(w1, b1, w2, b2)
+    calib = [{"x": x.astype(np.float32)} for x in xs]
+    _, calibration = qcompiler.calibrate(qcompiler.api.load_model(model), calib)
+    probe = qcompiler.api.hessian_probe(calibration, None, calib, probes=600)
+    assert len(probe.names) == 2
+
+    def forward(a, b):
+        h = np.maximum(xs[:, 0] @ a + b1, 0)
+        return h, h @ b + b2
+
+    h, y = forward(w1, w2)
+    power = (y**2).sum()
+    # the noise of a finite move of the first layer, exact
+    move = 0.05 * rng.normal(size=w1.shape)
+    stored = move if probe._weights[0].shape == w1.shape else move.T  # as the importer keeps it
+    moved = forward(w1 + move, w2)[1]
+    assert probe.noise(0, stored) == pytest.approx(((moved - y) ** 2).sum() / power, rel=1e-4)
+    # the 8-bit rounding error of the second layer: symmetric per output channel (column)
+    w = w2.astype(np.float32).astype(np.float64)
+    scale = np.abs(w).max(axis=0) / 127
+    error = ((np.clip(np.rint(w / scale), -127, 127) * scale - w) ** 2).sum()
+    assert probe.rounding_error[1][0] == pytest.approx(error, rel=1e-3)
+
+    mask = h > 0
+    trace_w1 = ((xs[:, 0] ** 2).sum(1) * (mask * (w2**2).sum(1)).sum(1)).sum() / power
+    trace_w2 = (h**2).sum() * w2.shape[1] / power
+    assert probe.curvature(0) * w1.size == pytest.approx(trace_w1, rel=0.1)
+    assert probe.curvature(1) * w2.size == pytest.approx(trace_w2, rel=0.1)
+
+    # the predicted noise of each layer's 4-bit rounding: its curvature times the squared error
+    alone, base = probe.measure()
+    eight = [probe.curvature(k) * probe.rounding_error[k][0] for k in range(2)]
+    four = probe.curvature(0) * probe.rounding_error[0][1]
+    assert base == pytest.approx(-10 * np.log10(sum(eight)), rel=1e-9)
+    assert alone[probe.names[0]] == pytest.approx(-10 * np.log10(four + eight[1]), rel=1e-9)

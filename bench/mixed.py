@@ -160,7 +160,7 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
     for label, config in roundings:
         four = build(replace(config, int4_weights=every))
         rows.append((f"W4A8 (uniform){label}", four, four.manifest["weight_bytes"], *[None] * 3))
-    probe = data.calib[:8]
+    probe = data.calib[: api.PROBE_HOLDOUT]
     held_out = {}  # rounding -> the weight probe on 16 evaluation images
 
     def held_out_db(rounding: QuantConfig, int4: tuple[str, ...]) -> float:

@@ -106,7 +106,7 @@ def bench_model(name: str, args, shared: Path) -> None:
                 model,
                 calibration,
                 base - below,
-                samples=calib[:8],
+                samples=calib[: api.PROBE_HOLDOUT],
                 measure=args.measure,
                 measure_on=measure_on,
             )

@@ -75,7 +75,7 @@ def bench_model(case, args, shared: Path) -> None:
     data = case.load(shared, model.inputs[0], count)
     model, calibration = api.calibrate(model, data.calib, layer_inputs=True)
     print(f"\n{case.name}: {data.description}")
-    samples, config = data.calib[:8], QuantConfig()
+    samples, config = data.calib[: api.PROBE_HOLDOUT], QuantConfig()
     held_out = api.weight_probe(calibration, config, data.inputs[:16])
     labelled = list(zip(data.inputs, data.labels))
     fp32 = api.top1(api.compile_float(model, "x86"), labelled)

@@ -76,7 +76,7 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
     data = case.load(shared, model.inputs[0], count)
     model, calibration = api.calibrate(model, data.calib, layer_inputs=True)
     print(f"\n{case.name}: {data.description}")
-    probe = data.calib[:8]
+    probe = data.calib[: api.PROBE_HOLDOUT]
     quiet = {"records": records, "rpc": board, "samples": probe, "echo": lambda _: None}
 
     def build(config):

@@ -109,6 +109,8 @@ def calibrate(
         seen += 1
     if seen == 0:
         raise QCompilerError("the calibration set is empty: give at least one sample")
+    for stats in layers.values():
+        stats.settle()
     if seen < FEW_SAMPLES and plan.points:
         warnings.warn(
             f"calibrated on {seen} sample(s): activation ranges from so few are noisy "

@@ -232,7 +232,7 @@ def run_calibration(
     mod = prepare(mod)
     _dump(dump_dir, "01-prepare", mod)
     plan = plan_quantization(mod["main"])
-    layers = layer_statistics(mod) if layer_inputs else {}
+    layers = layer_statistics(mod, held_out=PROBE_HOLDOUT) if layer_inputs else {}
     kept = []
     observers = calibrate(
         mod, plan, samples, bins=bins, layers=layers, keep=kept, keep_count=PROBE_SAMPLES
@@ -244,21 +244,30 @@ def run_calibration(
 # Calibration samples kept for measuring the outputs (the int16 choice): a fixed few, so that
 # memory does not grow with the calibration set.
 PROBE_SAMPLES = 2
+# Calibration samples that the layers' input statistics leave out, the first few: the weight
+# probe scores each layer's rounding on them (the CLI's and the benchmarks' probe samples), so
+# that rounding fitted to the rest is scored on inputs it was not fitted to.
+PROBE_HOLDOUT = 8
 # Patch positions per kept sample in :meth:`Calibration.kept_layer_statistics`: the two samples
 # give 3.5 times the longest patch gathered (``rounding.MAX_PATCH``).
 KEPT_POSITIONS = 4096
 
 
-def layer_statistics(mod: tvm.IRModule, positions: int = rounding.POSITIONS_PER_SAMPLE) -> dict:
+def layer_statistics(
+    mod: tvm.IRModule, positions: int = rounding.POSITIONS_PER_SAMPLE, held_out: int = 0
+) -> dict:
     """Empty :class:`~qcompiler.passes.rounding.LayerStats` for every conv2d/matmul of
-    ``main`` whose input statistics can be gathered, by the layer's var."""
+    ``main`` whose input statistics can be gathered, by the layer's var; the first
+    ``held_out`` samples are left out of them (see ``LayerStats``)."""
     layers = {}
     for binding in bindings(mod["main"]):
         call, weight = binding.value, None
         if op_name(call) in CONV_OPS | MATMUL_OPS:
             weight = const_value(call.args[1])
         if rounding.supported(call, weight):
-            layers[binding.var] = rounding.LayerStats(call, weight.shape, positions=positions)
+            layers[binding.var] = rounding.LayerStats(
+                call, weight.shape, positions=positions, held_out=held_out
+            )
     return layers
 
 

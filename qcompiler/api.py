@@ -34,6 +34,7 @@ from qcompiler.deploy.remote import RemoteModel, RunInterrupted
 from qcompiler.frontend import ImportedModel, load_model
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.pipeline import (
+    PROBE_HOLDOUT,
     ActivationChoice,
     Calibration,
     choice_key,
@@ -79,6 +80,7 @@ from qcompiler.targets.tuning import LocalRPC, RPCEndpoint, TuneReport, load_dat
 from qcompiler.targets.tuning import tune as tune_kernels
 
 __all__ = [
+    "PROBE_HOLDOUT",
     "Artifact",
     "agreement",
     "CalibConfig",
@@ -335,7 +337,11 @@ def weight_probe(calibration: Calibration, config, samples) -> WeightProbe:
     """The weight probe of ``config`` on ``samples``: its weights rounded as ``config``'s
     build rounds them (optimized against the layers' input statistics, or to nearest), so
     that each layer's 4-bit error is measured as it will be deployed. The probe runs on this
-    host whatever the board: it measures numbers, not speed."""
+    host whatever the board: it measures numbers, not speed.
+
+    The fair ``samples`` are the calibration's first :data:`PROBE_HOLDOUT`, which the layers'
+    statistics leave out (with at least twice as many calibration samples): scored on samples
+    the rounding was fitted to, 4-bit layers look better than they are."""
     resolved, layers = _as_rounded(calibration, config)
     return WeightProbe(calibration, resolved, list(samples), _tvm_target("x86"), layers=layers)
 

@@ -169,7 +169,8 @@ MINIMIZE = {"size": "bytes", "latency": "latency_ms"}
 
 
 def _calibrated_with_probe(args):
-    """The config, the calibrated model and 8 calibration samples for the weight probe."""
+    """The config, the calibrated model and the calibration samples for the weight probe: the
+    first few, which the layers' statistics leave out (``api.PROBE_HOLDOUT``)."""
     config = _config(args)
     model, calibration = api.calibrate(
         args.model,
@@ -178,7 +179,7 @@ def _calibrated_with_probe(args):
         limit=args.limit,
         layer_inputs=config.wants_layer_inputs(four_bit=True),
     )
-    probe = api.calibration_samples(model, args.calib, _preprocess(args), limit=8)
+    probe = api.calibration_samples(model, args.calib, _preprocess(args), limit=api.PROBE_HOLDOUT)
     return config, model, calibration, probe
 
 

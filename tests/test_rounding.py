@@ -124,6 +124,75 @@ def test_optimized_codes_are_rounded_once_per_layer_weights_and_scale(monkeypatc
     assert len(calls) == 2
 
 
+def test_shrunk_moments_round_4_bit_weights_better_on_unseen_inputs():
+    """Below the patches bound, 4-bit codes are rounded against the moment shrunk toward its
+    diagonal, not to nearest: on fresh inputs from the same distribution (the exact E[x xᵀ]),
+    they beat nearest rounding, and by far the raw moment's rounding, which fits the few
+    patches it saw (here fewer than the values of a patch). 8-bit codes keep nearest rounding
+    there."""
+    rng = np.random.default_rng(4)
+    k = 48
+    mix = rng.normal(size=(k, k)) / np.sqrt(k) + np.eye(k) * rng.uniform(0.2, 2, size=k)
+    true_h = (mix.T @ mix)[None]  # x = z @ mix, z standard normal
+    call = relax.op.matmul(
+        relax.Var("x", relax.TensorType((32, k), "float32")), relax.const(np.zeros((k, 16)))
+    )
+    stats = rounding.LayerStats(call, (k, 16))
+    stats.update(rng.normal(size=(32, k)) @ mix)  # 32 patches of 48 values
+    assert not stats.spans_patches
+    seen = stats.second_moment
+    a = k / (k + stats.count)
+    diagonal = np.einsum("gk,kl->gkl", np.einsum("gkk->gk", seen), np.eye(k))
+    np.testing.assert_allclose(stats.moment_for(16), (1 - a) * seen + a * diagonal)
+    assert stats.moment_for(255) is None
+    w = rng.normal(size=(k, 16))
+    scale = np.abs(w).max(axis=0) / 7
+    nearest = np.clip(np.rint(w / scale), -7, 7).astype(np.int8)
+    codes = rounding.optimized_codes(call, w, nearest, scale, -7, 7, stats)
+    grouped_w, s, _ = rounding.grouped(call, w, nearest, scale)
+
+    def error(q):
+        return rounding.output_error(grouped_w, rounding.weight_groups(call, q), s, true_h).sum()
+
+    fitted = rounding.from_groups(call, rounding.round_weights(grouped_w, s, -7, 7, seen), w.shape)
+    assert error(codes) < 0.95 * error(nearest)
+    assert error(codes) < 0.75 * error(fitted)
+    wide = np.clip(np.rint(w / (scale / 18)), -127, 127).astype(np.int8)
+    np.testing.assert_array_equal(
+        rounding.optimized_codes(call, w, wide, scale / 18, -127, 127, stats), wide
+    )
+
+
+def test_layer_statistics_leave_out_the_probe_samples():
+    """The first PROBE_HOLDOUT calibration samples are left out of the layers' statistics
+    once as many others followed (rᵀHr then predicts numpy's output error on the others
+    alone); with fewer samples, every one counts."""
+    from qcompiler.passes.pipeline import PROBE_HOLDOUT
+
+    model = small_cnn()
+    rng = np.random.default_rng(5)
+    w1 = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
+    codes = np.rint(w1 / 0.1)
+    for count, used in ((2 * PROBE_HOLDOUT + 3, slice(PROBE_HOLDOUT, None)), (12, slice(None))):
+        xs = [rng.normal(size=(1, 3, 10, 10)).astype(np.float32) for _ in range(count)]
+        _, calibration = qcompiler.calibrate(
+            qcompiler.api.load_model(model), [{"x": x} for x in xs], layer_inputs=True
+        )
+        (stats,) = [s for s in calibration.layers.values() if s.weight_shape == w1.shape]
+        assert stats.held_out == (PROBE_HOLDOUT if used.start else 0)
+        errors = np.concatenate(
+            [numpy_conv(x, 0.1 * codes - w1, (1, 1), (1, 1, 1, 1), (1, 1), 1) for x in xs[used]]
+        )
+        errors = errors.transpose(1, 0, 2, 3).reshape(len(w1), -1)
+        to_layout = (0, 2, 3, 1) if str(stats.call.attrs.kernel_layout) == "OHWI" else (0, 1, 2, 3)
+        grouped_w = rounding.weight_groups(stats.call, w1.transpose(to_layout))
+        grouped_q = rounding.weight_groups(stats.call, codes.transpose(to_layout))
+        predicted = rounding.output_error(
+            grouped_w, grouped_q, np.full(grouped_w.shape[:2], 0.1), stats.second_moment
+        )
+        np.testing.assert_allclose(predicted.reshape(-1), (errors**2).mean(axis=1), rtol=1e-5)
+
+
 def test_optimized_rounding_beats_nearest_and_nears_the_best_floor_or_ceil_choice():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2000, 6)) @ rng.normal(size=(6, 6))  # correlated inputs

@@ -10,6 +10,7 @@ from test_detector_exits import head_model, samples
 import qcompiler
 from qcompiler.passes import rounding
 from qcompiler.passes.graph import bindings, const_value, op_name
+from qcompiler.passes.pipeline import PROBE_HOLDOUT
 from qcompiler.targets.sensitivity import SensitivityProbe, output_psnr, output_sqnr
 
 ort = pytest.importorskip("onnxruntime")
@@ -171,9 +172,10 @@ def test_weight_probe_rounds_as_the_build(rounding, optimized):
     """The probe measures the weights rounded as the build rounds them: against each layer's
     input statistics at the bit-widths the rounding optimizes (``auto``: 4-bit layers only),
     to nearest at the others. Each layer alone at 4 bits against onnxruntime running weights
-    rounded in numpy, by GPTQ + descent on numpy's moments where optimized."""
+    rounded in numpy, by GPTQ + descent on numpy's moments where optimized: those of the
+    calibration samples after the first PROBE_HOLDOUT, which the probe scores on."""
     model = head_model()
-    calib = samples(16)
+    calib = samples(PROBE_HOLDOUT + 16)  # 16 after the held-out ones: 8 patches per value
     imported, calibration = qcompiler.calibrate(
         qcompiler.api.load_model(model), calib, layer_inputs=True
     )
@@ -182,7 +184,7 @@ def test_weight_probe_rounds_as_the_build(rounding, optimized):
     alone, base = probe.measure()
     nearest_config = qcompiler.QuantConfig(weight_rounding="nearest")
     nearest, _ = qcompiler.api.weight_probe(calibration, nearest_config, calib[:3]).measure()
-    moments = _patch_moments(model, calib)
+    moments = _patch_moments(model, calib[PROBE_HOLDOUT:])  # the probe's samples left out
     float_session = ort.InferenceSession(model.SerializeToString(),
                                          providers=["CPUExecutionProvider"])  # fmt: skip
     ref = [float_session.run(None, s) for s in calib[:3]]
@@ -386,16 +388,19 @@ def test_default_widens_every_activation_when_no_share_is_enough():
     assert _error(model, default.build(), tests) < _error(model, nearest, tests)
 
 
-def test_auto_rounding_optimizes_4_bit_layers_that_saw_enough_patches():
+def test_auto_rounding_optimizes_4_bit_layers_and_8_bit_ones_that_saw_enough_patches():
     """``weight_rounding="auto"`` resolves to ``optimized-4bit`` where there are 4-bit layers
-    (``nearest`` where there are none), and a layer is rounded against its statistics only
-    after 8 patches per patch value (the 3x3 conv: 72 values, 36 patches per sample)."""
+    (``nearest`` where there are none). Below 8 patches per patch value (the 3x3 conv: 72
+    values, 36 patches per sample, the first PROBE_HOLDOUT samples left out), 8-bit weights
+    round to nearest and 4-bit ones against the shrunk moment."""
     model = qcompiler.api.load_model(head_model())
-    conv = next(
-        b.var.name
+    convs = [
+        b
         for b in bindings(qcompiler.calibrate(model, samples(1))[1].mod["main"])
-        if op_name(b.value) == "relax.nn.conv2d" and const_value(b.value.args[1]).shape[1] == 3
-    )
+        if op_name(b.value) == "relax.nn.conv2d"
+    ]
+    conv = next(b.var.name for b in convs if const_value(b.value.args[1]).shape[1] == 3)
+    others = tuple(b.var.name for b in convs if b.var.name != conv)
     tests = samples(2, seed=9)
 
     def outputs(count, **kw):
@@ -406,14 +411,20 @@ def test_auto_rounding_optimizes_4_bit_layers_that_saw_enough_patches():
         rounding = artifact.manifest["quantization"]["weight_rounding"]
         return rounding, [artifact.run(s)["output"] for s in tests]
 
-    assert outputs(16)[0] == "nearest"
-    rounding, optimized = outputs(16, int4_weights=(conv,))  # 576 patches: 8 per value
+    def same(a, b):
+        return all(np.array_equal(x, y) for x, y in zip(a, b))
+
+    enough = PROBE_HOLDOUT + 16  # 576 patches after the held-out samples: 8 per value
+    assert outputs(enough)[0] == "nearest"
+    rounding, optimized = outputs(enough, int4_weights=(conv,))
     assert rounding == "optimized-4bit"
-    _, nearest = outputs(16, int4_weights=(conv,), weight_rounding="nearest")
-    assert any(not np.array_equal(a, b) for a, b in zip(optimized, nearest))
-    _, few = outputs(15, int4_weights=(conv,))  # 540 patches: kept to nearest
-    _, few_nearest = outputs(15, int4_weights=(conv,), weight_rounding="nearest")
-    assert all(np.array_equal(a, b) for a, b in zip(few, few_nearest))
+    _, nearest = outputs(enough, int4_weights=(conv,), weight_rounding="nearest")
+    assert not same(optimized, nearest)
+    # 15 samples hold none out (fewer than twice PROBE_HOLDOUT): 540 patches
+    _, eight_bit = outputs(15, weight_rounding="optimized", nearest_weights=others)
+    assert same(eight_bit, outputs(15, weight_rounding="nearest")[1])
+    _, shrunk = outputs(15, int4_weights=(conv,))
+    assert not same(shrunk, outputs(15, int4_weights=(conv,), weight_rounding="nearest")[1])
 
 
 def _mlp(w1, b1, w2, b2):

@@ -204,7 +204,9 @@ def calibrate(
 
     ``layer_inputs``: also gather each conv/matmul's input statistics, which
     ``QuantConfig.weight_rounding="optimized"`` and ``bias_correction`` need (more time and
-    memory: up to a few hundred MB on an EfficientNet).
+    memory: up to a few hundred MB on an EfficientNet). They leave out the first
+    :data:`PROBE_HOLDOUT` samples where there are at least twice as many, so that the weight
+    probe (:func:`weight_probe`) can score the rounding on samples it was not fitted to.
 
     Returns ``(ImportedModel, Calibration)``; one calibration serves every scheme and method.
     """

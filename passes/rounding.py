@@ -34,6 +34,9 @@ POSITIONS_PER_SAMPLE = 512
 # with fewer levels: LayerStats.moment_for). EfficientNet-Lite0's 1x1 convs on 7x7 maps see 49
 # patches of up to 1152 values per image, its classifier one of 1280.
 PATCHES_PER_VALUE = 8
+# Codes of at most this many levels (4 bits) are rounded against the shrunk moment below the
+# bound: their steps are too coarse for nearest rounding.
+SHRUNK_LEVELS = 16
 # Longest patch whose second moment is gathered (3x3 over 256 channels; H is 42 MB): wider
 # layers keep round-to-nearest.
 MAX_PATCH = 2304
@@ -174,10 +177,10 @@ class LayerStats:
         """End of calibration: drop the held-out samples' statistics if at least as many
         samples followed them; else merge them in (too few samples to hold any out), and
         :attr:`held_out` becomes 0."""
-        if self._held is not None and self.samples < 2 * self.held_out:
-            self._add(self._held)
+        if self.samples < 2 * self.held_out:
+            if self._held is not None:
+                self._add(self._held)
             self.held_out = 0
-        self.held_out = min(self.held_out, self.samples)
         self._held = None
 
     @property
@@ -187,6 +190,11 @@ class LayerStats:
         those patches rather than the layer's inputs."""
         return self.sum is not None and self.count >= PATCHES_PER_VALUE * self.sum.shape[-1]
 
+    def rounds(self, levels: int) -> bool:
+        """Whether weights of ``levels`` codes are rounded against these statistics (see
+        :meth:`moment_for`), not to nearest."""
+        return self.spans_patches or (self.count > 0 and levels <= SHRUNK_LEVELS)
+
     def moment_for(self, levels: int) -> np.ndarray | None:
         """The second moment to round weights of ``levels`` codes against, or None for
         nearest rounding. :attr:`second_moment` once it spans the patches; before that, at 8
@@ -194,10 +202,10 @@ class LayerStats:
         toward its diagonal (Ledoit-Wolf style, ``a = k / (k + n)`` for ``n`` patches of
         length ``k``): a step of 4-bit codes is too coarse for nearest rounding, and the
         diagonal alone still weighs each weight by the power of its input."""
+        if not self.rounds(levels):
+            return None
         if self.spans_patches:
             return self.second_moment
-        if self.count == 0 or levels > 16:
-            return None
         h = self.second_moment
         k = h.shape[-1]
         a = k / (k + self.count)
@@ -223,11 +231,11 @@ def grouped(call, weight, codes, scale) -> tuple[np.ndarray, np.ndarray, np.ndar
 def optimized_codes(call, weight, codes, scale, qmin: int, qmax: int, stats) -> np.ndarray:
     """``codes`` of ``weight`` re-chosen by :func:`round_weights` against the second moment of
     the layer's input patches (``stats``, a :class:`LayerStats`); the same shape and dtype.
-    ``codes`` themselves where too few patches were seen (:attr:`LayerStats.spans_patches`).
+    ``codes`` themselves where they are rounded to nearest (:meth:`LayerStats.rounds`).
     Kept in ``stats`` by what was rounded: the same weights, codes and scale again (another
     candidate of a bit-width search) give a copy of the first result."""
-    moment = stats.moment_for(qmax - qmin + 1)
-    if moment is None:
+    levels = qmax - qmin + 1
+    if not stats.rounds(levels):
         return codes
     digest = hashlib.blake2b(digest_size=16)
     for array in (weight, codes, scale):
@@ -237,7 +245,7 @@ def optimized_codes(call, weight, codes, scale, qmin: int, qmax: int, stats) -> 
     key = (qmin, qmax, digest.hexdigest())
     if key not in stats.rounded:
         w, s, _ = grouped(call, weight, codes, scale)
-        q = round_weights(w, s, qmin, qmax, moment)
+        q = round_weights(w, s, qmin, qmax, stats.moment_for(levels))
         stats.rounded[key] = from_groups(call, q, codes.shape).astype(codes.dtype)
     return stats.rounded[key].copy()
 

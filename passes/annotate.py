@@ -27,6 +27,7 @@ from qcompiler.passes.graph import (
     MATMUL_OPS,
     TRANSPOSED_CONV_OPS,
     QuantPlan,
+    biased_layers,
     bindings,
     const_value,
     is_head,
@@ -105,6 +106,28 @@ def dequantized_constant(codes, scale, zero_point, axis) -> relax.Expr:
     )
 
 
+def refine_weights(
+    stats, name: str, spec: QuantSpec, weight, codes, scale, config: QuantConfig, biased: bool
+):
+    """Optimized rounding and/or the bias shift of the conv/matmul layer called ``name``
+    (symmetric ``codes`` and ``scale`` of ``weight`` in ``spec``; ``stats`` its input statistics, a
+    :class:`~qcompiler.passes.rounding.LayerStats`): ``(codes, shift)``, the shift per output
+    channel to subtract from the bias that follows (``biased``), or None. Where the shift is
+    removed, the codes are rounded against the inputs' covariance (see :mod:`rounding`)."""
+    if stats.count == 0:
+        return codes, None
+    call = stats.call
+    centred = biased and config.corrects_bias(spec.bits, name)
+    if config.optimized_rounding(spec.bits, name):
+        codes = rounding.optimized_codes(
+            call, weight, codes, scale, spec.qmin, spec.qmax, stats, centred
+        )
+    if not centred:
+        return codes, None
+    w, s, q = rounding.grouped(call, weight, codes, scale)
+    return codes, rounding.bias_shift(w, q, s, stats.mean).reshape(-1)
+
+
 # Function attribute: the conv/matmul layers whose weights are 4-bit codes (stored packed).
 INT4_ATTR = "qc.int4_weights"
 
@@ -115,6 +138,7 @@ class _Annotator(PyExprMutator):
         super().__init__(mod)
         self.layers = layers
         self.shifts = {}  # conv/matmul var -> mean output error of its rounded weights
+        self.biased = biased_layers(mod["main"], plan)
         self.plan = plan
         self.points = set(plan.points)
         self.qparams = qparams
@@ -194,19 +218,12 @@ class _Annotator(PyExprMutator):
         return relax.Call(call.op, args, call.attrs, call.ty_args)
 
     def _refine_weights(self, var, weight, codes, scale):
-        """Optimized rounding and/or the bias shift of one layer (see :mod:`rounding`)."""
-        config, stats = self.config, self.layers[var]
-        if stats.count == 0:
-            return codes
-        call = stats.call
-        spec = config.weight_spec(var.name)
-        if config.optimized_rounding(spec.bits, var.name):
-            codes = rounding.optimized_codes(
-                call, weight, codes, scale, spec.qmin, spec.qmax, stats
-            )
-        if config.bias_correction:
-            w, s, q = rounding.grouped(call, weight, codes, scale)
-            self.shifts[var] = rounding.bias_shift(w, q, s, stats.mean).reshape(-1)
+        spec = self.config.weight_spec(var.name)
+        codes, shift = refine_weights(
+            self.layers[var], var.name, spec, weight, codes, scale, self.config, var in self.biased
+        )
+        if shift is not None:
+            self.shifts[var] = shift
         return codes
 
     def _corrected_bias(self, call):

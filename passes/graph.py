@@ -404,6 +404,30 @@ def _is_bias_add(call, var) -> bool:
     )
 
 
+def biased_layers(func: relax.Function, plan: QuantPlan) -> dict:
+    """``{layer: its bias add}`` (binding vars) of the conv2d/matmul layers of ``func`` with
+    constant weights whose bias add (one of ``plan.biases``) holds one constant per output
+    channel: those whose bias can take the mean error of their rounded weights."""
+    producers = {b.var: b.value for b in bindings(func)}
+    layers = {}
+    for var in plan.biases:
+        add = producers.get(var)
+        layer = add.args[0]
+        producer, bias = producers.get(layer), const_value(add.args[1])
+        if op_name(producer) not in CONV_OPS | MATMUL_OPS or bias is None:
+            continue
+        weight = const_value(producer.args[1])
+        if weight is None:
+            continue
+        if op_name(producer) in MATMUL_OPS:
+            channels = weight.shape[-1]
+        else:
+            channels = weight.shape[str(producer.attrs.kernel_layout).index("O")]
+        if bias.size == channels:
+            layers[layer] = var
+    return layers
+
+
 def plan_quantization(func: relax.Function) -> QuantPlan:
     """Choose the quantization points of a float function (see the module docstring)."""
     flow = Dataflow.of(func)

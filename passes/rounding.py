@@ -12,7 +12,9 @@ moment ``H = E[x xᵀ]`` and mean ``μ = E[x]``, quantizing the weights of outpu
   Where few patches were seen, ``H`` is shrunk toward its diagonal for 4-bit codes
   (:meth:`LayerStats.moment_for`); rounded against the raw estimate, they fit those patches.
 - :func:`bias_shift` is ``r·μ`` per output channel, which bias correction subtracts from the
-  bias (Nagel et al., "Data-Free Quantization", the empirical variant).
+  bias (Nagel et al., "Data-Free Quantization", the empirical variant). What is left of the
+  error is ``rᵀ Σ r``, with the covariance ``Σ = H - μμᵀ``: weights whose mean shift is
+  removed are rounded against ``Σ`` (``centred``), leaving the mean to the bias.
 
 :class:`LayerStats` accumulates ``H`` and ``μ`` over calibration samples from a bounded sample
 of patch positions, so its cost and memory do not grow with the number of samples.
@@ -195,18 +197,19 @@ class LayerStats:
         :meth:`moment_for`), not to nearest."""
         return self.spans_patches or (self.count > 0 and levels <= SHRUNK_LEVELS)
 
-    def moment_for(self, levels: int) -> np.ndarray | None:
-        """The second moment to round weights of ``levels`` codes against, or None for
-        nearest rounding. :attr:`second_moment` once it spans the patches; before that, at 8
-        bits, none (nearest rounding loses little there); with fewer levels, the moment shrunk
-        toward its diagonal (Ledoit-Wolf style, ``a = k / (k + n)`` for ``n`` patches of
-        length ``k``): a step of 4-bit codes is too coarse for nearest rounding, and the
-        diagonal alone still weighs each weight by the power of its input."""
+    def moment_for(self, levels: int, centred: bool = False) -> np.ndarray | None:
+        """The second moment (the covariance if ``centred``: the bias takes the mean shift)
+        to round weights of ``levels`` codes against, or None for nearest rounding. The raw
+        estimate once it spans the patches; before that, at 8 bits, none (nearest rounding
+        loses little there); with fewer levels, the estimate shrunk toward its diagonal
+        (Ledoit-Wolf style, ``a = k / (k + n)`` for ``n`` patches of length ``k``): a step of
+        4-bit codes is too coarse for nearest rounding, and the diagonal alone still weighs
+        each weight by the power of its input."""
         if not self.rounds(levels):
             return None
+        h = self.covariance if centred else self.second_moment
         if self.spans_patches:
-            return self.second_moment
-        h = self.second_moment
+            return h
         k = h.shape[-1]
         a = k / (k + self.count)
         return (1 - a) * h + a * np.einsum("gk,kl->gkl", np.einsum("gkk->gk", h), np.eye(k))
@@ -219,6 +222,11 @@ class LayerStats:
     def second_moment(self) -> np.ndarray:
         return self.outer / max(self.count, 1)
 
+    @property
+    def covariance(self) -> np.ndarray:
+        mean = self.mean
+        return self.second_moment - np.einsum("gk,gl->gkl", mean, mean)
+
 
 def grouped(call, weight, codes, scale) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``weight`` (float64), its per-output-channel ``scale`` and its ``codes`` in the
@@ -228,9 +236,13 @@ def grouped(call, weight, codes, scale) -> tuple[np.ndarray, np.ndarray, np.ndar
     return w, s.reshape(w.shape[:2]), weight_groups(call, codes)
 
 
-def optimized_codes(call, weight, codes, scale, qmin: int, qmax: int, stats) -> np.ndarray:
+def optimized_codes(
+    call, weight, codes, scale, qmin: int, qmax: int, stats, centred: bool = False
+) -> np.ndarray:
     """``codes`` of ``weight`` re-chosen by :func:`round_weights` against the second moment of
-    the layer's input patches (``stats``, a :class:`LayerStats`); the same shape and dtype.
+    the layer's input patches (``stats``, a :class:`LayerStats`), or their covariance if
+    ``centred`` (the caller removes the mean shift, :func:`bias_shift`); the same shape and
+    dtype.
     ``codes`` themselves where they are rounded to nearest (:meth:`LayerStats.rounds`).
     Kept in ``stats`` by what was rounded: the same weights, codes and scale again (another
     candidate of a bit-width search) give a copy of the first result."""
@@ -242,10 +254,10 @@ def optimized_codes(call, weight, codes, scale, qmin: int, qmax: int, stats) -> 
         array = np.ascontiguousarray(array)
         digest.update(f"{array.dtype}{array.shape}".encode())
         digest.update(array.tobytes())
-    key = (qmin, qmax, digest.hexdigest())
+    key = (qmin, qmax, centred, digest.hexdigest())
     if key not in stats.rounded:
         w, s, _ = grouped(call, weight, codes, scale)
-        q = round_weights(w, s, qmin, qmax, stats.moment_for(levels))
+        q = round_weights(w, s, qmin, qmax, stats.moment_for(levels, centred))
         stats.rounded[key] = from_groups(call, q, codes.shape).astype(codes.dtype)
     return stats.rounded[key].copy()
 

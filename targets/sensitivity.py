@@ -52,15 +52,23 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from qcompiler.passes import qmath, rounding
+from qcompiler.passes import qmath
 from qcompiler.passes.annotate import (
     activation_qparams,
     annotate,
     quantize_constant,
+    refine_weights,
     weight_axis,
 )
 from qcompiler.passes.errors import QCompilerError
-from qcompiler.passes.graph import CONV_OPS, MATMUL_OPS, bindings, const_value, op_name
+from qcompiler.passes.graph import (
+    CONV_OPS,
+    MATMUL_OPS,
+    biased_layers,
+    bindings,
+    const_value,
+    op_name,
+)
 from qcompiler.passes.pipeline import ActivationChoice, choice_key
 from qcompiler.passes.scheme import AUTO_METHOD, CALIBRATION_METHODS, QuantConfig
 from qcompiler.targets.build import build as build_executable
@@ -311,20 +319,27 @@ def _least_costly_range(probe, calibration, config, name: str, own_db: float) ->
 @mutator
 class _LayerWeights(PyExprMutator):
     """Replaces the constant weights of chosen conv/matmul layers (``{binding var: k}``) by
-    the expression ``weight(k, var, call)`` emits."""
+    the expression ``weight(k, var, call)`` emits, and with ``bias``, the constant of their
+    bias adds (``biases``: ``{bias add var: layer var}``) by what ``bias(k, call)`` emits."""
 
-    def __init__(self, mod, layers, weight):
+    def __init__(self, mod, layers, weight, bias=None, biases=None):
         super().__init__(mod)
         self.index = {var: k for k, var in enumerate(layers)}  # by var: names may repeat
         self.weight = weight
+        self.bias = bias
+        self.biases = biases or {}
 
     def visit_var_binding_(self, binding):
         k = self.index.get(binding.var)
-        if k is None:
+        layer = self.biases.get(binding.var)
+        if k is None and layer is None:
             return super().visit_var_binding_(binding)
         call = self.visit_expr(binding.value)
-        weight = self.weight(self.builder_, k, binding.var, call)
-        new = relax.Call(call.op, [call.args[0], weight, *call.args[2:]], call.attrs, call.ty_args)
+        if k is not None:
+            operands = [call.args[0], self.weight(self.builder_, k, binding.var, call)]
+        else:
+            operands = [call.args[0], self.bias(self.builder_, self.index[layer], call)]
+        new = relax.Call(call.op, [*operands, *call.args[2:]], call.attrs, call.ty_args)
         var = binding.var
         emit = (
             self.builder_.emit if isinstance(var, relax.DataflowVar) else self.builder_.emit_output
@@ -332,20 +347,24 @@ class _LayerWeights(PyExprMutator):
         self.set_var_remap(var, emit(new, var.name))
 
 
-def _dequantized_weights(call, name: str, spec, config: QuantConfig, stats) -> np.ndarray:
+def _dequantized_weights(call, name: str, spec, config: QuantConfig, stats, biased: bool):
     """The weights of ``call`` (the layer called ``name``) rounded to ``spec`` as ``config``
-    (resolved) rounds them, as :mod:`qcompiler.passes.annotate` does: against the layer's input
-    statistics ``stats`` where it optimizes that bit-width and layer, else to nearest."""
+    (resolved) rounds them, as :mod:`qcompiler.passes.annotate` does (against the layer's input
+    statistics ``stats`` where it optimizes that bit-width and layer, else to nearest), and
+    the shift per output channel their bias (``biased``) then loses, or zeros."""
     weight = const_value(call.args[1])
     codes, scale, zero_point, axis = quantize_constant(weight, spec, weight_axis(call))
-    if stats is not None and spec.symmetric and config.optimized_rounding(spec.bits, name):
-        codes = rounding.optimized_codes(call, weight, codes, scale, spec.qmin, spec.qmax, stats)
-    return qmath.dequantize(codes, scale, zero_point, axis).astype(np.float32)
+    shift = None
+    if stats is not None and spec.symmetric:
+        codes, shift = refine_weights(stats, name, spec, weight, codes, scale, config, biased)
+    dequantized = qmath.dequantize(codes, scale, zero_point, axis).astype(np.float32)
+    return dequantized, np.zeros(scale.size) if shift is None else shift
 
 
-def _rounded_weights(func, config: QuantConfig, layers) -> dict:
-    """``{binding var: (8-bit, 4-bit, float weights)}`` of every conv/matmul layer of ``func``
-    with constant weights, rounded as :func:`_dequantized_weights` does."""
+def _rounded_weights(func, config: QuantConfig, layers, biased=frozenset()) -> dict:
+    """``{binding var: ((8-bit, 4-bit, float weights), (8-bit, 4-bit, float bias shifts))}``
+    of every conv/matmul layer of ``func`` with constant weights, rounded as
+    :func:`_dequantized_weights` does (the shifts of layers not in ``biased`` are zeros)."""
     eight = config.scheme.weight
     four = dataclasses.replace(eight, bits=4, narrow_range=True)
     weights = {}
@@ -353,11 +372,13 @@ def _rounded_weights(func, config: QuantConfig, layers) -> dict:
         call = binding.value
         if op_name(call) in CONV_OPS | MATMUL_OPS and const_value(call.args[1]) is not None:
             stats = (layers or {}).get(binding.var)
+            name, exact = binding.var.name, const_value(call.args[1]).astype(np.float32)
             rounded = [
-                _dequantized_weights(call, binding.var.name, spec, config, stats)
+                _dequantized_weights(call, name, spec, config, stats, binding.var in biased)
                 for spec in (eight, four)
             ]
-            weights[binding.var] = (*rounded, const_value(call.args[1]).astype(np.float32))
+            (w8, s8), (w4, s4) = rounded
+            weights[binding.var] = ((w8, w4, exact), (s8, s4, np.zeros_like(s8)))
     return weights
 
 
@@ -376,23 +397,41 @@ class WeightProbe:
         if not samples:
             raise QCompilerError("weight sensitivity needs at least one calibration sample")
         func = calibration.mod["main"]
-        weights = _rounded_weights(func, config, layers)
+        weights = _rounded_weights(func, config, layers, biased_layers(func, calibration.plan))
         self.names = [var.name for var in weights]
         switches = [
             relax.Var(name, relax.TensorType((len(weights),), "float32"))
             for name in ("qc_four_bit", "qc_float")
         ]
 
-        def switched(builder, k, var, call):  # base + sum_i switch_i[k] * (alternative_i - base)
-            base, *alternatives = weights[var]
-            weight = relax.const(base.astype("float32"))
+        def switched(builder, k, options, start=None):
+            """``start + base + sum_i switch_i[k] * (alternative_i - base)`` of ``options``."""
+            base, *alternatives = options
+            value = relax.const(base.astype("float32"))
+            if start is not None:
+                value = builder.emit(relax.op.add(start, value))
             for switch, alternative in zip(switches, alternatives):
                 on = builder.emit(relax.op.take(switch, relax.const(k, "int64"), axis=0))
                 delta = relax.const((alternative - base).astype("float32"))
-                weight = builder.emit(relax.op.add(weight, relax.op.multiply(on, delta)))
-            return weight
+                value = builder.emit(relax.op.add(value, relax.op.multiply(on, delta)))
+            return value
 
-        body = _LayerWeights(calibration.mod, weights, switched).visit_expr(func).body
+        def weight(builder, k, var, call):
+            return switched(builder, k, weights[var][0])
+
+        def bias(builder, k, call):  # the bias less the chosen rounding's shift
+            constant = const_value(call.args[1])
+            sign = -1.0 if op_name(call) == "relax.add" else 1.0
+            shifts = [sign * s.reshape(constant.shape) for s in weights[layer_of[k]][1]]
+            return switched(builder, k, shifts, relax.const(constant))
+
+        layer_of = list(weights)
+        biases = {
+            add: layer
+            for layer, add in biased_layers(func, calibration.plan).items()
+            if layer in weights and any(np.any(s) for s in weights[layer][1])
+        }
+        body = _LayerWeights(calibration.mod, weights, weight, bias, biases).visit_expr(func).body
         probe = tvm.IRModule(dict(calibration.mod.functions), attrs=calibration.mod.attrs)
         probe["main"] = relax.Function(
             [*func.params, *switches], body, func.ret_ty, attrs=func.attrs
@@ -467,7 +506,9 @@ class HessianProbe:
         if probes < 1:
             raise QCompilerError(f"Hutchinson's estimate needs at least one probe, got {probes}")
         func = calibration.mod["main"]
-        rounded = _rounded_weights(func, config, layers)
+        biased = biased_layers(func, calibration.plan)
+        # weights rounded as the build rounds them; HAWQ's model has no term for the bias shift
+        rounded = {var: w for var, (w, _) in _rounded_weights(func, config, layers, biased).items()}
         self.names = [var.name for var in rounded]
         self._weights = [float_weights for _, _, float_weights in rounded.values()]
         # squared norms of the 8-bit and 4-bit roundings' errors

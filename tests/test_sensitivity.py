@@ -199,6 +199,102 @@ def test_weight_probe_rounds_as_the_build(rounding, optimized):
     assert max(abs(alone[n] - nearest[n]) for n in names) > 1.0
 
 
+def _biased_model():
+    """x[1,6,6,6] -> Conv (3x3, bias) -> Relu -> Conv (1x1, bias) -> y[1,4,6,6]."""
+    rng = np.random.default_rng(5)
+    arrays = {
+        "w1": rng.normal(scale=0.3, size=(8, 6, 3, 3)),
+        "b1": rng.normal(scale=0.5, size=8),
+        "w2": rng.normal(scale=0.5, size=(4, 8, 1, 1)),
+        "b2": rng.normal(size=4),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Conv", ["r", "w2", "b2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "biased",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_weight_probe_removes_the_mean_shift_of_4_bit_layers():
+    """Where a bias can take it, a 4-bit layer's mean output error ``r·μ`` is removed and its
+    codes are rounded against the covariance of its inputs (``Σ = H - μμᵀ``), as the build
+    does. Each layer alone at 4 bits against onnxruntime running weights rounded in numpy
+    against numpy's covariance of the patches (the samples after PROBE_HOLDOUT) and biases
+    less numpy's shift."""
+    model = _biased_model()
+    rng = np.random.default_rng(2)
+    calib = [
+        {"x": (rng.normal(size=(1, 6, 6, 6)) + 1.0).astype(np.float32)}  # inputs of mean 1
+        for _ in range(PROBE_HOLDOUT + 24)
+    ]
+    imported, calibration = qcompiler.calibrate(
+        qcompiler.api.load_model(model), calib, layer_inputs=True
+    )
+    alone, _ = qcompiler.api.weight_probe(calibration, qcompiler.QuantConfig(), calib[:3]).measure()
+
+    tapped = type(model)()
+    tapped.CopyFrom(model)
+    tapped.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+    session = ort.InferenceSession(tapped.SerializeToString(), providers=["CPUExecutionProvider"])
+    patches = {"w1": [], "w2": []}
+    for sample in calib[PROBE_HOLDOUT:]:
+        x = np.pad(sample["x"][0], ((0, 0), (1, 1), (1, 1)))
+        patches["w1"] += [
+            x[:, i : i + 3, j : j + 3].reshape(-1) for i in range(6) for j in range(6)
+        ]
+        patches["w2"] += list(session.run(["r"], sample)[0][0].reshape(8, -1).T)
+    float_session = ort.InferenceSession(model.SerializeToString(),
+                                         providers=["CPUExecutionProvider"])  # fmt: skip
+    ref = [float_session.run(None, s) for s in calib[:3]]
+
+    def sqnr(rounded_model):
+        session = ort.InferenceSession(rounded_model.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])  # fmt: skip
+        return output_sqnr(ref, [session.run(None, s) for s in calib[:3]])
+
+    initializers = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    names = _initializer_names(model, calibration)
+    assert sorted(names.values()) == ["w1", "w2"]
+    unshifted, uncentred = {}, {}
+    for name, weight in names.items():
+        p = np.asarray(patches[weight], dtype=np.float64)
+        mean, moment = p.mean(axis=0), p.T @ p / len(p)
+        covariance = moment - np.outer(mean, mean)
+        four = lambda n, w=weight: 4 if n == w else 8  # noqa: E731
+        # the bias initializers are rounded too, each value its own 8-bit scale: exactly
+        centred = _rounded(model, four, {weight: covariance}, (4,))
+        rounded = {i.name: numpy_helper.to_array(i) for i in centred.graph.initializer}
+        error = (rounded[weight] - initializers[weight]).reshape(-1, p.shape[1])
+        bias = "b" + weight[1:]
+        shifted = (initializers[bias] - error @ mean).astype(np.float32)
+        for init in centred.graph.initializer:
+            if init.name == bias:
+                init.CopyFrom(numpy_helper.from_array(shifted, bias))
+        assert alone[name] == pytest.approx(sqnr(centred), abs=0.1)
+        # the comparison can tell: the same codes with the bias left alone, and codes
+        # rounded against the second moment with the bias left alone
+        unshifted[name] = sqnr(_rounded(model, four, {weight: covariance}, (4,)))
+        uncentred[name] = sqnr(_rounded(model, four, {weight: moment}, (4,)))
+    assert max(alone[n] - unshifted[n] for n in names) > 1.0
+    assert max(abs(alone[n] - uncentred[n]) for n in names) > 0.5
+    # the build rounds and shifts the same (activations at 16 bits add little noise)
+    layer = max(names, key=lambda n: alone[n] - unshifted[n])
+    config = qcompiler.QuantConfig(
+        int4_weights=(layer,), int16_activations=1.0, weight_rounding="optimized-4bit"
+    )
+    artifact = qcompiler.quantize(imported, None, config, calibration=calibration).build()
+    built = output_sqnr(ref, [list(artifact.run(s).values()) for s in calib[:3]])
+    assert built == pytest.approx(alone[layer], abs=0.3)
+
+
 def _outlier_model(outlier: float):
     """x[1,4,8,8] -> Conv (1x1) -> Relu -> Conv (1x1) -> y[1,2,8,8]. With ``outlier`` > 1 the
     first conv's channel 0 spans ``outlier`` times the others while the second conv all but

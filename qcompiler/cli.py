@@ -646,7 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--bias-correction",
             action="store_true",
-            help="remove the mean output shift weight rounding causes, per channel",
+            help="remove the mean output shift weight rounding causes, per channel, in every "
+            "layer (optimized 4-bit layers always have theirs removed)",
         )
         p.add_argument("--target", default="x86", help="board (see `qc targets`) or TVM target tag")
         p.add_argument("--boards", help="TOML file of extra board profiles")

@@ -397,7 +397,8 @@ class WeightProbe:
         if not samples:
             raise QCompilerError("weight sensitivity needs at least one calibration sample")
         func = calibration.mod["main"]
-        weights = _rounded_weights(func, config, layers, biased_layers(func, calibration.plan))
+        biased = biased_layers(func, calibration.plan)
+        weights = _rounded_weights(func, config, layers, biased)
         self.names = [var.name for var in weights]
         switches = [
             relax.Var(name, relax.TensorType((len(weights),), "float32"))
@@ -428,7 +429,7 @@ class WeightProbe:
         layer_of = list(weights)
         biases = {
             add: layer
-            for layer, add in biased_layers(func, calibration.plan).items()
+            for layer, add in biased.items()
             if layer in weights and any(np.any(s) for s in weights[layer][1])
         }
         body = _LayerWeights(calibration.mod, weights, weight, bias, biases).visit_expr(func).body

@@ -361,7 +361,7 @@ def _dequantized_weights(call, name: str, spec, config: QuantConfig, stats, bias
     return dequantized, np.zeros(scale.size) if shift is None else shift
 
 
-def _rounded_weights(func, config: QuantConfig, layers, biased=frozenset()) -> dict:
+def _rounded_weights(func, config: QuantConfig, layers, biased) -> dict:
     """``{binding var: ((8-bit, 4-bit, float weights), (8-bit, 4-bit, float bias shifts))}``
     of every conv/matmul layer of ``func`` with constant weights, rounded as
     :func:`_dequantized_weights` does (the shifts of layers not in ``biased`` are zeros)."""

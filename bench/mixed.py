@@ -15,9 +15,11 @@ confirmed on the rest), with nearest rounding, with optimized 4-bit rounding, an
 searches (the optimized ladder, then nearest rounding's smaller plans); with ``--search-half``,
 also the default searching on the first half of the evaluation images (ranked and confirmed
 there), its choice scored on the other half, which it never saw. Weight bytes (int4 packed, half a
-byte per weight), compression against fp32, the probe's output SQNR of the choice on its 8
-calibration images and on 16 evaluation images ("held-out dB": rounding fitted to the
-calibration images can look better on them than it is), latency (median of ``--runs``,
+byte per weight), compression against fp32, the top-1 change against fp32 with its 95%
+interval (paired over the same images: :func:`qcompiler.evaluate.paired_difference`; on 400
+images a point is four images, within the noise of one run), the probe's output SQNR of the
+choice on its 8 calibration images and on 16 evaluation images ("held-out dB": rounding fitted
+to the calibration images can look better on them than it is), latency (median of ``--runs``,
 1 thread; every row timed once per round, the median of ``--rounds`` rounds printed) in the same
 run, and the search's wall time (probe, builds and scoring included). ``--no-search`` skips the
 accuracy-budget searches.
@@ -56,6 +58,7 @@ from speed import time_call  # noqa: E402
 
 from qcompiler import api  # noqa: E402
 from qcompiler.deploy.artifact import set_threads  # noqa: E402
+from qcompiler.evaluate import paired_difference  # noqa: E402
 from qcompiler.passes.errors import QCompilerError  # noqa: E402
 from qcompiler.passes.scheme import AUTO, OPTIMIZED_4BIT, QuantConfig  # noqa: E402
 from qcompiler.targets.bitwidth import weight_options  # noqa: E402
@@ -246,11 +249,11 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
     if args.search_half:
         notes.append(search_on_half(model, calibration, labelled, args.max_drop, probe, fp32))
 
-    def top1(artifact) -> float:
+    def hits(artifact) -> np.ndarray:
         predict = accuracy.tvm_predict(artifact)
-        return float(np.mean([predict(x) == y for x, y in labelled]))
+        return np.array([predict(x) == y for x, y in labelled], dtype=bool)
 
-    reference = top1(fp32)
+    reference = hits(fp32)
     # Timed in rounds, each row once per round, so that the machine's drifts reach every row
     # alike; the median round is printed.
     local, remote = ([[] for _ in rows] for _ in range(2))
@@ -261,15 +264,16 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
                 remote[i].append(rpc_latency(artifact, board, data))
     print(f"\n{case.model}, {len(data.inputs)} evaluation images, 1 thread\n")
     print(
-        "| build | top-1 | Δ vs fp32 | weight KiB | vs fp32 | probe dB | held-out dB | ms | "
+        "| build | top-1 | Δ vs fp32 (95%) | weight KiB | vs fp32 | probe dB | held-out dB | ms | "
         "RPC ms | predicted ms | search s |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for i, (label, artifact, size, dbs, search_s, predicted) in enumerate(rows):
-        accuracy_ = reference if artifact is fp32 else top1(artifact)
+        change = paired_difference(reference, reference if artifact is fp32 else hits(artifact))
         rpc_ms = f"{np.median(remote[i]):.2f}" if remote[i] else ""
         print(
-            f"| {label} | {accuracy_:.4f} | {100 * (accuracy_ - reference):+.2f} | "
+            f"| {label} | {reference.mean() + change.delta:.4f} | "
+            f"{100 * change.delta:+.2f} ± {100 * change.margin:.2f} | "
             f"{size / 1024:.1f} | {fp32_bytes / size:.1f}x | "
             f"{' | '.join('' if db is None else f'{db:.1f}' for db in dbs or (None, None))} | "
             f"{np.median(local[i]):.2f} | "

@@ -1268,12 +1268,20 @@ def _build(
 
 def top1(artifact: Artifact, samples) -> float:
     """Share of samples whose first output's argmax equals the label; samples: (inputs, label)."""
-    hits = total = 0
-    for inputs, label in samples:
-        out = next(iter(artifact.run(inputs).values()))
-        hits += int(np.argmax(out.reshape(-1)) == label)
-        total += 1
-    return hits / max(total, 1)
+    hits = top1_hits(artifact, samples)
+    return float(hits.mean()) if hits.size else 0.0
+
+
+def top1_hits(artifact: Artifact, samples) -> np.ndarray:
+    """Per sample, whether the first output's argmax equals the label (bool array), for
+    :func:`qcompiler.evaluate.paired_difference`; samples: (inputs, label)."""
+    return np.array(
+        [
+            np.argmax(next(iter(artifact.run(inputs).values())).reshape(-1)) == label
+            for inputs, label in samples
+        ],
+        dtype=bool,
+    )
 
 
 AGREEMENT_METRICS = ("top1", "map50", "miou", "pooled_iou")

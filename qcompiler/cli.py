@@ -20,6 +20,7 @@ import numpy as np
 
 from qcompiler import api
 from qcompiler.data import Preprocess, labelled_images, load_calibration, save_npz_stream
+from qcompiler.evaluate import paired_difference
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.scheme import (
     AUTO,
@@ -588,12 +589,14 @@ def cmd_eval(args) -> int:
         print(f"{model.name}: {args.metric} of the quantized model against the float model's "
               f"answers on {len(samples)} image(s): {score:.4f}")  # fmt: skip
         return 0
-    fp32 = api.top1(float_art, _labelled(args, model))
-    int8 = api.top1(int_art, _labelled(args, model))
+    # Each pass streams the images again: memory does not grow with their number.
+    fp32, int8 = (api.top1_hits(art, _labelled(args, model)) for art in (float_art, int_art))
     if quant.config is None:
         print("(already quantized: 'fp32' is the same model run in float by TVM's QDQ import)")
     print(f"{'model':<28}{'fp32 top1':>10}{'int8 top1':>10}{'delta':>8}")
-    print(f"{model.name:<28}{fp32:>10.4f}{int8:>10.4f}{(int8 - fp32) * 100:>+8.2f}")
+    print(f"{model.name:<28}{fp32.mean():>10.4f}{int8.mean():>10.4f}"
+          f"{(int8.mean() - fp32.mean()) * 100:>+8.2f}")  # fmt: skip
+    print(f"delta {paired_difference(fp32, int8).describe('fp32', 'int8')}")
     return 0
 
 

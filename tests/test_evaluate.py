@@ -12,6 +12,7 @@ from qcompiler.evaluate import (
     map50,
     mask_iou,
     nms,
+    paired_difference,
     pooled_mask_iou,
 )
 
@@ -80,6 +81,29 @@ def test_decode_yolox_by_hand():
     assert found.classes[0] == 3
     with pytest.raises(ValueError, match="84 anchors"):
         decode_yolox(out, (416, 416))
+
+
+def test_paired_difference_by_hand():
+    reference = [1, 1, 1, 0, 0, 1, 1, 1]
+    candidate = [1, 0, 1, 1, 0, 1, 0, 1]  # loses samples 1 and 6, gains sample 3
+    found = paired_difference(reference, candidate)
+    # d = [0, -1, 0, 1, 0, 0, -1, 0]: mean -1/8, sample variance 2.875 / 7
+    assert (found.only_reference, found.only_candidate, found.samples) == (2, 1, 8)
+    assert found.delta == pytest.approx(-0.125)
+    assert found.margin == pytest.approx(1.96 * np.sqrt(2.875 / 7 / 8))
+    assert found.describe("fp32", "int8") == (
+        "-12.50 ± 44.41 points (95%) over 8 samples: 2 right only in fp32, 1 only in int8"
+    )
+    same = paired_difference(reference, reference)
+    assert (same.delta, same.margin) == (0.0, 0.0)  # identical answers: no uncertainty
+    rng = np.random.default_rng(0)
+    a, b = rng.random(400) < 0.87, rng.random(400) < 0.86
+    d = b.astype(float) - a
+    found = paired_difference(a, b)
+    assert found.delta == pytest.approx(d.mean())
+    assert found.margin == pytest.approx(1.96 * d.std(ddof=1) / np.sqrt(400))
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_difference([1, 0], [1])
 
 
 def test_mask_iou_by_hand():

@@ -283,7 +283,9 @@ def test_cli_eval_of_a_quantized_model_reports_litert_top1(shared, capsys):
         "mean=128,std=1",
     ]
     assert main(argv) == 0
-    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    *_, row, interval = capsys.readouterr().out.strip().splitlines()
+    row = row.split()
+    assert interval.startswith("delta ") and "(95%) over 60 samples" in interval
     data = np.load(npz)
     inputs = [(img.astype(np.int16) - 128).astype(np.int8)[None] for img in data["images"][:60]]
     ref = litert_outputs(path, "BUILTIN_REF", inputs)

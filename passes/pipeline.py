@@ -30,6 +30,7 @@ from qcompiler.passes import rounding
 from qcompiler.passes.annotate import INT4_ATTR, activation_qparams, annotate
 from qcompiler.passes.calibrate import calibrate
 from qcompiler.passes.canonicalize import canonicalize
+from qcompiler.passes.equalize import equalize_module
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.graph import (
     CHANNELS_LAST,
@@ -144,8 +145,15 @@ class Calibration:
     float_outputs: list | None = None
     activation_choices: dict = dataclasses.field(default_factory=dict)
     _kept_layers: dict | None = dataclasses.field(default=None, repr=False)
+    # conv pairs cross-layer equalized before calibrating (equalize=True), or None
+    equalized: int | None = None
 
     def quantize(self, config: QuantConfig, dump_dir: str | None = None) -> tvm.IRModule:
+        if config.equalize and self.equalized is None:
+            raise QCompilerError(
+                "equalize=True rescales the float model before it is calibrated: calibrate "
+                "with equalize=True"
+            )
         if config.needs_layer_inputs and not self.layers:
             raise QCompilerError(
                 f"weight_rounding={config.weight_rounding!r} and bias_correction need the "
@@ -227,9 +235,14 @@ def run_calibration(
     bins: int = 2048,
     dump_dir: str | None = None,
     layer_inputs: bool = False,
+    equalize: bool = False,
 ) -> Calibration:
-    """Phases 1-3: prepare, plan and calibrate."""
+    """Phases 1-3: prepare (and with ``equalize``, equalize conv pairs:
+    :mod:`~qcompiler.passes.equalize`), plan and calibrate."""
     mod = prepare(mod)
+    equalized = None
+    if equalize:
+        mod, equalized = equalize_module(mod)
     _dump(dump_dir, "01-prepare", mod)
     plan = plan_quantization(mod["main"])
     layers = layer_statistics(mod, held_out=PROBE_HOLDOUT) if layer_inputs else {}
@@ -238,7 +251,15 @@ def run_calibration(
         mod, plan, samples, bins=bins, layers=layers, keep=kept, keep_count=PROBE_SAMPLES
     )
     kept_samples, outputs = [s for s, _ in kept], [o for _, o in kept]
-    return Calibration(mod, plan, observers, layers, samples=kept_samples, float_outputs=outputs)
+    return Calibration(
+        mod,
+        plan,
+        observers,
+        layers,
+        samples=kept_samples,
+        float_outputs=outputs,
+        equalized=equalized,
+    )
 
 
 # Calibration samples kept for measuring the outputs (the int16 choice): a fixed few, so that

@@ -194,6 +194,10 @@ class QuantConfig:
     (:meth:`corrects_bias`). Both need symmetric weights and apply to conv2d/matmul layers
     with constant weights.
 
+    ``equalize``: cross-layer equalization of conv pairs joined by a bias add and a ReLU
+    (:mod:`~qcompiler.passes.equalize`), before calibration: the calibration must be made
+    with ``equalize=True``.
+
     ``tensor_methods``: ``(tensor name, range method)`` pairs overriding
     ``calibration.method`` for those activations (``calibration.method="auto"`` fills them).
 
@@ -217,6 +221,7 @@ class QuantConfig:
     int16_activations: tuple[str, ...] | float | str = AUTO
     weight_rounding: str = AUTO
     bias_correction: bool = False
+    equalize: bool = False
     int4_weights: tuple[str, ...] = ()
     float_layers: tuple[str, ...] = ()
     nearest_weights: tuple[str, ...] = ()

@@ -198,7 +198,14 @@ def calibration_samples(model, calib, preprocess=None, limit=None, offset=0) -> 
 
 
 def calibrate(
-    model, calib, preprocess=None, limit=None, offset=0, bins=2048, layer_inputs=False
+    model,
+    calib,
+    preprocess=None,
+    limit=None,
+    offset=0,
+    bins=2048,
+    layer_inputs=False,
+    equalize=False,
 ) -> tuple:
     """Import ``model`` and collect calibration statistics once; see :meth:`Calibration.quantize`.
 
@@ -208,12 +215,19 @@ def calibrate(
     :data:`PROBE_HOLDOUT` samples where there are at least twice as many, so that the weight
     probe (:func:`weight_probe`) can score the rounding on samples it was not fitted to.
 
+    ``equalize``: first equalize the conv pairs joined by a bias add and a ReLU
+    (:mod:`qcompiler.passes.equalize`; ``QuantConfig(equalize=True)`` asks for it).
+
     Returns ``(ImportedModel, Calibration)``; one calibration serves every scheme and method.
     """
     model = model if isinstance(model, ImportedModel) else load_model(model)
     samples = _samples(model, calib, preprocess, limit, offset)
     return model, run_calibration(
-        model.mod, _by_param(model, samples), bins=bins, layer_inputs=layer_inputs
+        model.mod,
+        _by_param(model, samples),
+        bins=bins,
+        layer_inputs=layer_inputs,
+        equalize=equalize,
     )
 
 
@@ -252,6 +266,7 @@ def quantize(
             offset,
             bins=config.calibration.bins,
             layer_inputs=config.wants_layer_inputs(),
+            equalize=config.equalize,
         )
     resolved = resolve(calibration, config)  # measured here, resolved again by quantize
     mod = calibration.quantize(config)

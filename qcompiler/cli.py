@@ -42,6 +42,7 @@ def _config(args) -> QuantConfig:
         _int16(args.int16),
         weight_rounding=args.weight_rounding,
         bias_correction=args.bias_correction,
+        equalize=args.equalize,
         int4_weights=tuple(n.strip() for n in (args.int4 or "").split(",") if n.strip()),
     )
 
@@ -179,6 +180,7 @@ def _calibrated_with_probe(args):
         preprocess=_preprocess(args),
         limit=args.limit,
         layer_inputs=config.wants_layer_inputs(four_bit=True),
+        equalize=config.equalize,
     )
     probe = api.calibration_samples(model, args.calib, _preprocess(args), limit=api.PROBE_HOLDOUT)
     return config, model, calibration, probe
@@ -578,6 +580,7 @@ def cmd_eval(args) -> int:
             preprocess=_preprocess(args),
             limit=args.limit,
             layer_inputs=config.wants_layer_inputs(),
+            equalize=config.equalize,
         )
         quant = api.quantize(model, None, config, calibration=calibration)
     float_art = api.compile_float(model, args.target)
@@ -651,6 +654,12 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="remove the mean output shift weight rounding causes, per channel, in every "
             "layer (optimized 4-bit layers always have theirs removed)",
+        )
+        p.add_argument(
+            "--equalize",
+            action="store_true",
+            help="cross-layer equalization: rescale conv pairs joined by a bias add and a ReLU "
+            "so that each channel's weight ranges match, before calibrating",
         )
         p.add_argument("--target", default="x86", help="board (see `qc targets`) or TVM target tag")
         p.add_argument("--boards", help="TOML file of extra board profiles")

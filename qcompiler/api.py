@@ -153,6 +153,7 @@ class QuantizedModel:
             },
             "weight_rounding": self.config.weight_rounding,
             "bias_correction": self.config.bias_correction,
+            "equalize": self.config.equalize,
             "float_layers": list(self.config.float_layers),
             "nearest_weights": list(self.config.nearest_weights),
             "rounding": self.rounding,
@@ -269,6 +270,8 @@ def quantize(
             equalize=config.equalize,
         )
     resolved = resolve(calibration, config)  # measured here, resolved again by quantize
+    # what was done, for the manifest: an equalized calibration equalized the model
+    resolved = replace(resolved, equalize=calibration.equalized is not None)
     mod = calibration.quantize(config)
     choice = calibration.activation_choices.get(choice_key(config))
     measured = choice if config.int16_activations == AUTO else None

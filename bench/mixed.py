@@ -269,10 +269,11 @@ def bench_model(case, args, shared: Path, board, records: str) -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for i, (label, artifact, size, dbs, search_s, predicted) in enumerate(rows):
-        change = paired_difference(reference, reference if artifact is fp32 else hits(artifact))
+        got = reference if artifact is fp32 else hits(artifact)
+        change = paired_difference(reference, got)
         rpc_ms = f"{np.median(remote[i]):.2f}" if remote[i] else ""
         print(
-            f"| {label} | {reference.mean() + change.delta:.4f} | "
+            f"| {label} | {got.mean():.4f} | "
             f"{100 * change.delta:+.2f} ± {100 * change.margin:.2f} | "
             f"{size / 1024:.1f} | {fp32_bytes / size:.1f}x | "
             f"{' | '.join('' if db is None else f'{db:.1f}' for db in dbs or (None, None))} | "

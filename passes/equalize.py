@@ -18,6 +18,8 @@ selfie segmentation fourteen.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -30,13 +32,19 @@ MAX_ROUNDS = 32
 SETTLED = 1e-6  # largest |log s| of a round below which the scaling has settled
 
 
+@dataclass(frozen=True)
 class _Pair:
-    """``first`` conv -> [bias add] -> [relu] -> ``second`` conv, by binding var."""
+    """``first`` conv -> [``bias`` add] -> [relu] -> ``second`` conv, by binding var, with
+    their constants and the axes of the weights that hold the middle channels."""
 
-    def __init__(self, first, bias, bias_value, second, second_axis):
-        self.first, self.bias, self.second = first, bias, second
-        self.bias_value = bias_value  # the bias add's constant, or None
-        self.second_axis = second_axis  # the axis of the second conv's weights per channel
+    first: relax.Var
+    first_weight: np.ndarray
+    first_axis: int  # the first conv's output channel axis
+    bias: relax.Var | None
+    bias_value: np.ndarray | None  # the bias add's constant, or None
+    second: relax.Var
+    second_weight: np.ndarray
+    second_axis: int  # the axis of the second conv's weights per middle channel
 
 
 def _kernel_axis(call, letter: str) -> int:
@@ -97,7 +105,18 @@ def find_pairs(func: relax.Function) -> list[_Pair]:
         second = flow.producer[user]
         axis = _second_axis(second, channels)
         if axis is not None and second.args[0].same_as(var):
-            pairs.append(_Pair(binding.var, bias, bias_value, user, axis))
+            pairs.append(
+                _Pair(
+                    binding.var,
+                    const_value(call.args[1]),
+                    _kernel_axis(call, "O"),
+                    bias,
+                    bias_value,
+                    user,
+                    const_value(second.args[1]),
+                    axis,
+                )
+            )
     return pairs
 
 
@@ -117,17 +136,16 @@ def equalize_module(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
     pairs = find_pairs(func)
     if not pairs:
         return mod, 0
-    flow = Dataflow.of(func)
     values = {}  # binding var -> its rescaled constant (weights of convs, the bias of adds)
     for pair in pairs:
-        for var in (pair.first, pair.second):
-            values[var] = const_value(flow.producer[var].args[1]).astype(np.float64)
+        values[pair.first] = pair.first_weight.astype(np.float64)
+        values[pair.second] = pair.second_weight.astype(np.float64)
         if pair.bias is not None:
             values[pair.bias] = pair.bias_value.astype(np.float64).reshape(-1)
     for _ in range(MAX_ROUNDS):
         largest = 0.0
         for pair in pairs:
-            out_axis = _kernel_axis(flow.producer[pair.first], "O")
+            out_axis = pair.first_axis
             r1 = _ranges(values[pair.first], out_axis)
             r2 = _ranges(values[pair.second], pair.second_axis)
             live = (r1 > 0) & (r2 > 0)

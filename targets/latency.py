@@ -34,12 +34,19 @@ from tvm import relax, s_tir, tirx
 
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.passes.graph import CONV_OPS, MATMUL_OPS, bindings, const_value, layer_name, op_name
-from qcompiler.targets.kernels import CONV_BLOCK, DENSE_BLOCK, DEPTHWISE_BLOCK, splits_int16
+from qcompiler.targets.kernels import (
+    CONV_BLOCK,
+    DENSE_BLOCK,
+    DEPTHWISE_BLOCK,
+    FLOAT_CONV_BLOCK,
+    FLOAT_DENSE_BLOCK,
+    splits_int16,
+)
 from qcompiler.targets.tuning import TuneReport
 
 # Blocks that make a kernel a layer's: ours, and those of TVM's legalized convs and matmuls
 # (targets without a dot-product instruction).
-_LAYER_BLOCKS = (CONV_BLOCK, DENSE_BLOCK, DEPTHWISE_BLOCK)
+_LAYER_BLOCKS = (CONV_BLOCK, DENSE_BLOCK, DEPTHWISE_BLOCK, FLOAT_CONV_BLOCK, FLOAT_DENSE_BLOCK)
 _LEGALIZED_PREFIXES = ("conv2d", "group_conv2d", "depthwise_conv2d", "matmul", "T_matmul", "dense")
 
 

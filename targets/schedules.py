@@ -10,6 +10,9 @@ the fused function, without search, so that an untuned build is already usable:
     channels by 4 onto its intrinsic, a few pixels and channel groups per register tile (sized
     from the layer's shape), the requantize epilogue computed per tile while the accumulators
     are hot, parallel over output rows and channel blocks.
+``float conv2d / dense`` (packed float weights, ``targets.kernels``)
+    the same register tiles as the packed int8 ones, the instruction a fused multiply-add
+    over the tile's vector lanes of output channels.
 ``any other reduction`` (depthwise, pooling, means, matmuls and convs without the intrinsic)
     the innermost spatial axis (channels, in NHWC) split into vector lanes and moved inside the
     reduction loops, everything above it fused into one parallel loop, epilogue at that loop.
@@ -35,12 +38,15 @@ from qcompiler.targets.kernels import (
     CONV_BLOCK,
     DENSE_BLOCK,
     DEPTHWISE_BLOCK,
+    FLOAT_CONV_BLOCK,
+    FLOAT_DENSE_BLOCK,
     LANES,
     NEON,
     SDOT,
     VNNI,
     DotProduct,
     dot_product,
+    float_lanes,
     tile_lanes,
 )
 
@@ -236,6 +242,65 @@ def _schedule_conv_packed(sch, block) -> None:
     sch.unroll(o2)
 
 
+def _float_tile(sch, block) -> tuple[int, int]:
+    """``(lanes, most)``: output channels per vector of a float kernel (its packed weights'
+    last axis) and the register tile's accumulators at most, counted in those vectors (a
+    vector wider than the target's registers takes several)."""
+    packed = sch.get(block).reads[-1].source
+    lanes = int(packed.shape[-1])
+    target = tvm.target.Target.current(allow_none=True)
+    native = float_lanes(target) if target is not None else lanes
+    return lanes, max(1, _MAX_ACCUMULATORS // max(1, lanes // native))
+
+
+def _accumulate_in_tile(sch, block, loop, lanes: int) -> None:
+    """Sums of ``block`` kept per tile of ``loop`` (in registers once unrolled) and written
+    out from there: its epilogue moved under ``loop``, or, with none, a copy-out of the tile."""
+    if _epilogue(sch, block) is None:
+        sch.cache_write(block, 0, "global")
+    _attach_epilogue(sch, block, loop, lanes)
+
+
+def _schedule_conv_float(sch, block) -> None:
+    """The float conv as the packed int8 one (:func:`_schedule_conv_packed`), with fused
+    multiply-adds in vector lanes for the dot-product instruction: per input channel and tap,
+    each pixel's value broadcast and each channel group's weights one vector load."""
+    lanes, most = _float_tile(sch, block)
+    n, h, w, o, ry, rx, rc = sch.get_loops(block)
+    width, channels = _extent(sch, w), _extent(sch, o)
+    reduce_bytes = 4 * _extent(sch, ry) * _extent(sch, rx) * _extent(sch, rc)
+    pixels, groups = _register_tile(width, channels // lanes, reduce_bytes, lanes, most)
+    oo, o2, oi = sch.split(o, [None, groups, lanes])
+    wo, wi = sch.split(w, [None, pixels])
+    sch.reorder(n, h, oo, wo, ry, rx, rc, wi, o2, oi)
+    outer = sch.fuse(n, h, oo)
+    sch.parallel(outer)
+    _accumulate_in_tile(sch, block, wo, lanes)
+    for pad in sch.get_producers(block):
+        sch.compute_at(pad, outer)
+        _vectorize_tail(sch, pad, 64)
+    sch.vectorize(oi)
+    init = sch.decompose_reduction(block, ry)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.unroll(wi)
+    sch.unroll(o2)
+
+
+def _schedule_dense_float(sch, block) -> None:
+    lanes, most = _float_tile(sch, block)
+    i, j, rk = sch.get_loops(block)
+    groups = _largest_divisor(_extent(sch, j) // lanes, min(4, most))
+    jo, j2, ji = sch.split(j, [None, groups, lanes])
+    sch.reorder(i, jo, rk, j2, ji)
+    outer = sch.fuse(i, jo)
+    sch.parallel(outer)
+    _accumulate_in_tile(sch, block, outer, lanes)
+    sch.vectorize(ji)
+    init = sch.decompose_reduction(block, rk)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.unroll(j2)
+
+
 def _schedule_dense_packed(sch, block) -> None:
     dot, intrin = _dot_product_of(sch, block)
     i, j, rk = sch.get_loops(block)
@@ -424,6 +489,8 @@ def schedule_in_place(sch: s_tir.Schedule) -> None:
         (CONV_BLOCK, _schedule_conv_packed),
         (DENSE_BLOCK, _schedule_dense_packed),
         (DEPTHWISE_BLOCK, _schedule_depthwise),
+        (FLOAT_CONV_BLOCK, _schedule_conv_float),
+        (FLOAT_DENSE_BLOCK, _schedule_dense_float),
     )
     for name, rule in rules:
         if name in named:

@@ -396,3 +396,148 @@ def test_uncentred_9_bit_dense_weights_run_on_the_dot_product_kernels():
     assert any("qc_dense_int8" in name for name in kernels)
     got = run(bb.get(), HOST, x)
     np.testing.assert_array_equal(got, x.astype(np.int64) @ w.astype(np.int64))
+
+
+# -- float kernels: float models and layers kept float ---------------------------------------------
+def float_conv_model(x_shape, w, b, stride, pad, dilation=1, group=1, relu=True):
+    """ONNX x -> Conv(w, b) [-> Relu] -> y (NCHW, as models arrive)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inputs = ["x", "w"] + ([] if b is None else ["b"])
+    nodes = [
+        helper.make_node(
+            "Conv",
+            inputs,
+            ["c" if relu else "y"],
+            strides=[stride, stride],
+            pads=[pad] * 4,
+            dilations=[dilation, dilation],
+            group=group,
+        )
+    ]
+    if relu:
+        nodes.append(helper.make_node("Relu", ["c"], ["y"]))
+    consts = {"w": w} if b is None else {"w": w, "b": b}
+    graph = helper.make_graph(
+        nodes,
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in consts.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def float_gemm_model(m, k, n, w, b):
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)],
+        "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+        [numpy_helper.from_array(w.astype(np.float32), "w"), numpy_helper.from_array(b, "b")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def run_float(onnx_model, target, x, kernel):
+    """The float model built for ``target`` on ``x``, after checking that its conv/matmul ran
+    as ``kernel`` with the default schedule (an unscheduled kernel is correct but ~30x slow)."""
+    from qcompiler.frontend import load_model
+    from qcompiler.passes.pipeline import prepare
+    from qcompiler.targets.build import fused_module
+    from qcompiler.targets.schedules import default_schedules, is_scheduled
+
+    mod = prepare(load_model(onnx_model).mod)
+    fused = fused_module(mod, target)
+    with target:
+        scheduled = default_schedules(fused)
+    funcs = {
+        g.name_hint: f for g, f in scheduled.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
+    }
+    assert any(kernel in name for name in funcs), sorted(funcs)
+    assert all(is_scheduled(f) for f in funcs.values()), [
+        n for n, f in funcs.items() if not is_scheduled(f)
+    ]
+    return run(mod, target, x)
+
+
+def onnxruntime_answer(onnx_model, x):
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(
+        onnx_model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    return session.run(None, {"x": x})[0]
+
+
+FLOAT_CONV_CASES = [
+    # (N, C, H, W) input, O, K, stride, pad, dilation, bias and ReLU
+    ((1, 3, 17, 15), 24, 3, 2, 1, 1, True),  # the stem: 3 channels in, 8-lane tiles
+    ((1, 40, 14, 14), 48, 1, 1, 0, 1, True),  # 1x1, 16-lane tiles
+    ((2, 16, 7, 7), 80, 1, 1, 0, 1, False),  # batch 2, no epilogue (the tile's copy-out)
+    ((1, 8, 12, 12), 5, 3, 1, 2, 2, True),  # dilated; 5 outputs padded to 8 and sliced
+]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("x_shape,out_channels,k,stride,pad,dilation,epilogue", FLOAT_CONV_CASES)
+def test_float_conv2d_matches_onnxruntime(
+    target, x_shape, out_channels, k, stride, pad, dilation, epilogue
+):
+    rng = np.random.default_rng(sum(x_shape) + out_channels)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal((out_channels, x_shape[1], k, k)) / np.sqrt(x_shape[1] * k * k)
+    b = rng.standard_normal(out_channels) if epilogue else None
+    model = float_conv_model(x_shape, w, b, stride, pad, dilation, relu=epilogue)
+    got = run_float(model, target, x, "qc_conv2d_float")
+    np.testing.assert_allclose(got, onnxruntime_answer(model, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("k,stride,channels", [(3, 1, 40), (5, 2, 32), (3, 2, 24)])
+def test_float_depthwise_matches_onnxruntime(target, k, stride, channels):
+    rng = np.random.default_rng(k + stride + channels)
+    x_shape = (1, channels, 19, 17)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal((channels, 1, k, k)) / k
+    model = float_conv_model(
+        x_shape, w, rng.standard_normal(channels), stride, k // 2, group=channels
+    )
+    got = run_float(model, target, x, "qc_depthwise_float")
+    np.testing.assert_allclose(got, onnxruntime_answer(model, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("m,k,n", [(1, 1280, 1000), (3, 30, 20), (2, 7, 3)])
+def test_float_dense_matches_onnxruntime(target, m, k, n):
+    rng = np.random.default_rng(m + k + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((n, k)) / np.sqrt(k)
+    model = float_gemm_model(m, k, n, w, rng.standard_normal(n).astype(np.float32))
+    got = run_float(model, target, x, "qc_dense_float")
+    np.testing.assert_allclose(got, onnxruntime_answer(model, x), rtol=1e-4, atol=1e-5)
+
+
+def test_float_weight_packing_layout():
+    """Each vector of packed float weights is one input channel and tap of L output channels
+    (numpy indexing), padded output channels zero."""
+    from qcompiler.targets.kernels import (
+        float_tile_lanes,
+        pack_float_conv_weight,
+        pack_float_dense_weight,
+    )
+
+    assert [float_tile_lanes(c, 16) for c in (48, 24, 1000, 20, 5)] == [16, 8, 8, 4, 4]
+    assert float_tile_lanes(48, 4) == 4
+    w = np.arange(5 * 2 * 3 * 7, dtype=np.float32).reshape(5, 2, 3, 7)  # OHWI
+    packed = pack_float_conv_weight(w, 4)
+    assert packed.shape == (2, 2, 3, 7, 4)
+    assert packed[1, 1, 2, 6, 0] == w[4, 1, 2, 6]
+    assert packed[0, 0, 1, 3, 2] == w[2, 0, 1, 3]
+    assert not packed[1, ..., 1:].any()
+    d = np.arange(7 * 6, dtype=np.float32).reshape(7, 6)  # [K, N]
+    dense = pack_float_dense_weight(d, 4)
+    assert dense.shape == (2, 7, 4)
+    assert dense[1, 3, 1] == d[3, 5]
+    assert not dense[1, :, 2:].any()

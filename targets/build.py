@@ -31,6 +31,7 @@ from tvm.relax.backend.cuda import pipeline as cuda_backend
 
 from qcompiler.passes.errors import QCompilerError
 from qcompiler.targets import cuda
+from qcompiler.targets.fastmath import fast_sigmoid_pass
 from qcompiler.targets.kernels import store_int4_weights, use_int8_kernels
 from qcompiler.targets.requantize import fuse_requantize
 from qcompiler.targets.schedules import default_schedules
@@ -49,7 +50,7 @@ def fused_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
                 *[p for p in cuda_backend.legalize_passes(target) if "Schedule" not in p.info.name],
             ]
         else:
-            mod = fuse_requantize(use_int8_kernels(mod, target))
+            mod = fast_sigmoid_pass(fuse_requantize(use_int8_kernels(mod, target)))
             legalize = []
             for p in cpu.legalize_passes(target):
                 legalize.append(p)

@@ -876,10 +876,10 @@ def use_int8_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
     main = rewriter.visit_expr(mod["main"])
     if rewriter.int4_digests:
         main = main.with_attr(INT4_DIGESTS_ATTR, rewriter.int4_digests)
-    return _with_main(rewriter, main)
+    return with_main(rewriter, main)
 
 
-def _with_main(rewriter: PyExprMutator, main: relax.Function) -> tvm.IRModule:
+def with_main(rewriter: PyExprMutator, main: relax.Function) -> tvm.IRModule:
     """The rewriter's module (with the kernels it added) around the rewritten ``main``."""
     out = rewriter.builder_.get()
     out["main"] = main
@@ -949,4 +949,4 @@ def store_int4_weights(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     if not digests:
         return mod
     rewriter = _Int4Storage(mod, digests)
-    return _with_main(rewriter, rewriter.visit_expr(mod["main"]))
+    return with_main(rewriter, rewriter.visit_expr(mod["main"]))

@@ -399,24 +399,22 @@ def test_uncentred_9_bit_dense_weights_run_on_the_dot_product_kernels():
 
 
 # -- float kernels: float models and layers kept float ---------------------------------------------
-def float_conv_model(x_shape, w, b, stride, pad, dilation=1, group=1, relu=True):
-    """ONNX x -> Conv(w, b) [-> Relu] -> y (NCHW, as models arrive)."""
+def float_conv_model(x_shape, w, b, stride, pad, dilation=1, group=1, activation="relu"):
+    """ONNX x -> Conv(w, b) [-> activation: relu, sigmoid or silu] -> y (NCHW, as models
+    arrive)."""
     from onnx import TensorProto, helper, numpy_helper
 
     inputs = ["x", "w"] + ([] if b is None else ["b"])
-    nodes = [
-        helper.make_node(
-            "Conv",
-            inputs,
-            ["c" if relu else "y"],
-            strides=[stride, stride],
-            pads=[pad] * 4,
-            dilations=[dilation, dilation],
-            group=group,
-        )
-    ]
-    if relu:
+    attrs = dict(strides=[stride, stride], pads=[pad] * 4, dilations=[dilation, dilation])
+    conv = "y" if activation is None else "c"
+    nodes = [helper.make_node("Conv", inputs, [conv], group=group, **attrs)]
+    if activation == "relu":
         nodes.append(helper.make_node("Relu", ["c"], ["y"]))
+    elif activation == "sigmoid":
+        nodes.append(helper.make_node("Sigmoid", ["c"], ["y"]))
+    elif activation == "silu":
+        nodes.append(helper.make_node("Sigmoid", ["c"], ["s"]))
+        nodes.append(helper.make_node("Mul", ["c", "s"], ["y"]))
     consts = {"w": w} if b is None else {"w": w, "b": b}
     graph = helper.make_graph(
         nodes,
@@ -489,7 +487,8 @@ def test_float_conv2d_matches_onnxruntime(
     x = rng.standard_normal(x_shape).astype(np.float32)
     w = rng.standard_normal((out_channels, x_shape[1], k, k)) / np.sqrt(x_shape[1] * k * k)
     b = rng.standard_normal(out_channels) if epilogue else None
-    model = float_conv_model(x_shape, w, b, stride, pad, dilation, relu=epilogue)
+    activation = "relu" if epilogue else None
+    model = float_conv_model(x_shape, w, b, stride, pad, dilation, activation=activation)
     got = run_float(model, target, x, "qc_conv2d_float")
     np.testing.assert_allclose(got, onnxruntime_answer(model, x), rtol=1e-4, atol=1e-5)
 
@@ -541,3 +540,30 @@ def test_float_weight_packing_layout():
     assert dense.shape == (2, 7, 4)
     assert dense[1, 3, 1] == d[3, 5]
     assert not dense[1, :, 2:].any()
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "silu"])
+def test_float_sigmoid_and_silu_run_vectorized_and_match_onnxruntime(activation):
+    """Fused into the conv as ``fast_sigmoid``/``fast_silu`` (targets/fastmath.py); the
+    answer is onnxruntime's within the conv sums' rounding (outputs up to about 10)."""
+    rng = np.random.default_rng(7)
+    x = (4 * rng.standard_normal((1, 16, 10, 10))).astype(np.float32)
+    w = rng.standard_normal((32, 16, 3, 3)) / 6
+    model = float_conv_model(x.shape, w, rng.standard_normal(32), 1, 1, activation=activation)
+    got = run_float(model, HOST, x, f"fast_{activation}")
+    np.testing.assert_allclose(got, onnxruntime_answer(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_fast_sigmoid_is_within_1e7_of_numpy():
+    from tvm import te
+
+    from qcompiler.targets.fastmath import fast_sigmoid
+
+    x = te.placeholder((200001,), "float32")
+    func = te.create_prim_func([x, fast_sigmoid(x)])
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=HOST)
+    v = np.linspace(-100, 100, 200001).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros_like(v))
+    lib["main"](tvm.runtime.tensor(v), out)
+    exact = 1 / (1 + np.exp(-v.astype(np.float64)))
+    assert np.abs(out.numpy() - exact).max() < 1e-7

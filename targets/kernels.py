@@ -377,22 +377,32 @@ def float_tile_lanes(channels: int, native: int) -> int:
     return lanes
 
 
-def pack_float_conv_weight(w: np.ndarray, lanes: int) -> np.ndarray:
-    """``OHWI`` float weights as ``[O/L, KH, KW, I, L]`` (output channels zero-padded to whole
-    tiles): the ``L`` output channels of one input channel and tap are one vector load."""
-    o, kh, kw, i = w.shape
-    padded = np.zeros((_ceil_to(o, lanes), kh, kw, i), dtype=w.dtype)
-    padded[:o] = w
-    tiles = padded.reshape(-1, lanes, kh, kw, i)
-    return np.ascontiguousarray(tiles.transpose(0, 2, 3, 4, 1))
+def weight_tiling(kind: str, shape, lanes: int = 1):
+    """``(pad, tiles, axes)``: how weights of ``shape`` become the operand of a float kernel,
+    or of a depthwise one: zero-padded by ``pad`` (``(before, after)`` per axis), reshaped to
+    ``tiles``, transposed by ``axes``. One recipe for numpy (constant weights, at compile
+    time) and Relax (weights computed at run time, as the sensitivity probes switch them).
+
+    * ``"conv"``: ``OHWI`` as ``[O/L, KH, KW, I, L]``, the ``L`` output channels of one input
+      channel and tap one vector load;
+    * ``"dense"``: ``[K, N]`` (``x @ w``) as ``[N/L, K, L]``;
+    * ``"depthwise"``: ``[C, KH, KW, 1]`` as ``[KH, KW, C]``.
+    """
+    if kind == "conv":
+        o, kh, kw, i = shape
+        pad = [(0, _ceil_to(o, lanes) - o), (0, 0), (0, 0), (0, 0)]
+        return pad, [-1, lanes, kh, kw, i], [0, 2, 3, 4, 1]
+    if kind == "dense":
+        k, n = shape
+        return [(0, 0), (0, _ceil_to(n, lanes) - n)], [k, -1, lanes], [1, 0, 2]
+    c, kh, kw, _ = shape
+    return [(0, 0)] * 4, [c, kh, kw], [1, 2, 0]
 
 
-def pack_float_dense_weight(w: np.ndarray, lanes: int) -> np.ndarray:
-    """``[K, N]`` float weights (``x @ w``) as ``[N/L, K, L]``, zero-padded."""
-    k, n = w.shape
-    padded = np.zeros((k, _ceil_to(n, lanes)), dtype=w.dtype)
-    padded[:, :n] = w
-    return np.ascontiguousarray(padded.reshape(k, -1, lanes).transpose(1, 0, 2))
+def tile_weights(kind: str, w: np.ndarray, lanes: int = 1) -> np.ndarray:
+    """Constant weights ``w`` laid out as :func:`weight_tiling` says."""
+    pad, tiles, axes = weight_tiling(kind, w.shape, lanes)
+    return np.ascontiguousarray(np.pad(w, pad).reshape(tiles).transpose(axes))
 
 
 def tile_lanes(packed) -> int:
@@ -457,9 +467,8 @@ def conv2d_nhwc_packed(data, packed, strides, padding, dilation):
 
 
 def conv2d_nhwc_float(data, packed, strides, padding, dilation):
-    """float32 ``conv2d`` of NHWC ``data`` with weights packed by
-    :func:`pack_float_conv_weight`, zero padding; the result has ``O = packed.shape[0] * L``
-    channels."""
+    """float32 ``conv2d`` of NHWC ``data`` with weights tiled by :func:`weight_tiling`
+    (``"conv"``), zero padding; the result has ``O = packed.shape[0] * L`` channels."""
     ob, kh, kw, ib, lanes = (int(d) for d in packed.shape)
     (sh, sw), (dh, dw) = strides, dilation
     data = _pad_nhwc(data, padding, 0.0)
@@ -527,8 +536,8 @@ def dense_packed(data, packed):
 
 
 def dense_float(data, packed):
-    """float32 ``data @ w`` of ``data[M, K]`` with weights packed by
-    :func:`pack_float_dense_weight`."""
+    """float32 ``data @ w`` of ``data[M, K]`` with weights tiled by :func:`weight_tiling`
+    (``"dense"``)."""
     nb, kb, lanes = (int(d) for d in packed.shape)
     rk = te.reduce_axis((0, kb), "rk")
     return te.compute(
@@ -541,6 +550,11 @@ def dense_float(data, packed):
 # -- the Relax rewrite ---------------------------------------------------------------------------
 def _shape(expr) -> list[int]:
     return [int(d) for d in expr.ty.shape]
+
+
+def _dims(w) -> list[int]:
+    """The shape of weights given as a numpy array or a Relax expression."""
+    return list(w.shape) if isinstance(w, np.ndarray) else _shape(w)
 
 
 def _pad_channels(bb, data, channels: int):
@@ -681,26 +695,44 @@ class _Int8Kernels(PyExprMutator):
         return self._unshift(out, w, shift, (1, 2, 3), (1, 1, 1, -1)) if shift else out
 
     @staticmethod
-    def _float_weight(call) -> np.ndarray | None:
-        """The constant weights of a float32 conv/matmul of float32 data (a float model, or a
-        layer kept float), if they are float32 too."""
-        w = const_value(call.args[1])
-        floats = str(call.args[0].ty.dtype) == str(call.ty.dtype) == "float32"
-        return w if floats and w is not None and w.dtype == np.float32 else None
+    def _float_weight(call):
+        """The weights of a float32 conv/matmul of float32 data (a float model, a layer kept
+        float, the sensitivity probes' switchable weights), if they are float32 too and of a
+        static shape: a numpy array where they are constant, else the Relax expression."""
+        weight = call.args[1]
+        dtypes = (call.args[0].ty.dtype, weight.ty.dtype, call.ty.dtype)
+        if any(str(d) != "float32" for d in dtypes):
+            return None
+        w = const_value(weight)
+        if w is not None:
+            return w
+        static = all(isinstance(d, tirx.IntImm) for d in weight.ty.shape)
+        return weight if static else None
 
-    def _conv2d_float(self, call, w: np.ndarray):
+    def _tiles(self, kind: str, w, lanes: int = 1):
+        """Weights ``w`` (constant or not) as the kernel's operand (:func:`weight_tiling`):
+        constants tiled now, others by a layout kernel before each call."""
+        if isinstance(w, np.ndarray):
+            return relax.const(tile_weights(kind, w, lanes), str(w.dtype))
+        bb = self.builder_
+        pad, tiles, axes = weight_tiling(kind, _shape(w), lanes)
+        if any(after for _, after in pad):
+            w = bb.emit(relax.op.nn.pad(w, [n for p in pad for n in p], pad_value=0.0))
+        return bb.emit(relax.op.permute_dims(bb.emit(relax.op.reshape(w, tiles)), axes))
+
+    def _conv2d_float(self, call, w):
         attrs, bb = call.attrs, self.builder_
-        packed = pack_float_conv_weight(w, float_tile_lanes(w.shape[0], self.float_lanes))
+        channels = _dims(w)[0]
         out = bb.call_te(
             conv2d_nhwc_float,
             call.args[0],
-            relax.const(packed, "float32"),
+            self._tiles("conv", w, float_tile_lanes(channels, self.float_lanes)),
             strides=[int(s) for s in attrs.strides],
             padding=[int(p) for p in attrs.padding],
             dilation=[int(d) for d in attrs.dilation],
             primfunc_name_hint="qc_conv2d_float",
         )
-        return _slice_channels(bb, out, w.shape[0])
+        return _slice_channels(bb, out, channels)
 
     def _is_int16_data(self, call) -> bool:
         return self.dot_product and splits_int16(call)
@@ -792,21 +824,18 @@ class _Int8Kernels(PyExprMutator):
         return relax.op.add(main, scaled)
 
     def _depthwise(self, call):
-        data, weight = call.args[0], call.args[1]
-        w = const_value(weight)
+        data, attrs = call.args[0], call.attrs
         channels = _shape(data)[-1]
+        w = const_value(call.args[1])
         integer = str(data.ty.dtype) in ("uint8", "int8", "int16") and str(call.ty.dtype) == "int32"
-        if w is None or w.shape[0] != channels:
+        if not (integer and w is not None and w.dtype.kind == "i"):
+            w = self._float_weight(call)
+        if w is None or int(attrs.groups) != channels or _dims(w)[::3] != [channels, 1]:
             return None
-        if not (integer and w.dtype.kind == "i") and self._float_weight(call) is None:
-            return None
-        if int(call.attrs.groups) != channels or w.shape[3] != 1:
-            return None
-        attrs = call.attrs
         return self.builder_.call_te(
             depthwise_nhwc,
             data,
-            relax.const(np.ascontiguousarray(w[..., 0].transpose(1, 2, 0)), str(w.dtype)),
+            self._tiles("depthwise", w),
             strides=[int(s) for s in attrs.strides],
             padding=[int(p) for p in attrs.padding],
             dilation=[int(d) for d in attrs.dilation],
@@ -817,15 +846,15 @@ class _Int8Kernels(PyExprMutator):
 
     def _matmul(self, call):
         w = self._float_weight(call)
-        if w is not None and w.ndim == 2 and len(_shape(call.args[0])) == 2:
-            lanes = float_tile_lanes(w.shape[1], self.float_lanes)
+        if w is not None and len(_dims(w)) == 2 and len(_shape(call.args[0])) == 2:
+            channels = _dims(w)[1]
             out = self.builder_.call_te(
                 dense_float,
                 call.args[0],
-                relax.const(pack_float_dense_weight(w, lanes), "float32"),
+                self._tiles("dense", w, float_tile_lanes(channels, self.float_lanes)),
                 primfunc_name_hint="qc_dense_float",
             )
-            return _slice_channels(self.builder_, out, w.shape[1])
+            return _slice_channels(self.builder_, out, channels)
         if self._is_int16_data(call):
             return self._split_int16(call, self._matmul)
         split = self._offset_split(call)

@@ -518,28 +518,27 @@ def test_float_dense_matches_onnxruntime(target, m, k, n):
     np.testing.assert_allclose(got, onnxruntime_answer(model, x), rtol=1e-4, atol=1e-5)
 
 
-def test_float_weight_packing_layout():
-    """Each vector of packed float weights is one input channel and tap of L output channels
-    (numpy indexing), padded output channels zero."""
-    from qcompiler.targets.kernels import (
-        float_tile_lanes,
-        pack_float_conv_weight,
-        pack_float_dense_weight,
-    )
+def test_float_weight_tiling():
+    """Each vector of tiled float weights is one input channel and tap of L output channels
+    (numpy indexing), padded output channels zero; the depthwise layout is [KH, KW, C]."""
+    from qcompiler.targets.kernels import float_tile_lanes, tile_weights
 
     assert [float_tile_lanes(c, 16) for c in (48, 24, 1000, 20, 5)] == [16, 8, 8, 4, 4]
     assert float_tile_lanes(48, 4) == 4
     w = np.arange(5 * 2 * 3 * 7, dtype=np.float32).reshape(5, 2, 3, 7)  # OHWI
-    packed = pack_float_conv_weight(w, 4)
+    packed = tile_weights("conv", w, 4)
     assert packed.shape == (2, 2, 3, 7, 4)
     assert packed[1, 1, 2, 6, 0] == w[4, 1, 2, 6]
     assert packed[0, 0, 1, 3, 2] == w[2, 0, 1, 3]
     assert not packed[1, ..., 1:].any()
     d = np.arange(7 * 6, dtype=np.float32).reshape(7, 6)  # [K, N]
-    dense = pack_float_dense_weight(d, 4)
+    dense = tile_weights("dense", d, 4)
     assert dense.shape == (2, 7, 4)
     assert dense[1, 3, 1] == d[3, 5]
     assert not dense[1, :, 2:].any()
+    depthwise = tile_weights("depthwise", w[..., :1])
+    assert depthwise.shape == (2, 3, 5)
+    assert depthwise[1, 2, 4] == w[4, 1, 2, 0]
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "silu"])
@@ -567,3 +566,43 @@ def test_fast_sigmoid_is_within_1e7_of_numpy():
     lib["main"](tvm.runtime.tensor(v), out)
     exact = 1 / (1 + np.exp(-v.astype(np.float64)))
     assert np.abs(out.numpy() - exact).max() < 1e-7
+
+
+@pytest.mark.parametrize("group", [1, 24])
+def test_float_conv_with_weights_computed_at_run_time(group):
+    """Weights that are an input (as the sensitivity probes switch them) are tiled by a layout
+    kernel before the call, and the conv runs on the float kernels all the same."""
+    from onnx import TensorProto, helper
+
+    from qcompiler.frontend import load_model
+    from qcompiler.passes.pipeline import prepare
+
+    rng = np.random.default_rng(group)
+    x = rng.standard_normal((1, 24, 9, 11)).astype(np.float32)
+    w = (rng.standard_normal((20 if group == 1 else 24, 24 // group, 3, 3)) / 8).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], group=group)],
+        "conv",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape)),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, list(w.shape)),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    mod = prepare(load_model(onnx_model).mod)
+    kernel = "qc_conv2d_float" if group == 1 else "qc_depthwise_float"
+    fused = fused_module_names(mod, HOST)
+    assert any(kernel in name for name in fused), fused
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(
+        onnx_model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    expected = session.run(None, {"x": x, "w": w})[0]
+    np.testing.assert_allclose(run(mod, HOST, x, w), expected, rtol=1e-4, atol=1e-5)
+
+
+def fused_module_names(mod, target) -> list[str]:
+    from qcompiler.targets.build import fused_module
+
+    return [g.name_hint for g in fused_module(mod, target).functions]

@@ -420,7 +420,7 @@ def weight_options(
             continue
         w = rounding.weight_groups(call, weight.astype(np.float64))
         hessian = stats.second_moment
-        signal = float(np.einsum("gok,gkl,gol->", w, hessian, w))
+        signal = float(((w @ hessian) * w).sum())
         options = []
         for precision, bits in (("w8a8", 8), ("w4a8", 4))[: 1 + four_bit]:
             spec = config.scheme.weight

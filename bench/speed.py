@@ -10,8 +10,9 @@ sees the same machine state:
   calibration samples), on the CPU execution provider, ``intra_op_num_threads`` = threads;
 - ``LiteRT fp32`` / ``LiteRT int8 (shipped)``: for the TFLite ResNet-8, the float model and the
   int8 model shipped beside it (there is no ONNX file, so no onnxruntime columns);
-- ``TVM fp32 untuned``: the float model through qcompiler's build (channels-last, TVM's
-  legalized kernels with qcompiler's default schedules) -- what ``qc compile`` gives a float model;
+- ``qcompiler fp32 untuned``: the float model through qcompiler's build (channels-last, the
+  packed float kernels of ``targets.kernels`` with their default schedules) -- what
+  ``qc compile`` gives a float model, and the reference ``qc eval`` scores against;
 - ``qcompiler int8 untuned``: ``qc compile`` with no tuning records (default schedules);
 - ``... tuned``: the same with ``--records DIR``, which holds ``<model>/int8`` and
   ``<model>/fp32`` tuning databases (``qc tune`` output); ``--tune TRIALS`` fills them first
@@ -178,12 +179,14 @@ def columns_for(case: accuracy.Case, args, shared: Path, workdir: Path) -> tuple
             )
 
     columns.append(
-        tvm_column("TVM fp32 untuned", lambda: qcompiler.compile_float(model, args.target), sample)
+        tvm_column(
+            "qcompiler fp32 untuned", lambda: qcompiler.compile_float(model, args.target), sample
+        )
     )
     if records is not None and (records / "fp32").is_dir():
         columns.append(
             tvm_column(
-                "TVM fp32 tuned",
+                "qcompiler fp32 tuned",
                 lambda: qcompiler.compile_float(model, args.target, records / "fp32"),
                 sample,
             )

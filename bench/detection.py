@@ -8,6 +8,7 @@ ground truth, and each quantized build is scored by mAP@0.5 of its detections ag
 
 - onnxruntime fp32, and its int8 ``quantize_static`` (QDQ, per-channel int8 weights, uint8
   activations) with MinMax and Percentile calibration;
+- qcompiler's float build (``compile_float``: the reference ``qc eval`` scores against);
 - qcompiler's int8 builds for each range method: every activation at 8 bits, the default
   (16-bit activations where measured on the outputs to pay, ``int16_activations="auto"``), and
   16 bits for the share of tensors whose 8-bit quantization is noisiest (``--int16-shares``).
@@ -88,6 +89,9 @@ def main(argv=None) -> int:
         print(f"  {name}: mAP@0.5 {rows[-1][1]:.4f}, {rows[-1][2]:.2f} ms", flush=True)
 
     row("onnxruntime fp32", ort_run)
+    start = time.time()
+    float_build = api.compile_float(model)
+    row("qcompiler fp32", lambda s: float_build.run(s)["output"], time.time() - start)
     if not args.skip_ort_int8:
         with tempfile.TemporaryDirectory() as tmp:
             for method in ("minmax", "percentile"):

@@ -209,9 +209,33 @@ def _register_tile(
     return best
 
 
+def _conv_tiles(sch, block, lanes: int, pixels: int, groups: int, reduce_lanes: int, vector: int):
+    """A packed conv's loops as register tiles of ``pixels`` x ``groups`` vectors of ``lanes``
+    output channels (input channels split by ``reduce_lanes`` for a dot-product instruction),
+    parallel over output rows and channel blocks, the epilogue per tile (in ``vector`` lanes)
+    and the pads per output row. Returns the loops the caller finishes the tile with:
+    ``(ry, wi, o2, oi)``."""
+    n, h, w, o, ry, rx, rc = sch.get_loops(block)
+    oo, o2, oi = sch.split(o, [None, groups, lanes])
+    inner = []
+    if reduce_lanes > 1:
+        rc, rci = sch.split(rc, [None, reduce_lanes])
+        inner = [rci]
+    wo, wi = sch.split(w, [None, pixels])
+    sch.reorder(n, h, oo, wo, ry, rx, rc, wi, o2, oi, *inner)
+    outer = sch.fuse(n, h, oo)
+    sch.parallel(outer)
+    # The epilogue moves in while the block is still a whole reduction (before decomposing).
+    _attach_epilogue(sch, block, wo, vector)
+    for pad in sch.get_producers(block):
+        sch.compute_at(pad, outer)
+        _vectorize_tail(sch, pad, 64)
+    return ry, wi, o2, oi
+
+
 def _schedule_conv_packed(sch, block) -> None:
     dot, intrin = _dot_product_of(sch, block)
-    n, h, w, o, ry, rx, rc = sch.get_loops(block)
+    _, _, w, o, ry, rx, rc = sch.get_loops(block)
     width, channels = _extent(sch, w), _extent(sch, o)
     reduce_bytes = _extent(sch, ry) * _extent(sch, rx) * _extent(sch, rc)
     most = _MAX_ACCUMULATORS_SDOT if dot is SDOT else _MAX_ACCUMULATORS
@@ -224,17 +248,7 @@ def _schedule_conv_packed(sch, block) -> None:
         most,
         _INT4_WEIGHT_COST if int4 else 1.0,
     )
-    oo, o2, oi = sch.split(o, [None, groups, dot.lanes])
-    rco, rci = sch.split(rc, [None, 4])
-    wo, wi = sch.split(w, [None, pixels])
-    sch.reorder(n, h, oo, wo, ry, rx, rco, wi, o2, oi, rci)
-    outer = sch.fuse(n, h, oo)
-    sch.parallel(outer)
-    # The epilogue moves in while the block is still a whole reduction (before decomposing).
-    _attach_epilogue(sch, block, wo, LANES)
-    for pad in sch.get_producers(block):
-        sch.compute_at(pad, outer)
-        _vectorize_tail(sch, pad, 64)
+    ry, wi, o2, oi = _conv_tiles(sch, block, dot.lanes, pixels, groups, 4, LANES)
     init = sch.decompose_reduction(block, ry)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(oi, intrin)
@@ -253,12 +267,11 @@ def _float_tile(sch, block) -> tuple[int, int]:
     return lanes, max(1, _MAX_ACCUMULATORS // max(1, lanes // native))
 
 
-def _accumulate_in_tile(sch, block, loop, lanes: int) -> None:
-    """Sums of ``block`` kept per tile of ``loop`` (in registers once unrolled) and written
-    out from there: its epilogue moved under ``loop``, or, with none, a copy-out of the tile."""
+def _with_epilogue(sch, block) -> None:
+    """Give ``block`` a consumer to move under its tile: with none (its sums are the
+    function's result), a copy-out, so that the sums stay in registers until the tile is done."""
     if _epilogue(sch, block) is None:
         sch.cache_write(block, 0, "global")
-    _attach_epilogue(sch, block, loop, lanes)
 
 
 def _schedule_conv_float(sch, block) -> None:
@@ -266,19 +279,12 @@ def _schedule_conv_float(sch, block) -> None:
     multiply-adds in vector lanes for the dot-product instruction: per input channel and tap,
     each pixel's value broadcast and each channel group's weights one vector load."""
     lanes, most = _float_tile(sch, block)
-    n, h, w, o, ry, rx, rc = sch.get_loops(block)
+    _, _, w, o, ry, rx, rc = sch.get_loops(block)
     width, channels = _extent(sch, w), _extent(sch, o)
     reduce_bytes = 4 * _extent(sch, ry) * _extent(sch, rx) * _extent(sch, rc)
     pixels, groups = _register_tile(width, channels // lanes, reduce_bytes, lanes, most)
-    oo, o2, oi = sch.split(o, [None, groups, lanes])
-    wo, wi = sch.split(w, [None, pixels])
-    sch.reorder(n, h, oo, wo, ry, rx, rc, wi, o2, oi)
-    outer = sch.fuse(n, h, oo)
-    sch.parallel(outer)
-    _accumulate_in_tile(sch, block, wo, lanes)
-    for pad in sch.get_producers(block):
-        sch.compute_at(pad, outer)
-        _vectorize_tail(sch, pad, 64)
+    _with_epilogue(sch, block)
+    ry, wi, o2, oi = _conv_tiles(sch, block, lanes, pixels, groups, 1, lanes)
     sch.vectorize(oi)
     init = sch.decompose_reduction(block, ry)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -294,7 +300,8 @@ def _schedule_dense_float(sch, block) -> None:
     sch.reorder(i, jo, rk, j2, ji)
     outer = sch.fuse(i, jo)
     sch.parallel(outer)
-    _accumulate_in_tile(sch, block, outer, lanes)
+    _with_epilogue(sch, block)
+    _attach_epilogue(sch, block, outer, lanes)
     sch.vectorize(ji)
     init = sch.decompose_reduction(block, rk)
     sch.vectorize(sch.get_loops(init)[-1])

@@ -24,11 +24,10 @@ as contiguous ``16 x 4`` tiles. This module
   (:func:`store_int4_weights`; :data:`IN_REGISTER_MAX_PIXELS` has the measurements),
 * defines float32 convs, depthwise convs and dense layers on weights packed alike
   (``[O/L, KH, KW, I, L]``, ``[N/L, K, L]`` with ``L`` the CPU's fp32 vector lanes or a
-  divisor of the channels; depthwise ``[KH, KW, C]``), for float models and layers kept
-  float: TVM's own legalized
-  convs read a vector of output channels from OHWI weights with a stride of ``KH*KW*I``, and
-  took EfficientNet-Lite0's float build to 62.8 ms against onnxruntime's 9.4 ms (1 thread);
-  on these kernels it took 9.2 ms,
+  divisor of the channels; depthwise ``[KH, KW, C]``; :func:`weight_tiling`), for float
+  models and layers kept float. TVM's own legalized convs read a vector of output channels
+  from OHWI weights ``KH*KW*I`` apart: EfficientNet-Lite0's float build took 62.8 ms on them
+  against onnxruntime's 9.4 ms (1 thread), and 9.2 ms on these kernels,
 * and rewrites the module's 8-bit and float convs and matmuls to them (:func:`use_int8_kernels`).
   Activations of the other signedness than the instruction wants are shifted by 128 (int8 ->
   uint8 for VNNI, uint8 -> int8 for sdot), and the ``128 * sum(w)`` this adds or removes is
@@ -575,7 +574,7 @@ def _slice_channels(bb, out, channels: int):
 
 
 @mutator
-class _Int8Kernels(PyExprMutator):
+class _CpuKernels(PyExprMutator):
     def __init__(
         self, mod, dot: DotProduct | None, float_lanes: int, int4: frozenset = frozenset()
     ):
@@ -879,7 +878,7 @@ class _Int8Kernels(PyExprMutator):
 
 def splits_int16(call: relax.Call) -> bool:
     """Whether an integer conv/matmul runs as two int8 kernels where the target has a
-    dot-product instruction (:meth:`_Int8Kernels._split_int16`): int16 activations, int8
+    dot-product instruction (:meth:`_CpuKernels._split_int16`): int16 activations, int8
     weights, not depthwise."""
     w = const_value(call.args[1])
     grouped = op_name(call) == "relax.nn.conv2d" and int(call.attrs.groups) != 1
@@ -901,7 +900,7 @@ def use_int8_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
     weights (packed for the target's vector lanes, :func:`float_lanes`).
     """
     int4 = frozenset(str(n) for n in (mod["main"].attrs or {}).get(INT4_ATTR, []))
-    rewriter = _Int8Kernels(mod, dot_product(target), float_lanes(target), int4)
+    rewriter = _CpuKernels(mod, dot_product(target), float_lanes(target), int4)
     main = rewriter.visit_expr(mod["main"])
     if rewriter.int4_digests:
         main = main.with_attr(INT4_DIGESTS_ATTR, rewriter.int4_digests)

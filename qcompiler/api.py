@@ -415,8 +415,11 @@ def choose_weight_precisions(
     With ``samples`` (input dicts, a few calibration samples), the error is measured on the
     model's outputs (:class:`~qcompiler.targets.sensitivity.WeightProbe`: each layer alone at
     4 bits), and the chosen configuration is run through the same probe
-    (``plan.measured_sqnr_db``); without, a per-layer proxy from the calibration's layer
-    statistics (``layer_inputs=True``). ``sensitivity="hessian"`` takes the layers' errors
+    (``plan.measured_sqnr_db``). Where ``config``'s automatic rounding optimizes the 4-bit
+    layers, each is measured both ways and rounded the way its error measured lower
+    (:func:`_measured_per_layer`; ``nearest_weights`` in the returned config). Without
+    ``samples``, a per-layer proxy from the calibration's layer statistics
+    (``layer_inputs=True``). ``sensitivity="hessian"`` takes the layers' errors
     from HAWQ's second-order proxy on ``samples`` instead (:func:`hessian_probe`); the
     chosen configuration is still measured by the weight probe.
 
@@ -456,11 +459,13 @@ def choose_weight_precisions(
     probe = measured = None
     if samples is not None:
         samples = list(samples)
-        probe = weight_probe(calibration, config, samples)
         if sensitivity == "hessian":
+            probe = weight_probe(calibration, config, samples)
             measured = hessian_probe(calibration, config, samples).measure()
         else:
-            measured = probe.measure()
+            config, probe, measured = _measured_per_layer(
+                calibration, config, samples, "w4a8" in precisions
+            )
     latency = None
     if records is not None:
         latency = _precision_latencies(
@@ -490,6 +495,25 @@ def choose_weight_precisions(
     elif probe is not None:
         plan = replace(plan, measured_sqnr_db=probe.run(set(plan.int4_layers)))
     return chosen, plan
+
+
+def _measured_per_layer(calibration: Calibration, config: QuantConfig, samples, four_bit: bool):
+    """``(config, probe, errors)``: the weight probe of ``config`` on ``samples`` and each
+    layer's 4-bit error it measures; where ``config``'s automatic rounding optimizes the
+    4-bit layers, each layer rounded the way its 4-bit error measured lower, nearest or
+    optimized (:func:`per_layer_rounding`, a second probe with nearest rounding), and the
+    probe of that mix, which the chosen plan is measured with."""
+    probe = weight_probe(calibration, config, samples)
+    errors = probe.measure()
+    if not four_bit or accuracy_search_roundings(calibration, config) != (AUTO, "nearest"):
+        return config, probe, errors
+    nearest = weight_probe(calibration, replace(config, weight_rounding="nearest"), samples)
+    variant, best = per_layer_rounding(config, errors, nearest.measure())
+    if not variant.nearest_weights:  # optimized rounding wins every layer
+        return config, probe, errors
+    if len(variant.nearest_weights) == len(best[0]):  # nearest rounding wins every layer
+        return variant, nearest, best
+    return variant, weight_probe(calibration, variant, samples), best
 
 
 def _noise(sqnr_db: float) -> float:

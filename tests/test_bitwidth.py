@@ -723,3 +723,46 @@ def test_the_solver_prints_nothing_on_standard_output(capfd):
         os.write(1, b"HighsMipSolverData::transformNewIntegerFeasibleSolution\n")
     os.write(1, b"after\n")
     assert capfd.readouterr().out == "after\n"
+
+
+def test_a_size_budget_rounds_each_4_bit_layer_its_better_way(shared):
+    """Under the default rounding a weight budget's 4-bit layers are rounded each the way
+    the weight probe measured its 4-bit error lower, as the accuracy search's third ladder
+    does: calibrated on 3 images, MNIST's classifier is better rounded to nearest than
+    against its inputs, the two convs are not. The build runs that mix."""
+    import qcompiler
+    from qcompiler.api import weight_probe
+    from qcompiler.passes.scheme import QuantConfig
+
+    data = np.load(shared / "data" / "mnist_test.npz")
+    images = data["images"].astype(np.float32).reshape(-1, 1, 1, 28, 28)
+    model = qcompiler.api.load_model(str(shared / "models" / "mnist_cnn" / "mnist_cnn.onnx"))
+    with pytest.warns(UserWarning, match="calibrated on 3 sample"):
+        model, calibration = qcompiler.calibrate(
+            model, [{"Input3": x} for x in images[:3]], layer_inputs=True
+        )
+    samples = [{"Input3": x} for x in images[100:108]]
+    optimized, _ = weight_probe(calibration, QuantConfig(), samples).measure()
+    nearest, _ = weight_probe(
+        calibration, QuantConfig(weight_rounding="nearest"), samples
+    ).measure()
+    better_nearest = {n for n in optimized if nearest[n] > optimized[n]}
+    assert 0 < len(better_nearest) < len(optimized)  # the case this test is about
+
+    eight = qcompiler.quantize(model, None, calibration=calibration).build("x86")
+    budget = eight.manifest["weight_bytes"] // 2 + 64  # every layer at 4 bits
+    config, plan = qcompiler.api.choose_weight_precisions(
+        calibration, max_bytes=budget, samples=samples
+    )
+    assert set(config.int4_weights) == set(optimized)
+    assert set(config.nearest_weights) == better_nearest
+    assert (
+        plan.measured_sqnr_db
+        >= max(
+            weight_probe(calibration, QuantConfig(weight_rounding=r), samples).run(set(optimized))
+            for r in ("auto", "nearest")
+        )
+        - 0.5
+    )
+    built = qcompiler.quantize(model, None, config, calibration=calibration).build("x86")
+    assert set(built.manifest["quantization"]["nearest_weights"]) == better_nearest
